@@ -1,0 +1,26 @@
+//! Command-line interface: one file per subcommand, argument plumbing only.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print the version and build facts.
+    Info,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Info => {
+            println!("pocl {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}

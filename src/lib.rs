@@ -1,0 +1,32 @@
+//! pocl-kd: knowledge distillation of causal language models with the POCL curriculum.
+//!
+//! Module map (each concept lives under its own name):
+//! - [`model`]: Hugging Face causal-LM families (GPT-2, OPT, Llama/Qwen2/Qwen3), weights, generation.
+//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate.
+//! - [`ops`]: differentiable building blocks and fused CPU kernels with backward.
+//! - [`kd`]: the distillation objective (divergences, temperature, CE mixing).
+//! - [`data`]: instruction data, the prompt template, batching and masks, the built-in benchmark.
+//! - [`eval`]: ROUGE-L (rouge-score compatible) and the evaluation protocol.
+
+pub mod cli;
+pub mod data;
+pub mod eval;
+pub mod kd;
+pub mod model;
+pub mod ops;
+pub mod tokenizer;
+
+/// Writes `bytes` to `path` atomically: a temporary sibling file is written, synced and renamed,
+/// so a crash never leaves a half-written result behind.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().context("output path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.sync_all().ok();
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
