@@ -24,7 +24,9 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let eos_id = eos_id.or_else(|| {
-            ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"].iter().find_map(|t| inner.token_to_id(t))
+            ["<|endoftext|>", "</s>", "<|im_end|>", "<eos>"]
+                .iter()
+                .find_map(|t| inner.token_to_id(t))
         });
         Ok(Tokenizer { inner, eos_id })
     }
@@ -39,13 +41,18 @@ impl Tokenizer {
 
     /// Encodes without adding special tokens (BOS/EOS are the caller's decision).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer: {e}"))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Decodes, skipping special tokens as the evaluation protocol does.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("tokenizer: {e}"))
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow!("tokenizer: {e}"))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -57,7 +64,11 @@ impl Tokenizer {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        let json = self.inner.to_string(false).map_err(|e| anyhow!("tokenizer: {e}"))?;
-        crate::write_atomic(path, json.as_bytes()).with_context(|| format!("saving {}", path.display()))
+        let json = self
+            .inner
+            .to_string(false)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        crate::write_atomic(path, json.as_bytes())
+            .with_context(|| format!("saving {}", path.display()))
     }
 }

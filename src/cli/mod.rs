@@ -3,8 +3,16 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod forward;
+pub mod generate;
+pub mod tokenize;
+
 #[derive(Parser)]
-#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
+#[command(
+    name = "pocl",
+    version,
+    about = "Knowledge distillation of LLMs with the POCL curriculum"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -12,15 +20,18 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Print the version and build facts.
-    Info,
+    /// Encode a text with a model's tokenizer: {"ids": [...], "decoded": "..."}.
+    Tokenize(tokenize::TokenizeArgs),
+    /// Write the logits of one token sequence to a safetensors file.
+    Forward(forward::ForwardArgs),
+    /// Continue a prompt (greedy or sampled).
+    Generate(generate::GenerateArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info => {
-            println!("pocl {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
-        }
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Forward(a) => forward::run(a),
+        Command::Generate(a) => generate::run(a),
     }
 }

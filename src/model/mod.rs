@@ -1,1 +1,181 @@
-//! See lib.rs for the module map.
+//! Causal language models in the Hugging Face layout: one [`CausalLm`] abstraction, one file per
+//! family (gpt2.rs, opt.rs, llama.rs for Llama/Qwen2/Qwen3/Mistral).
+
+pub mod config;
+pub mod generate;
+pub mod gpt2;
+pub mod llama;
+pub mod opt;
+pub mod weights;
+
+use crate::ops;
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use config::{Family, ModelConfig};
+use std::path::Path;
+pub use weights::{Params, StateDict};
+
+/// One forward call's token inputs. `key_mask` covers the cached tokens followed by the new ones.
+pub struct Input<'a> {
+    /// [b, t] u32 token ids of the new tokens.
+    pub ids: &'a Tensor,
+    /// [b, t] u32 position of each new token (see `ops::positions_from_mask`).
+    pub positions: &'a Tensor,
+    /// [b, past + t], 1 for real tokens, 0 for padding.
+    pub key_mask: &'a Tensor,
+}
+
+impl<'a> Input<'a> {
+    /// The additive attention bias [b, 1, t, past + t] shared by every layer.
+    pub fn attention_bias(&self) -> candle_core::Result<Tensor> {
+        ops::attention_bias(self.key_mask, self.ids.dim(1)?)
+    }
+}
+
+/// Per-layer keys and values [b, h_kv, t, d] of the tokens seen so far (generation only).
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Appends this step's k, v for `layer` and returns all keys and values so far.
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        if self.layers.len() <= layer {
+            self.layers.resize(layer + 1, None);
+        }
+        let kv = match self.layers[layer].take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.layers[layer] = Some(kv.clone());
+        Ok(kv)
+    }
+
+    /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
+    pub fn select_rows(&mut self, keep: &Tensor) -> candle_core::Result<()> {
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(keep, 0)?;
+            *v = v.index_select(keep, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// A decoder-only language model with trainable parameters.
+pub trait CausalLm: Send + Sync {
+    fn config(&self) -> &ModelConfig;
+    /// Trainable parameters, under the HF names they are saved with.
+    fn params(&self) -> &Params;
+    /// Final hidden states [b, t, d], ready for the lm head.
+    fn hidden(&self, input: &Input, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor>;
+    /// The lm-head weight [vocab, d] (the token embedding when tied).
+    fn lm_head(&self) -> &Tensor;
+
+    /// Logits [b, t, vocab].
+    fn logits(&self, input: &Input, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+        ops::linear(&self.hidden(input, cache)?, self.lm_head(), None)
+    }
+}
+
+/// Loads the model in `dir` (config.json + safetensors weights, HF layout), computing in f32.
+pub fn load(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    let config = ModelConfig::from_dir(dir)?;
+    let mut sd = StateDict::load(dir)?;
+    let model: Box<dyn CausalLm> = match config.family {
+        Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
+        Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),
+        Family::Llama => Box::new(llama::Llama::new(config, &mut sd)?),
+    };
+    let left = sd.leftovers();
+    if !left.is_empty() {
+        eprintln!(
+            "warning: {}: ignored {} unexpected tensor(s): {}",
+            dir.display(),
+            left.len(),
+            left.join(", ")
+        );
+    }
+    Ok(model)
+}
+
+/// Logits [len, vocab] of one unpadded sequence.
+pub fn forward_ids(model: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
+    let n = ids.len();
+    let t = Tensor::from_slice(ids, (1, n), &Device::Cpu)?;
+    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), &Device::Cpu)?;
+    let mask = Tensor::ones((1, n), candle_core::DType::U32, &Device::Cpu)?;
+    let logits = model.logits(
+        &Input {
+            ids: &t,
+            positions: &pos,
+            key_mask: &mask,
+        },
+        None,
+    )?;
+    Ok(logits.squeeze(0)?)
+}
+
+/// Tokenizer and generation files copied next to saved weights so the directory is complete.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+];
+
+/// Saves `model` as an HF directory (config.json + model.safetensors in f32, plus the tokenizer
+/// files found in `side_files_from`). The directory is assembled under a temporary name and
+/// renamed into place, so an interrupted save never leaves a half-written checkpoint.
+pub fn save(model: &dyn CausalLm, out: &Path, side_files_from: Option<&Path>) -> Result<()> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let name = out
+        .file_name()
+        .context("output path has no name")?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let config = serde_json::to_string_pretty(&model.config().to_saved_json())?;
+    std::fs::write(tmp.join("config.json"), config)?;
+    std::fs::write(
+        tmp.join("model.safetensors"),
+        model.params().to_safetensors()?,
+    )?;
+    if let Some(src) = side_files_from {
+        for f in SIDE_FILES {
+            let p = src.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, tmp.join(f))
+                    .with_context(|| format!("cannot copy {}", p.display()))?;
+            }
+        }
+    }
+    if out.exists() {
+        let old = parent.join(format!(".{name}.old{}", std::process::id()));
+        std::fs::rename(out, &old).with_context(|| format!("cannot replace {}", out.display()))?;
+        std::fs::rename(&tmp, out)?;
+        std::fs::remove_dir_all(&old).ok();
+    } else {
+        std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,190 @@
+//! Weights: reading HF safetensors checkpoints (single file or sharded index; f32, f16 or bf16
+//! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Every tensor of a checkpoint, upcast to f32, by key name; keys are consumed by the model
+/// builders so that leftovers (unknown tensors) can be reported.
+pub struct StateDict {
+    dir: PathBuf,
+    tensors: HashMap<String, Tensor>,
+}
+
+/// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed in
+/// `model.safetensors.index.json`.
+fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index)
+            .with_context(|| format!("cannot read {}", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: missing \"weight_map\"", index.display()))?;
+        let files: BTreeSet<&str> = map.values().filter_map(|f| f.as_str()).collect();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    if dir.join("pytorch_model.bin").is_file() {
+        bail!("{}: only safetensors weights are supported (found pytorch_model.bin; convert it with transformers' save_pretrained)", dir.display());
+    }
+    bail!(
+        "{}: no model.safetensors or model.safetensors.index.json",
+        dir.display()
+    )
+}
+
+impl StateDict {
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("{}: not a directory", dir.display());
+        }
+        let mut tensors = HashMap::new();
+        for file in checkpoint_files(dir)? {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .map_err(|e| anyhow!("{}: corrupt safetensors file: {e}", file.display()))?;
+            for (name, view) in st.tensors() {
+                let t = view_to_f32(&view)
+                    .with_context(|| format!("{}: tensor \"{name}\"", file.display()))?;
+                tensors.insert(name, t);
+            }
+        }
+        Ok(StateDict {
+            dir: dir.to_path_buf(),
+            tensors,
+        })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Removes and returns tensor `name`, checking its shape.
+    pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor \"{name}\"", self.dir.display()))?;
+        if t.dims() != shape {
+            bail!(
+                "{}: tensor \"{name}\" has shape {:?}, expected {:?}",
+                self.dir.display(),
+                t.dims(),
+                shape
+            );
+        }
+        Ok(t)
+    }
+
+    /// Names left after the model took its tensors, minus known non-parameter buffers.
+    pub fn leftovers(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|k| {
+                !(k.ends_with(".attn.bias")
+                    || k.ends_with(".attn.masked_bias")
+                    || k.ends_with("rotary_emb.inv_freq"))
+            })
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
+    let shape = view.shape().to_vec();
+    let data = view.data();
+    let dtype = match view.dtype() {
+        safetensors::Dtype::F32 => DType::F32,
+        safetensors::Dtype::F16 => DType::F16,
+        safetensors::Dtype::BF16 => DType::BF16,
+        safetensors::Dtype::F64 => DType::F64,
+        safetensors::Dtype::I64 => DType::I64,
+        safetensors::Dtype::U8 | safetensors::Dtype::BOOL => DType::U8,
+        other => bail!("unsupported dtype {other:?}"),
+    };
+    let t = Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?;
+    Ok(
+        if dtype == DType::F32 || dtype == DType::U8 || dtype == DType::I64 {
+            t
+        } else {
+            t.to_dtype(DType::F32)?
+        },
+    )
+}
+
+/// Trainable parameters under the HF key names they are saved with.
+#[derive(Default)]
+pub struct Params {
+    entries: Vec<(String, Var)>,
+}
+
+impl Params {
+    /// Registers a trainable tensor taken from `sd` and returns the tensor the model computes with
+    /// (it shares storage with the Var, so optimiser updates are seen by the model).
+    pub fn take(
+        &mut self,
+        sd: &mut StateDict,
+        from: &str,
+        save_as: &str,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let t = sd.take(from, shape)?;
+        Ok(self.add(save_as, t)?)
+    }
+
+    pub fn add(&mut self, save_as: &str, t: Tensor) -> candle_core::Result<Tensor> {
+        let var = Var::from_tensor(&t.contiguous()?)?;
+        let t = var.as_tensor().clone();
+        self.entries.push((save_as.to_string(), var));
+        Ok(t)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Var)> {
+        self.entries.iter().map(|(n, v)| (n.as_str(), v))
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.entries.iter().map(|(_, v)| v.clone()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Var> {
+        self.entries.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn num_elements(&self) -> usize {
+        self.entries.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// safetensors bytes of every parameter (f32), with the `format: pt` metadata transformers expects.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let tensors: Vec<(&str, Tensor)> = self
+            .entries
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_tensor().clone()))
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(meta))
+            .map_err(|e| anyhow!("safetensors: {e}"))
+    }
+}
