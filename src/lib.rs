@@ -15,6 +15,7 @@ pub mod kd;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;
+pub mod train;
 
 /// Writes `bytes` to `path` atomically: a temporary sibling file is written, synced and renamed,
 /// so a crash never leaves a half-written result behind.

@@ -1,0 +1,3 @@
+//! Training: optimiser, clipping and learning-rate schedule (the trainer loop comes with issue 5).
+
+pub mod optim;

@@ -1,0 +1,60 @@
+//! AdamW + global grad-norm clip against torch (tests/fixtures/optim, tools/make_optim_fixtures.py).
+
+use candle_core::{Device, Tensor, Var};
+use pocl::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn adamw_with_clipping_matches_torch() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/optim/adamw.json"
+    );
+    let f: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let w =
+        Var::from_tensor(&Tensor::from_vec(floats(&f["init"]["w"]), (2, 3), &Device::Cpu).unwrap())
+            .unwrap();
+    let b = Var::from_tensor(&Tensor::from_vec(floats(&f["init"]["b"]), 3, &Device::Cpu).unwrap())
+        .unwrap();
+    let params = [("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+    let cfg = AdamWConfig {
+        lr: 1e-2,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(params.iter().map(|(n, v)| (n.as_str(), v)), cfg);
+    assert!(
+        opt.slots[0].decay && !opt.slots[1].decay,
+        "1-D parameters are not decayed"
+    );
+    for (k, s) in f["steps"].as_array().unwrap().iter().enumerate() {
+        let mut grads = vec![Some(floats(&s["grad_w"])), Some(floats(&s["grad_b"]))];
+        let norm = clip_grad_norm(&mut grads, 1.0);
+        assert!(
+            (norm - s["norm"].as_f64().unwrap()).abs() < 1e-5 * norm,
+            "step {k}: norm"
+        );
+        opt.update(&grads, s["lr"].as_f64().unwrap()).unwrap();
+        for (var, key) in [(&w, "w"), (&b, "b")] {
+            let got = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (g, want) in got.iter().zip(floats(&s[key])) {
+                assert!(
+                    (g - want).abs() <= 1e-6 * want.abs().max(1.0),
+                    "step {k} {key}: {g} vs {want}"
+                );
+            }
+        }
+    }
+}
