@@ -7,10 +7,14 @@ use pocl::model::{self, CausalLm, Input};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-const FAMILIES: &[&str] = &["gpt2", "gpt2-hub", "opt", "opt-350m", "llama", "llama-v4", "qwen2", "qwen3", "mistral"];
+const FAMILIES: &[&str] = &[
+    "gpt2", "gpt2-hub", "opt", "opt-350m", "llama", "llama-v4", "qwen2", "qwen3", "mistral",
+];
 
 fn dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/models")
+        .join(name)
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
@@ -23,8 +27,21 @@ fn ids(t: &Tensor) -> Tensor {
 
 /// max |a − b| / max |b|, the numerics contract's relative error.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale
 }
 
@@ -48,7 +65,16 @@ fn padded_batches_match_transformers() {
         let (input, mask) = (ids(&r["batch_ids"]), ids(&r["batch_mask"]));
         let rows: Vec<Vec<u32>> = mask.to_vec2().unwrap();
         let pos = Tensor::new(pocl::ops::positions_from_mask(&rows), &Device::Cpu).unwrap();
-        let got = m.logits(&Input { ids: &input, positions: &pos, key_mask: &mask }, None).unwrap();
+        let got = m
+            .logits(
+                &Input {
+                    ids: &input,
+                    positions: &pos,
+                    key_mask: &mask,
+                },
+                None,
+            )
+            .unwrap();
         let want = &r["batch_logits"];
         // Only real tokens are compared: padding positions carry no meaning.
         for (b, row) in rows.iter().enumerate() {
@@ -69,12 +95,18 @@ fn greedy_decoding_matches_transformers() {
     for name in FAMILIES {
         let m = model::load(&dir(name)).unwrap();
         let r = reference(name);
-        let prompt: Vec<u32> = ids(&r["greedy_prompt"]).flatten_all().unwrap().to_vec1().unwrap();
+        let prompt: Vec<u32> = ids(&r["greedy_prompt"])
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         for (key, ngram) in [("greedy_ids", 0), ("greedy_ngram_ids", 2)] {
             let want: Vec<u32> = ids(&r[key]).flatten_all().unwrap().to_vec1().unwrap();
             let mut cfg = GenerationConfig::greedy(want.len(), vec![]);
             cfg.no_repeat_ngram = ngram;
-            let got = generate(m.as_ref(), &[prompt.clone()], &cfg).unwrap().remove(0);
+            let got = generate(m.as_ref(), &[prompt.clone()], &cfg)
+                .unwrap()
+                .remove(0);
             assert_eq!(got, want, "{name}: {key}");
         }
     }
@@ -85,11 +117,17 @@ fn batched_generation_equals_one_by_one() {
     // Prompts of different lengths share a batch (left-padded inside): each row must decode as alone.
     for name in ["gpt2", "opt-350m", "qwen3"] {
         let m = model::load(&dir(name)).unwrap();
-        let prompts = vec![vec![5u32, 9, 13, 2, 7, 11, 3], vec![4u32, 8], vec![6u32, 1, 12, 10]];
+        let prompts = vec![
+            vec![5u32, 9, 13, 2, 7, 11, 3],
+            vec![4u32, 8],
+            vec![6u32, 1, 12, 10],
+        ];
         let cfg = GenerationConfig::greedy(8, vec![]);
         let batched = generate(m.as_ref(), &prompts, &cfg).unwrap();
         for (p, got) in prompts.iter().zip(&batched) {
-            let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg).unwrap().remove(0);
+            let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg)
+                .unwrap()
+                .remove(0);
             assert_eq!(got, &alone, "{name}: prompt {p:?}");
         }
     }
@@ -99,11 +137,23 @@ fn batched_generation_equals_one_by_one() {
 fn generation_stops_at_eos() {
     let m = model::load(&dir("gpt2")).unwrap();
     let prompt = vec![5u32, 9, 13];
-    let free = generate(m.as_ref(), &[prompt.clone()], &GenerationConfig::greedy(10, vec![])).unwrap().remove(0);
+    let free = generate(
+        m.as_ref(),
+        &[prompt.clone()],
+        &GenerationConfig::greedy(10, vec![]),
+    )
+    .unwrap()
+    .remove(0);
     // Declare the 3rd generated token an EOS: generation must end right after producing it.
     let eos = free[2];
     let first = free.iter().position(|&t| t == eos).unwrap();
-    let got = generate(m.as_ref(), &[prompt], &GenerationConfig::greedy(10, vec![eos])).unwrap().remove(0);
+    let got = generate(
+        m.as_ref(),
+        &[prompt],
+        &GenerationConfig::greedy(10, vec![eos]),
+    )
+    .unwrap()
+    .remove(0);
     assert_eq!(got, free[..=first].to_vec());
 }
 
@@ -111,7 +161,9 @@ fn generation_stops_at_eos() {
 fn probe_loss(m: &dyn CausalLm, seq: &[u32]) -> Tensor {
     let logits = model::forward_ids(m, seq).unwrap();
     let n = logits.elem_count();
-    let w: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0).collect();
+    let w: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 101) as f32 / 50.0) - 1.0)
+        .collect();
     let w = Tensor::from_vec(w, logits.dims(), &Device::Cpu).unwrap();
     (logits * w).unwrap().sum_all().unwrap()
 }
@@ -124,29 +176,56 @@ fn every_parameter_gets_a_correct_gradient() {
         let loss = probe_loss(m.as_ref(), &seq);
         let grads = loss.backward().unwrap();
         for (pname, var) in m.params().iter() {
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
-            let sq = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(sq.is_finite() && sq > 0.0, "{name}: gradient of {pname} is {sq}");
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"));
+            let sq = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                sq.is_finite() && sq > 0.0,
+                "{name}: gradient of {pname} is {sq}"
+            );
         }
         // Central finite differences on one element of a few parameters (f32 model: loose tolerance).
         let picks: Vec<(&str, &Var)> = m.params().iter().step_by(5).collect();
         for (pname, var) in picks {
             let g = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap();
-            let flat = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let flat = var
+                .as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let gv = g.to_vec1::<f32>().unwrap();
-            let i = (0..gv.len()).max_by(|&a, &b| gv[a].abs().total_cmp(&gv[b].abs())).unwrap();
+            let i = (0..gv.len())
+                .max_by(|&a, &b| gv[a].abs().total_cmp(&gv[b].abs()))
+                .unwrap();
             let eps = 1e-2f32;
             let shifted = |d: f32| {
                 let mut v = flat.clone();
                 v[i] += d;
-                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
-                let l = probe_loss(m.as_ref(), &seq).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
+                var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let l = probe_loss(m.as_ref(), &seq)
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap();
                 l
             };
             let fd = (shifted(eps) - shifted(-eps)) / (2.0 * eps as f64);
-            var.set(&Tensor::from_vec(flat.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+            var.set(&Tensor::from_vec(flat.clone(), var.dims(), &Device::Cpu).unwrap())
+                .unwrap();
             let an = gv[i] as f64;
-            assert!((fd - an).abs() <= 2e-2 * an.abs().max(1.0), "{name}: {pname}[{i}] analytic {an} vs finite difference {fd}");
+            assert!(
+                (fd - an).abs() <= 2e-2 * an.abs().max(1.0),
+                "{name}: {pname}[{i}] analytic {an} vs finite difference {fd}"
+            );
         }
     }
 }
@@ -159,11 +238,24 @@ fn save_then_load_gives_identical_logits() {
         let m = model::load(&src).unwrap();
         let out = tmp.join(name);
         model::save(m.as_ref(), &out, Some(&src)).unwrap();
-        assert!(out.join("tokenizer.json").is_file(), "{name}: tokenizer copied");
+        assert!(
+            out.join("tokenizer.json").is_file(),
+            "{name}: tokenizer copied"
+        );
         let again = model::load(&out).unwrap();
         let seq = [1u32, 4, 9, 16, 25];
-        let a = model::forward_ids(m.as_ref(), &seq).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = model::forward_ids(again.as_ref(), &seq).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = model::forward_ids(m.as_ref(), &seq)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = model::forward_ids(again.as_ref(), &seq)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b, "{name}: logits changed after save/load");
         assert_eq!(m.params().len(), again.params().len());
     }
@@ -172,7 +264,9 @@ fn save_then_load_gives_identical_logits() {
 
 #[test]
 fn unsupported_rope_scaling_is_refused() {
-    let e = model::load(&dir("llama-yarn")).err().expect("yarn must be refused");
+    let e = model::load(&dir("llama-yarn"))
+        .err()
+        .expect("yarn must be refused");
     let msg = format!("{e:#}");
     assert!(msg.contains("yarn") && msg.contains("config.json"), "{msg}");
 }
