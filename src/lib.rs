@@ -9,6 +9,7 @@
 //! - [`eval`]: ROUGE-L (rouge-score compatible) and the evaluation protocol.
 
 pub mod cli;
+pub mod config;
 pub mod curriculum;
 pub mod data;
 pub mod eval;

@@ -1,0 +1,471 @@
+//! Training recipes: TOML files whose defaults are the paper's (POCL.md §3), with
+//! `--set section.key=value` overrides. Unknown keys and impossible values are errors that name
+//! the key.
+
+use crate::curriculum::fuse::Metric;
+use crate::curriculum::schedule::{Kind, Schedule};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Recipe {
+    /// Seed of every random choice (data order, sampling, initialisation of buffers).
+    pub seed: u64,
+    pub model: ModelSection,
+    pub data: DataSection,
+    pub objective: ObjectiveSection,
+    pub curriculum: CurriculumSection,
+    pub optim: OptimSection,
+    pub eval: EvalSection,
+    pub gkd: GkdSection,
+    pub checkpoint: CheckpointSection,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    /// Teacher directory (HF layout); not needed for SFT (kd_weight 0 everywhere).
+    pub teacher: Option<PathBuf>,
+    /// Student directory (HF layout): training starts from it, and the measurer scores with it.
+    pub student: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    pub train: PathBuf,
+    /// Dev file; without it, `dev_size` samples are split off the training file (seeded).
+    pub dev: Option<PathBuf>,
+    pub dev_size: usize,
+    /// "auto", "dolly", "alpaca" or "prompt".
+    pub format: String,
+    /// "alpaca" or "plain".
+    pub template: String,
+    pub max_prompt_len: usize,
+    pub max_len: usize,
+    /// Skip malformed records (and report how many) instead of failing.
+    pub skip_bad: bool,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        DataSection {
+            train: PathBuf::new(),
+            dev: None,
+            dev_size: 500,
+            format: "auto".into(),
+            template: "alpaca".into(),
+            max_prompt_len: 256,
+            max_len: 512,
+            skip_bad: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveSection {
+    /// fkl, rkl, jsd, tvd, skl, srkl, or gkd (on-policy jsd), or sft (no teacher).
+    pub loss: String,
+    /// skl / srkl mixing α.
+    pub alpha: f64,
+    /// jsd mixing β.
+    pub beta: f64,
+    /// Multiply the divergence by T² (for every divergence).
+    pub t2: bool,
+    /// Temperature and KD weight of the kinds with fixed values (none, baby-step).
+    pub temperature: f64,
+    pub kd_weight: f64,
+}
+
+impl Default for ObjectiveSection {
+    fn default() -> Self {
+        ObjectiveSection {
+            loss: "fkl".into(),
+            alpha: 0.1,
+            beta: 0.1,
+            t2: true,
+            temperature: 1.0,
+            kd_weight: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CurriculumSection {
+    pub kind: Kind,
+    pub stages: usize,
+    /// Epochs per stage (kinds with stages); `optim.epochs` is used by `none`.
+    pub epochs_per_stage: usize,
+    /// Advance early when the dev loss has not improved for this many evaluations (0 = fixed epochs).
+    pub patience: usize,
+    pub t_start: f64,
+    pub t_end: f64,
+    pub a_start: f64,
+    pub a_end: f64,
+    /// Fresh optimiser and cosine schedule at each stage (the paper); false keeps one across stages.
+    pub restart_optimizer: bool,
+    /// Precomputed difficulty scores (from `pocl score`); measured and cached in the run when absent.
+    pub scores: Option<PathBuf>,
+    pub metric: Metric,
+    pub rrf_k: f64,
+    pub score_max_new_tokens: usize,
+    pub score_batch_size: usize,
+}
+
+impl Default for CurriculumSection {
+    fn default() -> Self {
+        CurriculumSection {
+            kind: Kind::Pocl,
+            stages: 4,
+            epochs_per_stage: 8,
+            patience: 0,
+            t_start: 1.0,
+            t_end: 2.0,
+            a_start: 0.7,
+            a_end: 1.0,
+            restart_optimizer: true,
+            scores: None,
+            metric: Metric::Both,
+            rrf_k: 60.0,
+            score_max_new_tokens: 256,
+            score_batch_size: 16,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSection {
+    pub lr: f64,
+    pub lr_min: f64,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0 = off).
+    pub clip: f64,
+    /// Sequences per optimiser step.
+    pub batch_size: usize,
+    /// Sequences per forward/backward pass; batch_size / micro_batch_size steps are accumulated.
+    pub micro_batch_size: usize,
+    /// Epochs of the `none` kind (the paper's baselines: 20).
+    pub epochs: usize,
+}
+
+impl Default for OptimSection {
+    fn default() -> Self {
+        OptimSection {
+            lr: 1e-4,
+            lr_min: 1e-7,
+            warmup_steps: 0,
+            weight_decay: 0.01,
+            clip: 1.0,
+            batch_size: 64,
+            micro_batch_size: 8,
+            epochs: 20,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    /// Dev samples scored by generation after each epoch (0 = dev loss only).
+    pub dev_rouge_samples: usize,
+    pub max_new_tokens: usize,
+    /// Decoding of the dev evaluation, identical to the final evaluation protocol by default.
+    pub temperature: f64,
+    pub top_k: usize,
+    pub top_p: f64,
+    pub no_repeat_ngram: usize,
+    pub greedy: bool,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        EvalSection {
+            dev_rouge_samples: 200,
+            max_new_tokens: 256,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            no_repeat_ngram: 6,
+            greedy: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GkdSection {
+    /// Probability that a batch's responses are sampled from the student (on-policy).
+    pub lambda: f64,
+    /// Replay buffer capacity for student-generated samples (0 = none).
+    pub replay: usize,
+    pub max_new_tokens: usize,
+}
+
+impl Default for GkdSection {
+    fn default() -> Self {
+        GkdSection {
+            lambda: 0.5,
+            replay: 1000,
+            max_new_tokens: 256,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save a resumable checkpoint every N optimiser steps (0 = only at stage ends).
+    pub every_steps: u64,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Recipe {
+            seed: 10,
+            model: ModelSection::default(),
+            data: DataSection::default(),
+            objective: ObjectiveSection::default(),
+            curriculum: CurriculumSection::default(),
+            optim: OptimSection::default(),
+            eval: EvalSection::default(),
+            gkd: GkdSection::default(),
+            checkpoint: CheckpointSection::default(),
+        }
+    }
+}
+
+/// Parses `value` of a `--set` as TOML (numbers, booleans, quoted strings, arrays), falling back
+/// to a bare string so `--set objective.loss=rkl` works unquoted.
+fn parse_value(s: &str) -> toml::Value {
+    let doc = format!("v = {s}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(s.into())),
+        Err(_) => toml::Value::String(s.to_string()),
+    }
+}
+
+impl Recipe {
+    /// Reads a recipe, applies `section.key=value` overrides, resolves relative paths against
+    /// the recipe's directory, and validates it.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--set {o}: expected section.key=value"))?;
+            let mut node = &mut table;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            for p in &parts[..parts.len() - 1] {
+                node = node
+                    .entry(p.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .ok_or_else(|| anyhow!("--set {o}: \"{p}\" is not a section"))?;
+            }
+            node.insert(
+                parts[parts.len() - 1].to_string(),
+                parse_value(value.trim()),
+            );
+        }
+        let mut r: Recipe = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), e.message().trim()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if !p.as_os_str().is_empty() && p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut r.model.student);
+        r.model.teacher.iter_mut().for_each(resolve);
+        resolve(&mut r.data.train);
+        r.data.dev.iter_mut().for_each(resolve);
+        r.curriculum.scores.iter_mut().for_each(resolve);
+        r.validate()
+            .with_context(|| format!("{}", path.display()))?;
+        Ok(r)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let c = &self.curriculum;
+        let o = &self.optim;
+        if self.model.student.as_os_str().is_empty() {
+            bail!("model.student: required");
+        }
+        if self.data.train.as_os_str().is_empty() {
+            bail!("data.train: required");
+        }
+        let needs_teacher = self.objective.loss != "sft";
+        if needs_teacher && self.model.teacher.is_none() {
+            bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);
+        }
+        if c.stages == 0 {
+            bail!("curriculum.stages: must be at least 1");
+        }
+        if c.kind != Kind::None && c.epochs_per_stage == 0 {
+            bail!("curriculum.epochs_per_stage: must be at least 1");
+        }
+        for (k, t) in [
+            ("curriculum.t_start", c.t_start),
+            ("curriculum.t_end", c.t_end),
+            ("objective.temperature", self.objective.temperature),
+        ] {
+            if !(t > 0.0 && t.is_finite()) {
+                bail!("{k}: the temperature must be > 0 (got {t})");
+            }
+        }
+        for (k, a) in [
+            ("curriculum.a_start", c.a_start),
+            ("curriculum.a_end", c.a_end),
+            ("objective.kd_weight", self.objective.kd_weight),
+        ] {
+            if !(0.0..=1.0).contains(&a) {
+                bail!("{k}: the KD weight must be in [0, 1] (got {a})");
+            }
+        }
+        for (k, x) in [
+            ("objective.alpha", self.objective.alpha),
+            ("objective.beta", self.objective.beta),
+            ("gkd.lambda", self.gkd.lambda),
+        ] {
+            if !(0.0..=1.0).contains(&x) {
+                bail!("{k}: must be in [0, 1] (got {x})");
+            }
+        }
+        if !(c.rrf_k >= 0.0) {
+            bail!("curriculum.rrf_k: must be >= 0");
+        }
+        if o.batch_size == 0 || o.micro_batch_size == 0 || o.batch_size % o.micro_batch_size != 0 {
+            bail!(
+                "optim.batch_size: must be a positive multiple of optim.micro_batch_size ({} / {})",
+                o.batch_size,
+                o.micro_batch_size
+            );
+        }
+        if !(o.lr > 0.0) || o.lr_min < 0.0 || o.lr_min > o.lr {
+            bail!("optim.lr: need lr > 0 and 0 <= lr_min <= lr");
+        }
+        if c.kind == Kind::None && o.epochs == 0 {
+            bail!("optim.epochs: must be at least 1");
+        }
+        if self.data.max_prompt_len == 0 || self.data.max_len <= self.data.max_prompt_len {
+            bail!("data.max_len: must exceed data.max_prompt_len");
+        }
+        Ok(())
+    }
+
+    /// The stage schedule this recipe asks for.
+    pub fn schedule(&self) -> Schedule {
+        let c = &self.curriculum;
+        let fixed = !c.kind.rises();
+        Schedule {
+            kind: c.kind,
+            stages: if c.kind == Kind::None { 1 } else { c.stages },
+            t_start: if fixed {
+                self.objective.temperature
+            } else {
+                c.t_start
+            },
+            t_end: c.t_end,
+            a_start: c.a_start,
+            a_end: if fixed {
+                self.objective.kd_weight
+            } else {
+                c.a_end
+            },
+        }
+    }
+
+    /// Epochs of stage `s`.
+    pub fn epochs_of_stage(&self) -> usize {
+        if self.curriculum.kind == Kind::None {
+            self.optim.epochs
+        } else {
+            self.curriculum.epochs_per_stage
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!(
+            "pocl-recipe-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const BASE: &str =
+        "[model]\nteacher = \"t\"\nstudent = \"s\"\n[data]\ntrain = \"train.jsonl\"\n";
+
+    #[test]
+    fn defaults_are_the_papers() {
+        let p = write(BASE);
+        let r = Recipe::load(&p, &[]).unwrap();
+        assert_eq!(
+            (r.curriculum.stages, r.curriculum.epochs_per_stage, r.seed),
+            (4, 8, 10)
+        );
+        assert_eq!(
+            (r.optim.lr, r.optim.lr_min, r.optim.batch_size, r.optim.clip),
+            (1e-4, 1e-7, 64, 1.0)
+        );
+        assert_eq!(r.curriculum.kind, Kind::Pocl);
+        assert_eq!(
+            r.model.student,
+            p.parent().unwrap().join("s"),
+            "paths are relative to the recipe"
+        );
+    }
+
+    #[test]
+    fn overrides_apply_and_bad_keys_are_named() {
+        let p = write(BASE);
+        let r = Recipe::load(
+            &p,
+            &[
+                "objective.loss=rkl".into(),
+                "curriculum.stages=2".into(),
+                "curriculum.kind=\"anti\"".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                r.objective.loss.as_str(),
+                r.curriculum.stages,
+                r.curriculum.kind
+            ),
+            ("rkl", 2, Kind::Anti)
+        );
+        let e = Recipe::load(&p, &["curriculum.stages=0".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("curriculum.stages"), "{e:#}");
+        let e = Recipe::load(&p, &["curriculum.t_start=0".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("curriculum.t_start"), "{e:#}");
+        let e = Recipe::load(&p, &["optim.learning_rate=1".into()]).unwrap_err();
+        assert!(format!("{e:#}").contains("learning_rate"), "{e:#}");
+        let e = Recipe::load(
+            &write(&format!("{BASE}[curriculum]\nkind = \"sideways\"\n")),
+            &[],
+        )
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("sideways"), "{e:#}");
+    }
+}
