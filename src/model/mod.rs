@@ -138,6 +138,17 @@ const SIDE_FILES: &[&str] = &[
 /// files found in `side_files_from`). The directory is assembled under a temporary name and
 /// renamed into place, so an interrupted save never leaves a half-written checkpoint.
 pub fn save(model: &dyn CausalLm, out: &Path, side_files_from: Option<&Path>) -> Result<()> {
+    save_with(model, out, side_files_from, &[])
+}
+
+/// [`save`], plus `extra` files (name, bytes) written into the same directory before it is
+/// renamed into place (training checkpoints add optimiser and trainer state this way).
+pub fn save_with(
+    model: &dyn CausalLm,
+    out: &Path,
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -168,6 +179,10 @@ pub fn save(model: &dyn CausalLm, out: &Path, side_files_from: Option<&Path>) ->
                     .with_context(|| format!("cannot copy {}", p.display()))?;
             }
         }
+    }
+    for (name, bytes) in extra {
+        std::fs::write(tmp.join(name), bytes)
+            .with_context(|| format!("cannot write {name} in {}", tmp.display()))?;
     }
     if out.exists() {
         let old = parent.join(format!(".{name}.old{}", std::process::id()));

@@ -1,3 +1,4 @@
 //! Training: optimiser, clipping and learning-rate schedule (the trainer loop comes with issue 5).
 
+pub mod checkpoint;
 pub mod optim;
