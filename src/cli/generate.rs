@@ -40,7 +40,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let model = crate::model::load(&a.model)?;
+    let model = crate::model::load_frozen(&a.model)?;
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);
     let tok = if a.prompt.is_some() || a.json || a.ids.is_none() {

@@ -52,7 +52,7 @@ impl Gpt2 {
         } else {
             ""
         };
-        let mut params = Params::default();
+        let mut params = Params::new(sd.frozen);
         let mut p = |name: &str, shape: &[usize]| {
             params.take(
                 sd,

@@ -41,7 +41,7 @@ impl Llama {
         let c = &config;
         let (d, v, f, hd) = (c.hidden_size, c.vocab_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let mut params = Params::default();
+        let mut params = Params::new(sd.frozen);
         let mut p = |name: &str, shape: &[usize]| params.take(sd, name, name, shape);
         let embed_tokens = p("model.embed_tokens.weight", &[v, d])?;
         let mut layers = Vec::with_capacity(c.num_layers);

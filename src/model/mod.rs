@@ -85,8 +85,18 @@ pub trait CausalLm: Send + Sync {
 
 /// Loads the model in `dir` (config.json + safetensors weights, HF layout), computing in f32.
 pub fn load(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, false)
+}
+
+/// Loads a model that is only run forward (a teacher, an evaluated checkpoint): no autograd graph.
+pub fn load_frozen(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, true)
+}
+
+fn load_with(dir: &Path, frozen: bool) -> Result<Box<dyn CausalLm>> {
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
+    sd.frozen = frozen;
     let model: Box<dyn CausalLm> = match config.family {
         Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),

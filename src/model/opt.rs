@@ -58,7 +58,7 @@ impl Opt {
                 .get("_remove_final_layer_norm")
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false);
-        let mut params = Params::default();
+        let mut params = Params::new(sd.frozen);
         let mut p = |name: &str, shape: &[usize]| {
             params.take(
                 sd,

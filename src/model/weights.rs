@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 pub struct StateDict {
     dir: PathBuf,
     tensors: HashMap<String, Tensor>,
+    /// Build a frozen model (see [`Params::frozen`]).
+    pub frozen: bool,
 }
 
 /// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed in
@@ -62,6 +64,7 @@ impl StateDict {
         Ok(StateDict {
             dir: dir.to_path_buf(),
             tensors,
+            frozen: false,
         })
     }
 
@@ -129,9 +132,19 @@ fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
 #[derive(Default)]
 pub struct Params {
     entries: Vec<(String, Var)>,
+    /// Frozen models (teachers, evaluation) compute with detached tensors: candle then records
+    /// no graph for them, which saves the memory and time of tracking ops nobody differentiates.
+    pub frozen: bool,
 }
 
 impl Params {
+    pub fn new(frozen: bool) -> Self {
+        Params {
+            entries: Vec::new(),
+            frozen,
+        }
+    }
+
     /// Registers a trainable tensor taken from `sd` and returns the tensor the model computes with
     /// (it shares storage with the Var, so optimiser updates are seen by the model).
     pub fn take(
@@ -147,7 +160,11 @@ impl Params {
 
     pub fn add(&mut self, save_as: &str, t: Tensor) -> candle_core::Result<Tensor> {
         let var = Var::from_tensor(&t.contiguous()?)?;
-        let t = var.as_tensor().clone();
+        let t = if self.frozen {
+            var.as_tensor().detach()
+        } else {
+            var.as_tensor().clone()
+        };
         self.entries.push((save_as.to_string(), var));
         Ok(t)
     }
