@@ -298,6 +298,8 @@ impl Recipe {
         Ok(r)
     }
 
+    // `!(x > 0.0)` is deliberate: it also rejects NaN.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<()> {
         let c = &self.curriculum;
         let o = &self.optim;
@@ -347,7 +349,10 @@ impl Recipe {
         if !(c.rrf_k >= 0.0) {
             bail!("curriculum.rrf_k: must be >= 0");
         }
-        if o.batch_size == 0 || o.micro_batch_size == 0 || o.batch_size % o.micro_batch_size != 0 {
+        if o.batch_size == 0
+            || o.micro_batch_size == 0
+            || !o.batch_size.is_multiple_of(o.micro_batch_size)
+        {
             bail!(
                 "optim.batch_size: must be a positive multiple of optim.micro_batch_size ({} / {})",
                 o.batch_size,

@@ -3,8 +3,10 @@ use clap::Parser;
 fn main() {
     let cli = pocl::cli::Cli::parse();
     if let Err(e) = pocl::cli::run(cli) {
-        // One clear line for the user: the error and its causes, no backtrace.
-        eprintln!("error: {e:#}");
+        // One clear line for the user: the error and its causes. candle appends a backtrace to
+        // its errors when RUST_BACKTRACE is set; that stays out of the user's line.
+        let msg = format!("{e:#}");
+        eprintln!("error: {}", msg.lines().next().unwrap_or_default());
         std::process::exit(1);
     }
 }

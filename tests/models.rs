@@ -104,7 +104,7 @@ fn greedy_decoding_matches_transformers() {
             let want: Vec<u32> = ids(&r[key]).flatten_all().unwrap().to_vec1().unwrap();
             let mut cfg = GenerationConfig::greedy(want.len(), vec![]);
             cfg.no_repeat_ngram = ngram;
-            let got = generate(m.as_ref(), &[prompt.clone()], &cfg)
+            let got = generate(m.as_ref(), std::slice::from_ref(&prompt), &cfg)
                 .unwrap()
                 .remove(0);
             assert_eq!(got, want, "{name}: {key}");
@@ -139,7 +139,7 @@ fn generation_stops_at_eos() {
     let prompt = vec![5u32, 9, 13];
     let free = generate(
         m.as_ref(),
-        &[prompt.clone()],
+        std::slice::from_ref(&prompt),
         &GenerationConfig::greedy(10, vec![]),
     )
     .unwrap()

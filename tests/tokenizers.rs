@@ -44,3 +44,8 @@ fn qwen2_split_regex_with_lookahead() {
 fn llama_byte_fallback() {
     check("llama");
 }
+
+#[test]
+fn llama2_legacy_normalizer_form() {
+    check("llama-legacy");
+}
