@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod convert;
 pub mod forward;
 pub mod generate;
 pub mod tokenize;
@@ -26,6 +27,8 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Continue a prompt (greedy or sampled).
     Generate(generate::GenerateArgs),
+    /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -33,5 +36,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }
