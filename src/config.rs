@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 pub struct Recipe {
     /// Seed of every random choice (data order, sampling, initialisation of buffers).
     pub seed: u64,
+    /// Run directory (relative to the recipe); `pocl train --out` overrides it.
+    pub out: Option<PathBuf>,
     pub model: ModelSection,
     pub data: DataSection,
     pub objective: ObjectiveSection,
@@ -228,6 +230,7 @@ impl Default for Recipe {
     fn default() -> Self {
         Recipe {
             seed: 10,
+            out: None,
             model: ModelSection::default(),
             data: DataSection::default(),
             objective: ObjectiveSection::default(),
@@ -293,6 +296,7 @@ impl Recipe {
         resolve(&mut r.data.train);
         r.data.dev.iter_mut().for_each(resolve);
         r.curriculum.scores.iter_mut().for_each(resolve);
+        r.out.iter_mut().for_each(resolve);
         r.validate()
             .with_context(|| format!("{}", path.display()))?;
         Ok(r)
