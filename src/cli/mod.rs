@@ -3,6 +3,8 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod rouge;
+
 #[derive(Parser)]
 #[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
 pub struct Cli {
@@ -14,6 +16,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the version and build facts.
     Info,
+    /// ROUGE-L F1 x100 (identical to rouge-score with the Porter stemmer) of predictions vs references.
+    Rouge(rouge::RougeArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -22,5 +26,6 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("pocl {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Rouge(args) => rouge::run(args),
     }
 }

@@ -1,1 +1,4 @@
-//! See lib.rs for the module map.
+//! Instruction data: JSONL formats, the prompt template, tokenization rules, batching and masks,
+//! and the built-in synthetic benchmark.
+
+pub mod jsonl;
