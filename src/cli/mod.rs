@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod data;
 pub mod rouge;
 
 #[derive(Parser)]
@@ -18,6 +19,9 @@ pub enum Command {
     Info,
     /// ROUGE-L F1 x100 (identical to rouge-score with the Porter stemmer) of predictions vs references.
     Rouge(rouge::RougeArgs),
+    /// Instruction data: the built-in benchmark, file checks.
+    #[command(subcommand)]
+    Data(data::DataCommand),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -27,5 +31,6 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Rouge(args) => rouge::run(args),
+        Command::Data(cmd) => data::run(cmd),
     }
 }

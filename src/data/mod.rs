@@ -5,6 +5,7 @@
 pub mod batch;
 pub mod format;
 pub mod jsonl;
+pub mod synthetic;
 pub mod template;
 
 pub use batch::{
