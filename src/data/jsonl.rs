@@ -52,7 +52,15 @@ pub fn read_json_lines(
             message,
         };
         let text = match std::str::from_utf8(raw) {
-            Ok(t) => t.strip_suffix('\r').unwrap_or(t),
+            // Tolerate Windows line ends and a UTF-8 byte-order mark (editors on Windows add them).
+            Ok(t) => {
+                let t = if line == 1 {
+                    t.strip_prefix('\u{feff}').unwrap_or(t)
+                } else {
+                    t
+                };
+                t.strip_suffix('\r').unwrap_or(t)
+            }
             Err(e) => {
                 out.push(Err(err(format!(
                     "invalid UTF-8 at byte {} of the line",
