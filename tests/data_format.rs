@@ -237,3 +237,37 @@ fn seeded_split_is_deterministic_and_disjoint() {
     );
     assert!(seeded_split(samples, 50, 50, 1).is_err());
 }
+
+#[test]
+fn check_command_reports_errors_and_skips() {
+    let p = file(
+        "cli.jsonl",
+        format!("{DOLLY}\n{{\"instruction\": \"a\", \"response\": 5}}\n{DOLLY}\n").as_bytes(),
+    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["data", "check", p.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_pocl"))
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}:2: field \"response\": expected a string",
+            p.display()
+        )),
+        "{err}"
+    );
+    let out = run(&["--skip-bad"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("2 samples, format dolly")
+            && text.contains("1 bad record(s) skipped"),
+        "{text}"
+    );
+}

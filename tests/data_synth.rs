@@ -57,6 +57,23 @@ fn splits_are_disjoint_balanced_and_shaped_as_intended() {
             (1..=part.len() as u64).collect::<Vec<_>>()
         );
     }
+    // Every fact a held-out answer states is stated somewhere in training (it can be memorised).
+    let facts = |part: &[Sample]| -> HashSet<String> {
+        part.iter()
+            .filter(|s| s.category == "fact" || s.category == "describe")
+            .flat_map(|s| {
+                s.response
+                    .split_inclusive(". ")
+                    .map(|x| x.trim().to_string())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let known = facts(&d.train);
+    assert_eq!(known.len(), 24 * 5);
+    for (name, part) in d.splits().into_iter().skip(1) {
+        assert!(facts(part).is_subset(&known), "{name}");
+    }
     // Unseen phrasings really are unseen: no test_phrasing instruction occurs in training.
     let train_instr: HashSet<&str> = d.train.iter().map(|s| s.instruction.as_str()).collect();
     for s in &d.test_phrasing {
