@@ -4,16 +4,14 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod convert;
+pub mod data;
 pub mod forward;
 pub mod generate;
+pub mod rouge;
 pub mod tokenize;
 
 #[derive(Parser)]
-#[command(
-    name = "pocl",
-    version,
-    about = "Knowledge distillation of LLMs with the POCL curriculum"
-)]
+#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,6 +19,11 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Instruction data: the built-in benchmark, file checks.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// ROUGE-L F1 x100 (identical to rouge-score with the Porter stemmer) of predictions vs references.
+    Rouge(rouge::RougeArgs),
     /// Encode a text with a model's tokenizer: {"ids": [...], "decoded": "..."}.
     Tokenize(tokenize::TokenizeArgs),
     /// Write the logits of one token sequence to a safetensors file.
@@ -33,6 +36,8 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Data(cmd) => data::run(cmd),
+        Command::Rouge(a) => rouge::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Generate(a) => generate::run(a),
