@@ -246,10 +246,10 @@ pub fn divergence_row(
         }
         Divergence::Jsd { beta } => {
             let (mut kl_pm, mut kl_qm) = (0.0, 0.0);
+            let mix = Mix::new(beta, 1.0 - beta);
             for j in 0..v {
-                let m = beta * p[j] + (1.0 - beta) * q[j];
-                if m > 0.0 {
-                    let lm = m.ln();
+                if p[j] > 0.0 || q[j] > 0.0 {
+                    let lm = mix.log_m(p[j], lp(j), q[j], lq(j));
                     if p[j] > 0.0 {
                         kl_pm += p[j] * (lp(j) - lm);
                     }
@@ -271,14 +271,15 @@ pub fn divergence_row(
         }
         Divergence::Skl { alpha } => {
             let (mut d, mut sum_pq_m) = (0.0, 0.0);
+            let mix = Mix::new(alpha, 1.0 - alpha);
             for j in 0..v {
-                let m = alpha * p[j] + (1.0 - alpha) * q[j];
-                // p > 0 implies m ≥ αp > 0 unless αp underflows; then the term is negligible.
-                let pm = if m > 0.0 { p[j] / m } else { 0.0 };
-                r[j] = pm;
-                if p[j] > 0.0 && m > 0.0 {
-                    d += p[j] * (lp(j) - m.ln());
+                let mut pm = 0.0;
+                if p[j] > 0.0 {
+                    let x = lp(j) - mix.log_m(p[j], lp(j), q[j], lq(j));
+                    d += p[j] * x;
+                    pm = x.exp(); // p/m ≤ 1/α
                 }
+                r[j] = pm;
                 sum_pq_m += q[j] * pm;
             }
             if let Some((g, c)) = grad {
@@ -291,11 +292,11 @@ pub fn divergence_row(
         }
         Divergence::Srkl { alpha } => {
             let (mut d, mut w) = (0.0, 0.0);
+            let mix = Mix::new(1.0 - alpha, alpha);
             for j in 0..v {
                 if q[j] > 0.0 {
-                    let m = (1.0 - alpha) * p[j] + alpha * q[j];
-                    let qm = q[j] / m;
-                    let x = lq(j) - m.ln();
+                    let x = lq(j) - mix.log_m(p[j], lp(j), q[j], lq(j));
+                    let qm = x.exp(); // q/m ≤ 1/α
                     r[j] = x;
                     // p holds p_j, no longer needed for j: keep q/m there for the second pass.
                     p[j] = qm;
@@ -314,6 +315,32 @@ pub fn divergence_row(
         }
     };
     Ok(d)
+}
+
+/// The mixture m = wp·p + wq·q of jsd / skl / srkl and its log, from probabilities when m is a
+/// normal f64, else in the log domain (tiny subnormal p or q: m would round to 0 and log m to −∞).
+struct Mix {
+    wp: f64,
+    wq: f64,
+    lwp: f64,
+    lwq: f64,
+}
+
+impl Mix {
+    fn new(wp: f64, wq: f64) -> Self {
+        Mix { wp, wq, lwp: wp.ln(), lwq: wq.ln() }
+    }
+    #[inline]
+    fn log_m(&self, p: f64, lp: f64, q: f64, lq: f64) -> f64 {
+        let m = self.wp * p + self.wq * q;
+        if m >= 1e-290 {
+            m.ln()
+        } else {
+            let (a, b) = (self.lwp + lp, self.lwq + lq);
+            let hi = a.max(b);
+            hi + ((a - hi).exp() + (b - hi).exp()).ln()
+        }
+    }
 }
 
 #[inline]
