@@ -21,6 +21,7 @@
 //! the teacher does not, while its gradient q − p stays finite. jsd, tvd, skl and srkl are
 //! bounded for all inputs (skl, srkl ≤ log(1/α); jsd ≤ log 2-ish; tvd ≤ 1).
 
+use super::fastmath as fm;
 use anyhow::{bail, Result};
 
 /// The floor applied to the teacher's log-probabilities (see the module docs).
@@ -118,11 +119,11 @@ impl std::fmt::Display for Divergence {
 /// Per-thread buffers of one vocabulary row each; the kernel never holds more than this per
 /// thread besides its inputs and the gradient it writes.
 pub struct RowScratch {
-    /// p (teacher probabilities), then reused.
+    /// exp(a − max a), then per-divergence values.
     p: Vec<f64>,
-    /// q (student probabilities).
+    /// exp(b − max b).
     q: Vec<f64>,
-    /// A per-element quantity the second pass needs (log(q/m) or q/m).
+    /// A per-element quantity the gradient pass reuses (log(q/m), p/m, ...).
     r: Vec<f64>,
 }
 
@@ -141,30 +142,45 @@ impl RowScratch {
 /// softmax is then undefined. NaN elements are not caught here and propagate to a NaN loss.
 #[inline]
 pub(crate) fn row_max(x: &[f32], who: &str) -> Result<f32> {
-    let mut m = f32::NEG_INFINITY;
-    for &v in x {
-        if v > m {
-            m = v;
-        }
-    }
+    let m = fm::max(x);
     if !m.is_finite() {
         bail!("{who} row has no finite maximum logit ({m}); the softmax is undefined");
     }
     Ok(m)
 }
 
-/// Fills `out` with exp((x − max)·inv_t) and returns (max·inv_t + log Σ, Σ): the log-sum-exp of
-/// the scaled row, computed stably.
-#[inline]
-fn exp_row(x: &[f32], max: f32, inv_t: f64, out: &mut [f64]) -> (f64, f64) {
-    let mut z = 0.0f64;
+/// Fills `out` with exp((x − max)·inv_t) and returns log Σ exp(x·inv_t), computed stably.
+/// (Map first, sum after: the loop vectoriser handles the map; a fused map-reduce stays scalar.)
+#[inline(always)]
+fn exp_row(x: &[f32], max: f32, inv_t: f64, out: &mut [f64]) -> f64 {
+    let out = &mut out[..x.len()];
+    let mx = max as f64;
     for (o, &v) in out.iter_mut().zip(x) {
         // (v − max) in f64 is exact for f32 inputs, so huge offsets cost no precision.
-        let e = ((v as f64 - max as f64) * inv_t).exp();
-        *o = e;
-        z += e;
+        *o = fm::exp((v as f64 - mx) * inv_t);
     }
-    (max as f64 * inv_t + z.ln(), z)
+    mx * inv_t + fm::sum(out.len(), |j| out[j]).ln()
+}
+
+#[inline(always)]
+fn sign(x: f64) -> f64 {
+    if x > 0.0 {
+        1.0
+    } else if x < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// `if cond { x } else { 0 }` as a select, so 0·∞ never happens and loops stay branch-free.
+#[inline(always)]
+fn sel(cond: bool, x: f64) -> f64 {
+    if cond {
+        x
+    } else {
+        0.0
+    }
 }
 
 /// Computes the divergence D_T(teacher ‖ student) of one row. When `grad` is given, adds
@@ -178,204 +194,233 @@ pub fn divergence_row(
     sc: &mut RowScratch,
     grad: Option<(&mut [f32], f64)>,
 ) -> Result<f64> {
-    let v = t.len();
-    debug_assert_eq!(s.len(), v);
-    sc.ensure(v);
-    let (p, q, r) = (&mut sc.p[..v], &mut sc.q[..v], &mut sc.r[..v]);
+    if t.len() != s.len() {
+        bail!("teacher row has {} logits, student row {}", t.len(), s.len());
+    }
     let mt = row_max(t, "teacher")?;
     let ms = row_max(s, "student")?;
-    let (lse_t, zt) = exp_row(t, mt, inv_t, p);
-    let (lse_s, zs) = exp_row(s, ms, inv_t, q);
-    let (izt, izs) = (1.0 / zt, 1.0 / zs);
-    for x in p.iter_mut() {
-        *x *= izt;
-    }
-    for x in q.iter_mut() {
-        *x *= izs;
-    }
-    // Log-probabilities straight from the logits (never log of an underflowed probability).
-    let lp = |j: usize| (t[j] as f64 * inv_t - lse_t).max(LOG_PROB_FLOOR);
-    let lq = |j: usize| s[j] as f64 * inv_t - lse_s;
+    sc.ensure(t.len());
+    Ok(divergence_row_mv(div, t, s, mt, ms, inv_t, sc, grad))
+}
 
-    let d = match div {
-        Divergence::Fkl => {
-            let mut d = 0.0;
-            for j in 0..v {
-                if p[j] > 0.0 {
-                    d += p[j] * (lp(j) - lq(j));
+/// Defines `$name(args)` that runs the `#[inline(always)]` function `$imp(args)` compiled for the
+/// best instruction set this CPU has (AVX-512, AVX2+FMA, or the baseline): each wrapper is a
+/// separately compiled copy into which the row code is force-inlined, so its loops vectorise for
+/// that instruction set. (A generic closure-taking wrapper does not work: the closure is too big
+/// to be inlined and stays baseline code.)
+macro_rules! multiversion {
+    ($(#[$m:meta])* fn $name:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $(#[$m])*
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]
+                $(#[$m])*
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $imp($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                $(#[$m])*
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $imp($($arg),*)
+                }
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma") {
+                    // SAFETY: the CPU features this copy was compiled for were detected above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if has!("avx2") && has!("fma") {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
                 }
             }
+            $imp($($arg),*)
+        }
+    };
+}
+
+multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn divergence_row_mv => divergence_row_impl(div: Divergence, t: &[f32], s: &[f32], mt: f32, ms: f32, inv_t: f64, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> f64
+}
+
+multiversion! {
+    fn cross_entropy_row_mv => cross_entropy_row_impl(s: &[f32], ms: f32, label: usize, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> f64
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn divergence_row_impl(
+    div: Divergence,
+    t: &[f32],
+    s: &[f32],
+    mt: f32,
+    ms: f32,
+    inv_t: f64,
+    sc: &mut RowScratch,
+    grad: Option<(&mut [f32], f64)>,
+) -> f64 {
+    let v = t.len();
+    let (t, s) = (&t[..v], &s[..v]);
+    let (pe, qe, r) = (&mut sc.p[..v], &mut sc.q[..v], &mut sc.r[..v]);
+    let lse_t = exp_row(t, mt, inv_t, pe);
+    let lse_s = exp_row(s, ms, inv_t, qe);
+    // Normalisers folded into the uses: p = pe·izt, q = qe·izs (saves a pass per row).
+    let izt = (-(lse_t - mt as f64 * inv_t)).exp();
+    let izs = (-(lse_s - ms as f64 * inv_t)).exp();
+    // Log-probabilities straight from the logits (never the log of an underflowed probability).
+    let lp = |x: f32| {
+        let l = x as f64 * inv_t - lse_t;
+        if l > LOG_PROB_FLOOR {
+            l
+        } else {
+            LOG_PROB_FLOOR
+        }
+    };
+    let lq = |x: f32| x as f64 * inv_t - lse_s;
+    // Each divergence: element-wise map loops (vectorised) into the scratch rows, then lane sums
+    // over them, then the gradient map. Rows stay in L2, so the extra passes are cheap.
+    match div {
+        Divergence::Fkl => {
+            for j in 0..v {
+                let p = pe[j] * izt;
+                r[j] = sel(p > 0.0, p * (lp(t[j]) - lq(s[j])));
+            }
+            let d = fm::sum(v, |j| r[j]);
             if let Some((g, c)) = grad {
+                let g = &mut g[..v];
                 for j in 0..v {
-                    g[j] += (c * (q[j] - p[j])) as f32;
+                    g[j] += (c * (qe[j] * izs - pe[j] * izt)) as f32;
                 }
             }
             d
         }
         Divergence::Rkl => {
-            let mut d = 0.0;
             for j in 0..v {
-                if q[j] > 0.0 {
-                    let x = lq(j) - lp(j);
-                    r[j] = x;
-                    d += q[j] * x;
-                }
+                let q = qe[j] * izs;
+                r[j] = sel(q > 0.0, q * (lq(s[j]) - lp(t[j])));
             }
+            let d = fm::sum(v, |j| r[j]);
             if let Some((g, c)) = grad {
+                let g = &mut g[..v];
                 for j in 0..v {
-                    if q[j] > 0.0 {
-                        g[j] += (c * q[j] * (r[j] - d)) as f32;
-                    }
+                    let q = qe[j] * izs;
+                    g[j] += sel(q > 0.0, c * q * (lq(s[j]) - lp(t[j]) - d)) as f32;
                 }
             }
             d
         }
         Divergence::Tvd => {
-            let (mut d, mut gbar) = (0.0, 0.0);
             for j in 0..v {
-                let diff = q[j] - p[j];
-                d += diff.abs();
-                gbar += q[j] * 0.5 * sign(diff);
+                r[j] = (qe[j] * izs - pe[j] * izt).abs();
             }
+            let d = fm::sum(v, |j| r[j]);
+            for j in 0..v {
+                let (p, q) = (pe[j] * izt, qe[j] * izs);
+                r[j] = q * 0.5 * sign(q - p);
+            }
+            let gbar = fm::sum(v, |j| r[j]);
             if let Some((g, c)) = grad {
+                let g = &mut g[..v];
                 for j in 0..v {
-                    g[j] += (c * q[j] * (0.5 * sign(q[j] - p[j]) - gbar)) as f32;
+                    let (p, q) = (pe[j] * izt, qe[j] * izs);
+                    g[j] += (c * q * (0.5 * sign(q - p) - gbar)) as f32;
                 }
             }
             0.5 * d
         }
         Divergence::Jsd { beta } => {
-            let (mut kl_pm, mut kl_qm) = (0.0, 0.0);
-            let mix = Mix::new(beta, 1.0 - beta);
+            let (lb, l1b) = (beta.ln(), (1.0 - beta).ln());
             for j in 0..v {
-                if p[j] > 0.0 || q[j] > 0.0 {
-                    let lm = mix.log_m(p[j], lp(j), q[j], lq(j));
-                    if p[j] > 0.0 {
-                        kl_pm += p[j] * (lp(j) - lm);
-                    }
-                    if q[j] > 0.0 {
-                        r[j] = lq(j) - lm;
-                        kl_qm += q[j] * r[j];
-                    }
-                }
+                let p = pe[j] * izt;
+                let (lpj, lqj) = (lp(t[j]), lq(s[j]));
+                let lm = fm::log_add_exp(lb + lpj, l1b + lqj);
+                r[j] = lqj - lm; // log(q/m), reused by the gradient
+                pe[j] = sel(p > 0.0, p * (lpj - lm)); // p is not needed any more
             }
+            let kl_pm = fm::sum(v, |j| pe[j]);
+            let kl_qm = fm::sum(v, |j| {
+                let q = qe[j] * izs;
+                sel(q > 0.0, q * r[j])
+            });
             if let Some((g, c)) = grad {
-                let c = c * (1.0 - beta);
+                let (g, c) = (&mut g[..v], c * (1.0 - beta));
                 for j in 0..v {
-                    if q[j] > 0.0 {
-                        g[j] += (c * q[j] * (r[j] - kl_qm)) as f32;
-                    }
+                    let q = qe[j] * izs;
+                    g[j] += sel(q > 0.0, c * q * (r[j] - kl_qm)) as f32;
                 }
             }
             beta * kl_pm + (1.0 - beta) * kl_qm
         }
         Divergence::Skl { alpha } => {
-            let (mut d, mut sum_pq_m) = (0.0, 0.0);
-            let mix = Mix::new(alpha, 1.0 - alpha);
+            let (la, l1a) = (alpha.ln(), (1.0 - alpha).ln());
             for j in 0..v {
-                let mut pm = 0.0;
-                if p[j] > 0.0 {
-                    let x = lp(j) - mix.log_m(p[j], lp(j), q[j], lq(j));
-                    d += p[j] * x;
-                    pm = x.exp(); // p/m ≤ 1/α
-                }
-                r[j] = pm;
-                sum_pq_m += q[j] * pm;
+                let p = pe[j] * izt;
+                let lpj = lp(t[j]);
+                let x = lpj - fm::log_add_exp(la + lpj, l1a + lq(s[j])); // log(p/m)
+                r[j] = sel(p > 0.0, fm::exp(x)); // p/m ≤ 1/α
+                pe[j] = sel(p > 0.0, p * x);
             }
+            let d = fm::sum(v, |j| pe[j]);
+            let sum_pq_m = fm::sum(v, |j| qe[j] * izs * r[j]);
             if let Some((g, c)) = grad {
-                let c = c * (1.0 - alpha);
+                let (g, c) = (&mut g[..v], c * (1.0 - alpha));
                 for j in 0..v {
-                    g[j] += (c * q[j] * (sum_pq_m - r[j])) as f32;
+                    g[j] += (c * qe[j] * izs * (sum_pq_m - r[j])) as f32;
                 }
             }
             d
         }
         Divergence::Srkl { alpha } => {
-            let (mut d, mut w) = (0.0, 0.0);
-            let mix = Mix::new(1.0 - alpha, alpha);
+            let (la, l1a) = (alpha.ln(), (1.0 - alpha).ln());
             for j in 0..v {
-                if q[j] > 0.0 {
-                    let x = lq(j) - mix.log_m(p[j], lp(j), q[j], lq(j));
-                    let qm = x.exp(); // q/m ≤ 1/α
-                    r[j] = x;
-                    // p holds p_j, no longer needed for j: keep q/m there for the second pass.
-                    p[j] = qm;
-                    d += q[j] * x;
-                    w += q[j] * qm;
-                }
+                let q = qe[j] * izs;
+                let lqj = lq(s[j]);
+                let x = lqj - fm::log_add_exp(l1a + lp(t[j]), la + lqj); // log(q/m)
+                r[j] = x;
+                pe[j] = sel(q > 0.0, fm::exp(x)); // q/m ≤ 1/α; p is not needed any more
             }
+            let d = fm::sum(v, |j| {
+                let q = qe[j] * izs;
+                sel(q > 0.0, q * r[j])
+            });
+            let w = fm::sum(v, |j| qe[j] * izs * pe[j]);
             if let Some((g, c)) = grad {
+                let g = &mut g[..v];
                 for j in 0..v {
-                    if q[j] > 0.0 {
-                        g[j] += (c * q[j] * (r[j] - d - alpha * (p[j] - w))) as f32;
-                    }
+                    let q = qe[j] * izs;
+                    g[j] += sel(q > 0.0, c * q * (r[j] - d - alpha * (pe[j] - w))) as f32;
                 }
             }
             d
         }
-    };
-    Ok(d)
-}
-
-/// The mixture m = wp·p + wq·q of jsd / skl / srkl and its log, from probabilities when m is a
-/// normal f64, else in the log domain (tiny subnormal p or q: m would round to 0 and log m to −∞).
-struct Mix {
-    wp: f64,
-    wq: f64,
-    lwp: f64,
-    lwq: f64,
-}
-
-impl Mix {
-    fn new(wp: f64, wq: f64) -> Self {
-        Mix { wp, wq, lwp: wp.ln(), lwq: wq.ln() }
-    }
-    #[inline]
-    fn log_m(&self, p: f64, lp: f64, q: f64, lq: f64) -> f64 {
-        let m = self.wp * p + self.wq * q;
-        if m >= 1e-290 {
-            m.ln()
-        } else {
-            let (a, b) = (self.lwp + lp, self.lwq + lq);
-            let hi = a.max(b);
-            hi + ((a - hi).exp() + (b - hi).exp()).ln()
-        }
-    }
-}
-
-#[inline]
-fn sign(x: f64) -> f64 {
-    if x > 0.0 {
-        1.0
-    } else if x < 0.0 {
-        -1.0
-    } else {
-        0.0
     }
 }
 
 /// Cross-entropy −log softmax(s)[label] of one row (temperature 1); adds `coef·(softmax(s) −
 /// onehot(label))` to `grad` when given.
-pub fn cross_entropy_row(
-    s: &[f32],
-    label: usize,
-    sc: &mut RowScratch,
-    grad: Option<(&mut [f32], f64)>,
-) -> Result<f64> {
+pub fn cross_entropy_row(s: &[f32], label: usize, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> Result<f64> {
     let v = s.len();
     if label >= v {
         bail!("label {label} is outside the vocabulary (size {v})");
     }
-    sc.ensure(v);
-    let q = &mut sc.q[..v];
     let ms = row_max(s, "student")?;
-    let (lse, z) = exp_row(s, ms, 1.0, q);
+    sc.ensure(v);
+    Ok(cross_entropy_row_mv(s, ms, label, sc, grad))
+}
+
+#[inline(always)]
+fn cross_entropy_row_impl(s: &[f32], ms: f32, label: usize, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> f64 {
+    let v = s.len();
+    let qe = &mut sc.q[..v];
+    let lse = exp_row(s, ms, 1.0, qe);
     if let Some((g, c)) = grad {
-        let cz = c / z;
+        let g = &mut g[..v];
+        let cz = c * (-(lse - ms as f64)).exp();
         for j in 0..v {
-            g[j] += (cz * q[j]) as f32;
+            g[j] += (cz * qe[j]) as f32;
         }
         g[label] -= c as f32;
     }
-    Ok(lse - s[label] as f64)
+    lse - s[label] as f64
 }

@@ -19,6 +19,7 @@
 //! [`naive`].
 
 pub mod divergence;
+pub mod fastmath;
 pub mod kernel;
 pub mod naive;
 pub mod objective;
