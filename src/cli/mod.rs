@@ -1,5 +1,7 @@
 //! Command-line interface: one file per subcommand, argument plumbing only.
 
+pub mod kd_loss;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -14,6 +16,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the version and build facts.
     Info,
+    /// Evaluate a KD loss and its gradient on logits stored in safetensors files.
+    KdLoss(kd_loss::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -22,5 +26,6 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("pocl {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::KdLoss(args) => kd_loss::run(args),
     }
 }
