@@ -131,7 +131,7 @@ impl RowScratch {
     pub fn new(width: usize) -> Self {
         RowScratch { p: vec![0.0; width], q: vec![0.0; width], r: vec![0.0; width] }
     }
-    fn ensure(&mut self, width: usize) {
+    pub fn ensure(&mut self, width: usize) {
         if self.p.len() < width {
             *self = RowScratch::new(width);
         }
