@@ -91,7 +91,12 @@ fn measure(reps: usize, mut f: impl FnMut() -> f32) -> Measure {
             hwm_extra_kb = Some(hwm_extra_kb.unwrap_or(0).max(h.saturating_sub(r0)));
         }
     }
-    Measure { secs, peak_extra, hwm_extra_kb, loss }
+    Measure {
+        secs,
+        peak_extra,
+        hwm_extra_kb,
+        loss,
+    }
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -103,7 +108,11 @@ fn median(v: &[f64]) -> f64 {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str, default: usize| {
-        args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
     };
     let quick = args.iter().any(|a| a == "--quick");
     let (n, v) = (arg("--tokens", 512), arg("--vocab", 50257));
@@ -114,7 +123,9 @@ fn main() -> anyhow::Result<()> {
     let mut gen = || {
         let mut acc = 0.0f32;
         for _ in 0..4 {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             acc += (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
         }
         acc * 3.5
@@ -143,33 +154,53 @@ fn main() -> anyhow::Result<()> {
         );
     };
 
-    let names: Vec<&str> = if quick { vec!["fkl"] } else { kd::DIVERGENCE_NAMES.to_vec() };
+    let names: Vec<&str> = if quick {
+        vec!["fkl"]
+    } else {
+        kd::DIVERGENCE_NAMES.to_vec()
+    };
     for name in names {
         let div = Divergence::parse(name, None, None)?;
         let fused = measure(reps, || {
-            let loss = kd::kd_loss_sum(&teacher, student.as_tensor(), &mask, div, temperature, true).unwrap();
+            let loss =
+                kd::kd_loss_sum(&teacher, student.as_tensor(), &mask, div, temperature, true)
+                    .unwrap();
             let grads = loss.backward().unwrap();
             assert!(grads.get(&student).is_some());
             loss.to_scalar::<f32>().unwrap()
         });
         report("fused", div, &fused);
         // The kernel alone (what a fused lm-head would call per chunk): no candle graph around it.
-        let (tv, sv): (Vec<f32>, Vec<f32>) =
-            (teacher.flatten_all()?.to_vec1()?, student.as_tensor().flatten_all()?.to_vec1()?);
+        let (tv, sv): (Vec<f32>, Vec<f32>) = (
+            teacher.flatten_all()?.to_vec1()?,
+            student.as_tensor().flatten_all()?.to_vec1()?,
+        );
         let ones = vec![1f32; n];
-        let spec = kd::kernel::LossSpec { divergence: Some(div), inv_temperature: 1.0 / temperature, ce_coef: 0.0, kd_coef: temperature * temperature };
+        let spec = kd::kernel::LossSpec {
+            divergence: Some(div),
+            inv_temperature: 1.0 / temperature,
+            ce_coef: 0.0,
+            kd_coef: temperature * temperature,
+        };
         let kernel = measure(reps, || {
             let mut grad = kd::kernel::gradient_buffer(n * v);
             let mut out = vec![kd::kernel::RowLoss::default(); n];
-            let (t, s) = (kd::kernel::Rows::contiguous(&tv, v), kd::kernel::Rows::contiguous(&sv, v));
-            kd::kernel::loss_rows(&spec, Some(t), s, None, &ones, Some(&mut grad), &mut out).unwrap();
+            let (t, s) = (
+                kd::kernel::Rows::contiguous(&tv, v),
+                kd::kernel::Rows::contiguous(&sv, v),
+            );
+            kd::kernel::loss_rows(&spec, Some(t), s, None, &ones, Some(&mut grad), &mut out)
+                .unwrap();
             out.iter().map(|r| r.kd).sum::<f64>() as f32 * (temperature * temperature) as f32
         });
         drop((tv, sv));
         report("fused_kernel_only", div, &kernel);
         let naive = measure(reps.min(3), || {
-            let rows = kd::naive::divergence_rows(div, &teacher, student.as_tensor(), temperature).unwrap();
-            let loss = (rows.broadcast_mul(&mask).unwrap().sum_all().unwrap() * (temperature * temperature)).unwrap();
+            let rows = kd::naive::divergence_rows(div, &teacher, student.as_tensor(), temperature)
+                .unwrap();
+            let loss = (rows.broadcast_mul(&mask).unwrap().sum_all().unwrap()
+                * (temperature * temperature))
+                .unwrap();
             let grads = loss.backward().unwrap();
             assert!(grads.get(&student).is_some());
             loss.to_scalar::<f32>().unwrap()

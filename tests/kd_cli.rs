@@ -8,15 +8,27 @@ use std::process::Command;
 
 fn write_tensor(path: &Path, name: &str, data: &[f32], shape: &[usize]) {
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes).unwrap();
-    std::fs::write(path, safetensors::tensor::serialize([(name, view)], None).unwrap()).unwrap();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
+            .unwrap();
+    std::fs::write(
+        path,
+        safetensors::tensor::serialize([(name, view)], None).unwrap(),
+    )
+    .unwrap();
 }
 
 fn read_tensor(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let v = st.tensor(name).unwrap();
-    (v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(), v.shape().to_vec())
+    (
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        v.shape().to_vec(),
+    )
 }
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -26,8 +38,15 @@ fn tmpdir(tag: &str) -> PathBuf {
 }
 
 fn pocl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl")).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 #[test]
@@ -41,8 +60,21 @@ fn kd_loss_prints_the_masked_mean_and_writes_its_gradient() {
     write_tensor(&d.join("m.safetensors"), "mask", &m, &[n]);
     let p = |f: &str| d.join(f).to_string_lossy().into_owned();
     let (code, out, err) = pocl(&[
-        "kd-loss", "--teacher", &p("t.safetensors"), "--student", &p("s.safetensors"), "--mask", &p("m.safetensors"),
-        "--loss", "skl", "--alpha", "0.2", "--temperature", "2", "--output", &p("g.safetensors"),
+        "kd-loss",
+        "--teacher",
+        &p("t.safetensors"),
+        "--student",
+        &p("s.safetensors"),
+        "--mask",
+        &p("m.safetensors"),
+        "--loss",
+        "skl",
+        "--alpha",
+        "0.2",
+        "--temperature",
+        "2",
+        "--output",
+        &p("g.safetensors"),
     ]);
     assert_eq!(code, 0, "{err}");
     let json: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -62,8 +94,19 @@ fn kd_loss_prints_the_masked_mean_and_writes_its_gradient() {
     .unwrap();
     let want = (sum / 3.0).unwrap();
     let want_v = want.to_scalar::<f32>().unwrap() as f64;
-    assert!((got - want_v).abs() <= 1e-6 * want_v.abs(), "{got} vs {want_v}");
-    let gw: Vec<f32> = want.backward().unwrap().get(&student).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        (got - want_v).abs() <= 1e-6 * want_v.abs(),
+        "{got} vs {want_v}"
+    );
+    let gw: Vec<f32> = want
+        .backward()
+        .unwrap()
+        .get(&student)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let (g, shape) = read_tensor(&d.join("g.safetensors"), "grad");
     assert_eq!(shape, vec![n, v]);
     assert_eq!(g, gw);
@@ -74,32 +117,104 @@ fn kd_loss_prints_the_masked_mean_and_writes_its_gradient() {
 fn kd_loss_errors_name_the_file_and_tensor() {
     let d = tmpdir("err");
     let p = |f: &str| d.join(f).to_string_lossy().into_owned();
-    write_tensor(&d.join("t.safetensors"), "logits", &lcg_logits(3, 40), &[4, 10]);
-    write_tensor(&d.join("s.safetensors"), "logits", &lcg_logits(4, 40), &[4, 10]);
-    write_tensor(&d.join("wrong.safetensors"), "weights", &lcg_logits(5, 40), &[4, 10]);
-    write_tensor(&d.join("s3.safetensors"), "logits", &lcg_logits(6, 30), &[3, 10]);
-    write_tensor(&d.join("s12.safetensors"), "logits", &lcg_logits(6, 48), &[4, 12]);
+    write_tensor(
+        &d.join("t.safetensors"),
+        "logits",
+        &lcg_logits(3, 40),
+        &[4, 10],
+    );
+    write_tensor(
+        &d.join("s.safetensors"),
+        "logits",
+        &lcg_logits(4, 40),
+        &[4, 10],
+    );
+    write_tensor(
+        &d.join("wrong.safetensors"),
+        "weights",
+        &lcg_logits(5, 40),
+        &[4, 10],
+    );
+    write_tensor(
+        &d.join("s3.safetensors"),
+        "logits",
+        &lcg_logits(6, 30),
+        &[3, 10],
+    );
+    write_tensor(
+        &d.join("s12.safetensors"),
+        "logits",
+        &lcg_logits(6, 48),
+        &[4, 12],
+    );
     write_tensor(&d.join("m.safetensors"), "mask", &[1.0; 3], &[3]);
     std::fs::write(d.join("junk.safetensors"), b"not a safetensors file").unwrap();
     let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
-        (vec![p("missing.safetensors"), p("s.safetensors")], vec!["missing.safetensors"]),
-        (vec![p("junk.safetensors"), p("s.safetensors")], vec!["junk.safetensors", "safetensors"]),
-        (vec![p("wrong.safetensors"), p("s.safetensors")], vec!["wrong.safetensors", "'logits'", "weights"]),
-        (vec![p("t.safetensors"), p("s3.safetensors")], vec!["s3.safetensors", "rows"]),
-        (vec![p("t.safetensors"), p("s12.safetensors")], vec!["--teacher-tokenizer"]),
+        (
+            vec![p("missing.safetensors"), p("s.safetensors")],
+            vec!["missing.safetensors"],
+        ),
+        (
+            vec![p("junk.safetensors"), p("s.safetensors")],
+            vec!["junk.safetensors", "safetensors"],
+        ),
+        (
+            vec![p("wrong.safetensors"), p("s.safetensors")],
+            vec!["wrong.safetensors", "'logits'", "weights"],
+        ),
+        (
+            vec![p("t.safetensors"), p("s3.safetensors")],
+            vec!["s3.safetensors", "rows"],
+        ),
+        (
+            vec![p("t.safetensors"), p("s12.safetensors")],
+            vec!["--teacher-tokenizer"],
+        ),
     ];
     for (files, needles) in cases {
-        let (code, _, err) = pocl(&["kd-loss", "--teacher", &files[0], "--student", &files[1], "--loss", "fkl"]);
+        let (code, _, err) = pocl(&[
+            "kd-loss",
+            "--teacher",
+            &files[0],
+            "--student",
+            &files[1],
+            "--loss",
+            "fkl",
+        ]);
         assert_eq!(code, 1, "{err}");
-        assert!(err.starts_with("error: ") && !err.contains("panicked"), "{err}");
+        assert!(
+            err.starts_with("error: ") && !err.contains("panicked"),
+            "{err}"
+        );
         for n in needles {
             assert!(err.contains(n), "expected '{n}' in: {err}");
         }
     }
-    let (code, _, err) = pocl(&["kd-loss", "--teacher", &p("t.safetensors"), "--student", &p("s.safetensors"), "--mask", &p("m.safetensors"), "--loss", "fkl"]);
+    let (code, _, err) = pocl(&[
+        "kd-loss",
+        "--teacher",
+        &p("t.safetensors"),
+        "--student",
+        &p("s.safetensors"),
+        "--mask",
+        &p("m.safetensors"),
+        "--loss",
+        "fkl",
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("m.safetensors") && err.contains("'mask'"), "{err}");
-    let (code, _, err) = pocl(&["kd-loss", "--teacher", &p("t.safetensors"), "--student", &p("s.safetensors"), "--loss", "kl"]);
+    assert!(
+        err.contains("m.safetensors") && err.contains("'mask'"),
+        "{err}"
+    );
+    let (code, _, err) = pocl(&[
+        "kd-loss",
+        "--teacher",
+        &p("t.safetensors"),
+        "--student",
+        &p("s.safetensors"),
+        "--loss",
+        "kl",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("fkl, rkl, jsd, tvd, skl, srkl"), "{err}");
     std::fs::remove_dir_all(&d).ok();

@@ -9,18 +9,42 @@ use pocl::kd::{Divergence, DIVERGENCE_NAMES};
 const TEMPS: [f64; 5] = [0.5, 1.0, 2.0, 5.0, 10.0];
 
 fn all_divs() -> Vec<Divergence> {
-    DIVERGENCE_NAMES.iter().map(|n| Divergence::parse(n, None, None).unwrap()).collect()
+    DIVERGENCE_NAMES
+        .iter()
+        .map(|n| Divergence::parse(n, None, None).unwrap())
+        .collect()
 }
 
 /// Per-row D_T (unscaled) and, with `grad`, d(Σ_r scale·D_r)/ds, for rows of width v.
-fn eval(div: Divergence, t: &[f32], s: &[f32], v: usize, temp: f64, scale: f64, grad: bool) -> (Vec<f64>, Vec<f32>) {
+fn eval(
+    div: Divergence,
+    t: &[f32],
+    s: &[f32],
+    v: usize,
+    temp: f64,
+    scale: f64,
+    grad: bool,
+) -> (Vec<f64>, Vec<f32>) {
     let n = t.len() / v;
-    let spec = LossSpec { divergence: Some(div), inv_temperature: 1.0 / temp, ce_coef: 0.0, kd_coef: scale };
+    let spec = LossSpec {
+        divergence: Some(div),
+        inv_temperature: 1.0 / temp,
+        ce_coef: 0.0,
+        kd_coef: scale,
+    };
     let mut out = vec![RowLoss::default(); n];
     let mut g = vec![0f32; if grad { n * v } else { 0 }];
     let w = vec![1f32; n];
-    loss_rows(&spec, Some(Rows::contiguous(t, v)), Rows::contiguous(s, v), None, &w, grad.then_some(&mut g[..]), &mut out)
-        .unwrap();
+    loss_rows(
+        &spec,
+        Some(Rows::contiguous(t, v)),
+        Rows::contiguous(s, v),
+        None,
+        &w,
+        grad.then_some(&mut g[..]),
+        &mut out,
+    )
+    .unwrap();
     (out.iter().map(|r| r.kd).collect(), g)
 }
 
@@ -34,7 +58,10 @@ fn identical_distributions_give_zero_and_zero_gradient() {
     let v = 301;
     for (i, scale) in [1.0f32, 8.0, 64.0].into_iter().enumerate() {
         let mut t = random_rows(11 + i as u64, 4 * v, scale);
-        t[v..2 * v].iter_mut().step_by(3).for_each(|x| *x = f32::NEG_INFINITY); // exact zeros in both
+        t[v..2 * v]
+            .iter_mut()
+            .step_by(3)
+            .for_each(|x| *x = f32::NEG_INFINITY); // exact zeros in both
         for div in all_divs() {
             for temp in TEMPS {
                 let (d, g) = eval(div, &t, &t, v, temp, temp * temp, true);
@@ -58,7 +85,10 @@ fn divergences_are_nonnegative_and_bounded() {
         for div in all_divs() {
             for temp in TEMPS {
                 let (d, g) = eval(div, &t, &s, v, temp, 1.0, true);
-                assert!(g.iter().all(|x| x.is_finite()), "{div} T={temp}: non-finite gradient");
+                assert!(
+                    g.iter().all(|x| x.is_finite()),
+                    "{div} T={temp}: non-finite gradient"
+                );
                 for &x in &d {
                     assert!(x >= -1e-12, "{div} T={temp}: D = {x} < 0");
                     let bound = match div {
@@ -67,7 +97,10 @@ fn divergences_are_nonnegative_and_bounded() {
                         Divergence::Jsd { .. } => std::f64::consts::LN_2,
                         _ => f64::INFINITY,
                     };
-                    assert!(x <= bound + 1e-9, "{div} T={temp}: D = {x} above its bound {bound}");
+                    assert!(
+                        x <= bound + 1e-9,
+                        "{div} T={temp}: D = {x} above its bound {bound}"
+                    );
                 }
             }
         }
@@ -83,24 +116,40 @@ fn zero_probabilities_never_give_nan_and_skew_divergences_stay_finite() {
     let base_t = random_rows(7, v, 1.0);
     let base_s = random_rows(8, v, 1.0);
     // teacher zeros (−∞ or −1e30) against a full student; student zeros (−∞) against a full teacher.
-    for (what, zero) in [("teacher -inf", f32::NEG_INFINITY), ("teacher -1e30", -1e30), ("student -inf", f32::NEG_INFINITY)] {
+    for (what, zero) in [
+        ("teacher -inf", f32::NEG_INFINITY),
+        ("teacher -1e30", -1e30),
+        ("student -inf", f32::NEG_INFINITY),
+    ] {
         let (mut t, mut s) = (base_t.clone(), base_s.clone());
-        let target = if what.starts_with("teacher") { &mut t } else { &mut s };
+        let target = if what.starts_with("teacher") {
+            &mut t
+        } else {
+            &mut s
+        };
         target.iter_mut().step_by(4).for_each(|x| *x = zero);
         for div in all_divs() {
             for temp in TEMPS {
                 let (d, g) = eval(div, &t, &s, v, temp, temp * temp, true);
                 let d = d[0];
                 assert!(!d.is_nan(), "{what} {div} T={temp}: NaN");
-                assert!(g.iter().all(|x| x.is_finite()), "{what} {div} T={temp}: non-finite gradient");
+                assert!(
+                    g.iter().all(|x| x.is_finite()),
+                    "{what} {div} T={temp}: non-finite gradient"
+                );
                 match div {
-                    Divergence::Fkl if what == "student -inf" => assert_eq!(d, f64::INFINITY, "{what} fkl"),
+                    Divergence::Fkl if what == "student -inf" => {
+                        assert_eq!(d, f64::INFINITY, "{what} fkl")
+                    }
                     Divergence::Rkl if what.starts_with("teacher") => {
                         // The −1e30 floor on log p: finite, ~1e28 or more, never NaN.
                         assert!(d.is_finite() && d > 1e20, "{what} rkl T={temp}: {d}")
                     }
                     Divergence::Skl { alpha } | Divergence::Srkl { alpha } => {
-                        assert!(d.is_finite() && d <= -alpha.ln() + 1e-9, "{what} {div}: {d}")
+                        assert!(
+                            d.is_finite() && d <= -alpha.ln() + 1e-9,
+                            "{what} {div}: {d}"
+                        )
                     }
                     _ => assert!(d.is_finite(), "{what} {div} T={temp}: {d}"),
                 }
@@ -117,14 +166,21 @@ fn large_logits_and_offsets_are_stable_over_the_temperature_range() {
     for div in all_divs() {
         for temp in TEMPS {
             let (d, g) = eval(div, &t, &s, v, temp, temp * temp, true);
-            assert!(d.iter().all(|x| x.is_finite()) && g.iter().all(|x| x.is_finite()), "{div} T={temp}");
+            assert!(
+                d.iter().all(|x| x.is_finite()) && g.iter().all(|x| x.is_finite()),
+                "{div} T={temp}"
+            );
             // Softmax is shift invariant: adding 2^14 to every logit (exact in f32 here) changes nothing.
             let shift = |x: &[f32]| x.iter().map(|&y| y + 16384.0).collect::<Vec<f32>>();
             let (d2, _) = eval(div, &shift(&t), &s, v, temp, 1.0, false);
             let (d3, _) = eval(div, &t, &shift(&s), v, temp, 1.0, false);
             for r in 0..2 {
                 for other in [d2[r], d3[r]] {
-                    assert!((other - d[r]).abs() <= 1e-9 * d[r].abs() + 1e-12, "{div} T={temp}: shift changed {} to {other}", d[r]);
+                    assert!(
+                        (other - d[r]).abs() <= 1e-9 * d[r].abs() + 1e-12,
+                        "{div} T={temp}: shift changed {} to {other}",
+                        d[r]
+                    );
                 }
             }
         }
@@ -160,9 +216,16 @@ fn gradients_match_finite_differences() {
                 }
                 let fd = (4.0 * b - a) / 3.0;
                 let err = (fd - g[j] as f64).abs();
-                assert!(err <= 1e-4 * gmax + 1e-9, "{div} T={temp} j={j}: analytic {} vs finite difference {fd}", g[j]);
+                assert!(
+                    err <= 1e-4 * gmax + 1e-9,
+                    "{div} T={temp} j={j}: analytic {} vs finite difference {fd}",
+                    g[j]
+                );
             }
-            assert!(skipped <= v / 4, "{div} T={temp}: {skipped} of {v} entries sit on a kink");
+            assert!(
+                skipped <= v / 4,
+                "{div} T={temp}: {skipped} of {v} entries sit on a kink"
+            );
         }
     }
 }
@@ -172,10 +235,24 @@ fn cross_entropy_gradient_matches_finite_differences() {
     let v = 29;
     let s0 = random_rows(51, v, 0.5);
     let label = 7u32;
-    let spec = LossSpec { divergence: None, inv_temperature: 1.0, ce_coef: 1.0, kd_coef: 0.0 };
+    let spec = LossSpec {
+        divergence: None,
+        inv_temperature: 1.0,
+        ce_coef: 1.0,
+        kd_coef: 0.0,
+    };
     let run = |s: &[f32], grad: Option<&mut [f32]>| {
         let mut out = [RowLoss::default()];
-        loss_rows(&spec, None, Rows::contiguous(s, v), Some(&[label]), &[1.0], grad, &mut out).unwrap();
+        loss_rows(
+            &spec,
+            None,
+            Rows::contiguous(s, v),
+            Some(&[label]),
+            &[1.0],
+            grad,
+            &mut out,
+        )
+        .unwrap();
         out[0].ce
     };
     let mut g = vec![0f32; v];
@@ -189,6 +266,10 @@ fn cross_entropy_gradient_matches_finite_differences() {
         };
         let d1 = |hh: f32| (f(hh) - f(-hh)) / (2.0 * hh as f64);
         let fd = (4.0 * d1(h / 2.0) - d1(h)) / 3.0;
-        assert!((fd - g[j] as f64).abs() <= 1e-5, "CE j={j}: analytic {} vs finite difference {fd}", g[j]);
+        assert!(
+            (fd - g[j] as f64).abs() <= 1e-5,
+            "CE j={j}: analytic {} vs finite difference {fd}",
+            g[j]
+        );
     }
 }

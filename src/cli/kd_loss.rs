@@ -55,7 +55,10 @@ pub fn run(args: Args) -> Result<()> {
     let dims2 = |shape: &[usize], path: &Path| -> Result<(usize, usize)> {
         match shape {
             [n, v] => Ok((*n, *v)),
-            _ => bail!("{}: tensor 'logits' must be [tokens, vocab], got shape {shape:?}", path.display()),
+            _ => bail!(
+                "{}: tensor 'logits' must be [tokens, vocab], got shape {shape:?}",
+                path.display()
+            ),
         }
     };
     let (tn, tvocab) = dims2(&tshape, &args.teacher)?;
@@ -71,14 +74,17 @@ pub fn run(args: Args) -> Result<()> {
         Some(p) => {
             let (m, mshape) = read_f32(p, "mask")?;
             if mshape.as_slice() != [tn] {
-                bail!("{}: tensor 'mask' must be [{tn}] (one entry per token), got shape {mshape:?}", p.display());
+                bail!(
+                    "{}: tensor 'mask' must be [{tn}] (one entry per token), got shape {mshape:?}",
+                    p.display()
+                );
             }
             m
         }
         None => vec![1.0; tn],
     };
     let count: f64 = mask.iter().map(|&m| m as f64).sum();
-    if !(count > 0.0) {
+    if count.is_nan() || count <= 0.0 {
         bail!("the mask selects no tokens (its sum is {count})");
     }
     let teacher = Tensor::from_vec(tv, (tn, tvocab), &dev)?;
@@ -95,10 +101,20 @@ pub fn run(args: Args) -> Result<()> {
         let ttok = crate::tokenizer::Tokenizer::from_file(ttok, None)?;
         let stok = crate::tokenizer::Tokenizer::from_file(stok, None)?;
         let v = kd::vocab::common_vocab(&ttok, &stok, tvocab, svocab)?;
-        (kd::vocab::narrow_to_prefix(&teacher, v)?, kd::vocab::narrow_to_prefix(student.as_tensor(), v)?)
+        (
+            kd::vocab::narrow_to_prefix(&teacher, v)?,
+            kd::vocab::narrow_to_prefix(student.as_tensor(), v)?,
+        )
     };
     let mask_t = Tensor::from_vec(mask, tn, &dev)?;
-    let sum = kd::kd_loss_sum(&t_used, &s_used, &mask_t, div, args.temperature, !args.no_t2)?;
+    let sum = kd::kd_loss_sum(
+        &t_used,
+        &s_used,
+        &mask_t,
+        div,
+        args.temperature,
+        !args.no_t2,
+    )?;
     let loss = (sum / count)?;
     let value = loss.to_scalar::<f32>()?;
     if let Some(out) = &args.output {
@@ -121,16 +137,35 @@ fn read_f32(path: &Path, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
     let view = st.tensor(name).map_err(|_| {
         let mut names: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
         names.sort();
-        anyhow::anyhow!("{}: no tensor named '{name}' (found: {})", path.display(), names.join(", "))
+        anyhow::anyhow!(
+            "{}: no tensor named '{name}' (found: {})",
+            path.display(),
+            names.join(", ")
+        )
     })?;
     let d = view.data();
     use safetensors::Dtype;
     let vals: Vec<f32> = match view.dtype() {
-        Dtype::F32 => d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32).collect(),
-        Dtype::F16 => d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::BF16 => d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        dt => bail!("{}: tensor '{name}' has dtype {dt:?}; expected f32", path.display()),
+        Dtype::F32 => d
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F64 => d
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()) as f32)
+            .collect(),
+        Dtype::F16 => d
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => d
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        dt => bail!(
+            "{}: tensor '{name}' has dtype {dt:?}; expected f32",
+            path.display()
+        ),
     };
     Ok((vals, view.shape().to_vec()))
 }

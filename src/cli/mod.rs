@@ -17,7 +17,7 @@ pub enum Command {
     /// Print the version and build facts.
     Info,
     /// Evaluate a KD loss and its gradient on logits stored in safetensors files.
-    KdLoss(kd_loss::Args),
+    KdLoss(Box<kd_loss::Args>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -26,6 +26,6 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("pocl {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
-        Command::KdLoss(args) => kd_loss::run(args),
+        Command::KdLoss(args) => kd_loss::run(*args),
     }
 }

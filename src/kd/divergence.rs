@@ -73,11 +73,20 @@ impl Divergence {
         Ok(match name.as_str() {
             "fkl" => Divergence::Fkl,
             "rkl" => Divergence::Rkl,
-            "jsd" => Divergence::Jsd { beta: check("beta", beta.unwrap_or(DEFAULT_BETA))? },
+            "jsd" => Divergence::Jsd {
+                beta: check("beta", beta.unwrap_or(DEFAULT_BETA))?,
+            },
             "tvd" => Divergence::Tvd,
-            "skl" => Divergence::Skl { alpha: check("alpha", alpha.unwrap_or(DEFAULT_ALPHA))? },
-            "srkl" => Divergence::Srkl { alpha: check("alpha", alpha.unwrap_or(DEFAULT_ALPHA))? },
-            _ => bail!("unknown KD loss '{name}'; valid names: {}", DIVERGENCE_NAMES.join(", ")),
+            "skl" => Divergence::Skl {
+                alpha: check("alpha", alpha.unwrap_or(DEFAULT_ALPHA))?,
+            },
+            "srkl" => Divergence::Srkl {
+                alpha: check("alpha", alpha.unwrap_or(DEFAULT_ALPHA))?,
+            },
+            _ => bail!(
+                "unknown KD loss '{name}'; valid names: {}",
+                DIVERGENCE_NAMES.join(", ")
+            ),
         })
     }
 
@@ -129,7 +138,11 @@ pub struct RowScratch {
 
 impl RowScratch {
     pub fn new(width: usize) -> Self {
-        RowScratch { p: vec![0.0; width], q: vec![0.0; width], r: vec![0.0; width] }
+        RowScratch {
+            p: vec![0.0; width],
+            q: vec![0.0; width],
+            r: vec![0.0; width],
+        }
     }
     pub fn ensure(&mut self, width: usize) {
         if self.p.len() < width {
@@ -195,7 +208,11 @@ pub fn divergence_row(
     grad: Option<(&mut [f32], f64)>,
 ) -> Result<f64> {
     if t.len() != s.len() {
-        bail!("teacher row has {} logits, student row {}", t.len(), s.len());
+        bail!(
+            "teacher row has {} logits, student row {}",
+            t.len(),
+            s.len()
+        );
     }
     let mt = row_max(t, "teacher")?;
     let ms = row_max(s, "student")?;
@@ -399,7 +416,12 @@ fn divergence_row_impl(
 
 /// Cross-entropy −log softmax(s)[label] of one row (temperature 1); adds `coef·(softmax(s) −
 /// onehot(label))` to `grad` when given.
-pub fn cross_entropy_row(s: &[f32], label: usize, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> Result<f64> {
+pub fn cross_entropy_row(
+    s: &[f32],
+    label: usize,
+    sc: &mut RowScratch,
+    grad: Option<(&mut [f32], f64)>,
+) -> Result<f64> {
     let v = s.len();
     if label >= v {
         bail!("label {label} is outside the vocabulary (size {v})");
@@ -410,7 +432,13 @@ pub fn cross_entropy_row(s: &[f32], label: usize, sc: &mut RowScratch, grad: Opt
 }
 
 #[inline(always)]
-fn cross_entropy_row_impl(s: &[f32], ms: f32, label: usize, sc: &mut RowScratch, grad: Option<(&mut [f32], f64)>) -> f64 {
+fn cross_entropy_row_impl(
+    s: &[f32],
+    ms: f32,
+    label: usize,
+    sc: &mut RowScratch,
+    grad: Option<(&mut [f32], f64)>,
+) -> f64 {
     let v = s.len();
     let qe = &mut sc.q[..v];
     let lse = exp_row(s, ms, 1.0, qe);

@@ -9,7 +9,7 @@
 pub const LANES: usize = 8;
 
 const LOG2E: f64 = std::f64::consts::LOG2_E;
-const LN2_HI: f64 = 6.931_471_803_691_238_2e-1;
+const LN2_HI: f64 = 0.693_147_180_369_123_8;
 const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
 /// 1.5·2^52: x + MAGIC rounds x to an integer held in the low mantissa bits.
 const MAGIC: f64 = 6_755_399_441_055_744.0;

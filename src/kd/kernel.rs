@@ -29,7 +29,12 @@ pub struct Rows<'a> {
 
 impl<'a> Rows<'a> {
     pub fn contiguous(data: &'a [f32], width: usize) -> Self {
-        Rows { data, rows: data.len() / width.max(1), width, stride: width }
+        Rows {
+            data,
+            rows: data.len() / width.max(1),
+            width,
+            stride: width,
+        }
     }
     #[inline]
     pub fn row(&self, i: usize) -> &'a [f32] {
@@ -75,11 +80,19 @@ pub fn loss_rows(
         return Ok(());
     }
     if weights.len() != n || out.len() != n {
-        bail!("kd kernel: {} weights / {} outputs for {n} rows", weights.len(), out.len());
+        bail!(
+            "kd kernel: {} weights / {} outputs for {n} rows",
+            weights.len(),
+            out.len()
+        );
     }
     if let Some(t) = teacher {
         if t.rows != n || t.width != w {
-            bail!("kd kernel: teacher is [{}, {}] but student is [{n}, {w}]", t.rows, t.width);
+            bail!(
+                "kd kernel: teacher is [{}, {}] but student is [{n}, {w}]",
+                t.rows,
+                t.width
+            );
         }
     }
     if w == 0 && n > 0 {
@@ -115,15 +128,22 @@ pub fn loss_rows(
         // CE is evaluated whenever labels are given (for logging even at weight 0, e.g. a = 1);
         // its gradient only when it is weighted.
         if let Some(l) = labels {
-            let gc = g.filter(|_| spec.ce_coef != 0.0).map(|g| (g, wi * spec.ce_coef));
-            res.ce = cross_entropy_row(s, l[i] as usize, sc, gc).map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
+            let gc = g
+                .filter(|_| spec.ce_coef != 0.0)
+                .map(|g| (g, wi * spec.ce_coef));
+            res.ce = cross_entropy_row(s, l[i] as usize, sc, gc)
+                .map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
         }
         Ok(res)
     };
     match grad {
         Some(grad) => {
             if grad.len() != n * w {
-                bail!("kd kernel: gradient buffer has {} elements, expected {}", grad.len(), n * w);
+                bail!(
+                    "kd kernel: gradient buffer has {} elements, expected {}",
+                    grad.len(),
+                    n * w
+                );
             }
             grad.par_chunks_mut(ROWS_PER_TASK * w)
                 .zip(out.par_chunks_mut(ROWS_PER_TASK))
@@ -137,14 +157,17 @@ pub fn loss_rows(
                     })
                 })
         }
-        None => out.par_chunks_mut(ROWS_PER_TASK).enumerate().try_for_each(|(blk, o)| {
-            with_scratch(w, |sc| {
-                for (k, or) in o.iter_mut().enumerate() {
-                    *or = row(blk * ROWS_PER_TASK + k, sc, None)?;
-                }
-                Ok(())
-            })
-        }),
+        None => out
+            .par_chunks_mut(ROWS_PER_TASK)
+            .enumerate()
+            .try_for_each(|(blk, o)| {
+                with_scratch(w, |sc| {
+                    for (k, or) in o.iter_mut().enumerate() {
+                        *or = row(blk * ROWS_PER_TASK + k, sc, None)?;
+                    }
+                    Ok(())
+                })
+            }),
     }
 }
 
@@ -211,11 +234,20 @@ fn rows_of<'a>(s: &'a CpuStorage, l: &Layout, who: &str) -> candle_core::Result<
     }
     let stride = if n > 1 { st[0] } else { w };
     let off = l.start_offset();
-    let end = if n == 0 { off } else { off + (n - 1) * stride + w };
+    let end = if n == 0 {
+        off
+    } else {
+        off + (n - 1) * stride + w
+    };
     if end > data.len() {
         candle_core::bail!("kd: {who} layout out of bounds");
     }
-    Ok(Rows { data: &data[off..end], rows: n, width: w, stride })
+    Ok(Rows {
+        data: &data[off..end],
+        rows: n,
+        width: w,
+        stride,
+    })
 }
 
 /// The candle op: scalar Σ_r w_r (ce_coef·CE_r + kd_coef·D_r); the gradient is made in the forward
@@ -232,16 +264,44 @@ pub(crate) struct FusedLossOp {
 }
 
 impl FusedLossOp {
-    pub fn new(spec: LossSpec, weights: Vec<f32>, labels: Option<Vec<u32>>, want_grad: bool) -> Self {
-        FusedLossOp { spec, weights, labels, want_grad, grad: Mutex::new(None), parts: Arc::new(Mutex::new((0.0, 0.0))) }
+    pub fn new(
+        spec: LossSpec,
+        weights: Vec<f32>,
+        labels: Option<Vec<u32>>,
+        want_grad: bool,
+    ) -> Self {
+        FusedLossOp {
+            spec,
+            weights,
+            labels,
+            want_grad,
+            grad: Mutex::new(None),
+            parts: Arc::new(Mutex::new((0.0, 0.0))),
+        }
     }
 
-    fn run(&self, teacher: Option<Rows>, student: Rows) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run(
+        &self,
+        teacher: Option<Rows>,
+        student: Rows,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, w) = (student.rows, student.width);
         let mut out = vec![RowLoss::default(); n];
-        let mut grad = if self.want_grad { Some(gradient_buffer(n * w)) } else { None };
-        loss_rows(&self.spec, teacher, student, self.labels.as_deref(), &self.weights, grad.as_deref_mut(), &mut out)
-            .map_err(candle_core::Error::wrap)?;
+        let mut grad = if self.want_grad {
+            Some(gradient_buffer(n * w))
+        } else {
+            None
+        };
+        loss_rows(
+            &self.spec,
+            teacher,
+            student,
+            self.labels.as_deref(),
+            &self.weights,
+            grad.as_deref_mut(),
+            &mut out,
+        )
+        .map_err(candle_core::Error::wrap)?;
         // Sequential sum over per-row values: deterministic whatever the thread schedule.
         let (mut ce, mut kd) = (0.0, 0.0);
         for (r, &wi) in out.iter().zip(&self.weights) {
@@ -253,7 +313,8 @@ impl FusedLossOp {
         let total = self.spec.ce_coef * ce + self.spec.kd_coef * kd;
         *self.parts.lock().unwrap() = (ce, kd);
         if let Some(g) = grad {
-            *self.grad.lock().unwrap() = Some(Tensor::from_vec(g, (n, w), &candle_core::Device::Cpu)?);
+            *self.grad.lock().unwrap() =
+                Some(Tensor::from_vec(g, (n, w), &candle_core::Device::Cpu)?);
         }
         Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
     }
@@ -264,10 +325,16 @@ impl FusedLossOp {
             candle_core::bail!("kd: backward through a loss computed without gradient tracking")
         };
         // The usual upstream gradient of a loss is exactly 1: skip a [tokens, vocab] multiply.
-        if grad_res.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? == 1.0 {
+        if grad_res
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?
+            == 1.0
+        {
             Ok(Some(g))
         } else {
-            Ok(Some(g.broadcast_mul(&grad_res.to_dtype(candle_core::DType::F32)?)?))
+            Ok(Some(g.broadcast_mul(
+                &grad_res.to_dtype(candle_core::DType::F32)?,
+            )?))
         }
     }
 }
@@ -280,7 +347,12 @@ impl CustomOp1 for FusedLossOp {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run(None, rows_of(s, l, "student")?)
     }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         self.student_grad(grad_res)
     }
 }
@@ -290,7 +362,13 @@ impl CustomOp2 for FusedLossOp {
     fn name(&self) -> &'static str {
         "pocl-fused-kd"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, ls: &Layout, t: &CpuStorage, lt: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        t: &CpuStorage,
+        lt: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         self.run(Some(rows_of(t, lt, "teacher")?), rows_of(s, ls, "student")?)
     }
     fn bwd(

@@ -56,21 +56,42 @@ pub(crate) fn as_rows(x: &Tensor, who: &str) -> Result<Tensor> {
     }
     let v = dims[dims.len() - 1];
     let n: usize = dims[..dims.len() - 1].iter().product();
-    let x = if x.dtype() == DType::F32 { x.clone() } else { x.to_dtype(DType::F32)? };
-    let x = if dims.len() == 2 { x } else { x.contiguous()?.reshape((n, v))? };
+    let x = if x.dtype() == DType::F32 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
+    let x = if dims.len() == 2 {
+        x
+    } else {
+        x.contiguous()?.reshape((n, v))?
+    };
     // The kernel reads rows with any row stride (a narrowed vocabulary) but needs unit inner stride.
-    let x = if v > 1 && x.stride()[1] != 1 { x.contiguous()? } else { x };
+    let x = if v > 1 && x.stride()[1] != 1 {
+        x.contiguous()?
+    } else {
+        x
+    };
     Ok(x)
 }
 
 /// Mask [N] (or [B, T]) to host f32 weights, checked against the row count.
 pub(crate) fn mask_weights(mask: &Tensor, n: usize) -> Result<Vec<f32>> {
-    let m: Vec<f32> = mask.flatten_all()?.to_dtype(DType::F32)?.to_vec1().context("reading the mask")?;
+    let m: Vec<f32> = mask
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1()
+        .context("reading the mask")?;
     if m.len() != n {
-        bail!("mask has {} entries but the logits have {n} rows (tokens)", m.len());
+        bail!(
+            "mask has {} entries but the logits have {n} rows (tokens)",
+            m.len()
+        );
     }
     if let Some(bad) = m.iter().find(|w| !w.is_finite() || **w < 0.0) {
-        bail!("mask entries must be finite and non-negative (1 = counted, 0 = excluded), found {bad}");
+        bail!(
+            "mask entries must be finite and non-negative (1 = counted, 0 = excluded), found {bad}"
+        );
     }
     Ok(m)
 }
@@ -80,12 +101,19 @@ pub(crate) fn label_ids(labels: &Tensor, n: usize) -> Result<Vec<u32>> {
     let l = labels.flatten_all()?;
     let ids: Vec<u32> = match l.dtype() {
         DType::U32 => l.to_vec1()?,
-        DType::I64 => l.to_vec1::<i64>()?.into_iter().map(|x| u32::try_from(x).unwrap_or(u32::MAX)).collect(),
+        DType::I64 => l
+            .to_vec1::<i64>()?
+            .into_iter()
+            .map(|x| u32::try_from(x).unwrap_or(u32::MAX))
+            .collect(),
         DType::U8 => l.to_vec1::<u8>()?.into_iter().map(u32::from).collect(),
         dt => bail!("labels must be u32 or i64, got {dt:?}"),
     };
     if ids.len() != n {
-        bail!("labels have {} entries but the logits have {n} rows (tokens)", ids.len());
+        bail!(
+            "labels have {} entries but the logits have {n} rows (tokens)",
+            ids.len()
+        );
     }
     Ok(ids)
 }
@@ -121,8 +149,20 @@ pub fn kd_loss_sum(
 pub fn ce_loss_sum(student: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let s = as_rows(student, "student")?;
     let n = s.dim(0)?;
-    let spec = LossSpec { divergence: None, inv_temperature: 1.0, ce_coef: 1.0, kd_coef: 0.0 };
-    apply(spec, None, &s, mask_weights(mask, n)?, Some(label_ids(labels, n)?)).map(|(loss, _)| loss)
+    let spec = LossSpec {
+        divergence: None,
+        inv_temperature: 1.0,
+        ce_coef: 1.0,
+        kd_coef: 0.0,
+    };
+    apply(
+        spec,
+        None,
+        &s,
+        mask_weights(mask, n)?,
+        Some(label_ids(labels, n)?),
+    )
+    .map(|(loss, _)| loss)
 }
 
 pub(crate) fn check_same_shape(t: &Tensor, s: &Tensor) -> Result<()> {

@@ -15,7 +15,12 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Per-row D_T(teacher ‖ student) as an [N] tensor, differentiable w.r.t. `student`.
-pub fn divergence_rows(div: Divergence, teacher: &Tensor, student: &Tensor, temperature: f64) -> Result<Tensor> {
+pub fn divergence_rows(
+    div: Divergence,
+    teacher: &Tensor,
+    student: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
     let inv_t = 1.0 / temperature;
     // The teacher's log p is floored as in the fused kernel, so −∞ logits give no NaN.
     let lp = log_softmax(&teacher.detach().affine(inv_t, 0.0)?)?.maximum(LOG_PROB_FLOOR)?;
@@ -23,7 +28,9 @@ pub fn divergence_rows(div: Divergence, teacher: &Tensor, student: &Tensor, temp
     let (p, q) = (lp.exp()?, lq.exp()?);
     // log m with m floored at the smallest normal f32 so that 0·log 0 stays 0 (not 0·∞).
     let log_mix = |wp: f64, wq: f64| -> Result<Tensor> {
-        Ok((p.affine(wp, 0.0)? + q.affine(wq, 0.0)?)?.maximum(f32::MIN_POSITIVE as f64)?.log()?)
+        Ok((p.affine(wp, 0.0)? + q.affine(wq, 0.0)?)?
+            .maximum(f32::MIN_POSITIVE as f64)?
+            .log()?)
     };
     let sum = |x: Tensor| -> Result<Tensor> { Ok(x.sum(D::Minus1)?) };
     Ok(match div {
@@ -73,13 +80,16 @@ pub fn loss(
     let (mut total, mut ce_sum, mut kd_sum) = (zero()?, 0.0, 0.0);
     if let (Some(div), Some(t)) = (spec.divergence, teacher) {
         if spec.kd_coef != 0.0 {
-            let kd = (divergence_rows(div, t, student, 1.0 / spec.inv_temperature)? * &w)?.sum_all()?;
+            let kd =
+                (divergence_rows(div, t, student, 1.0 / spec.inv_temperature)? * &w)?.sum_all()?;
             kd_sum = kd.to_scalar::<f32>()? as f64;
             total = (total + kd.affine(spec.kd_coef, 0.0)?)?;
         }
     }
     if spec.ce_coef != 0.0 {
-        let Some(labels) = labels else { bail!("the CE term needs labels") };
+        let Some(labels) = labels else {
+            bail!("the CE term needs labels")
+        };
         let ce = (cross_entropy_rows(student, labels, weights)? * &w)?.sum_all()?;
         ce_sum = ce.to_scalar::<f32>()? as f64;
         total = (total + ce.affine(spec.ce_coef, 0.0)?)?;

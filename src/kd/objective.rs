@@ -4,7 +4,9 @@
 
 use super::divergence::Divergence;
 use super::kernel::LossSpec;
-use super::{apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale};
+use super::{
+    apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
+};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
@@ -28,7 +30,10 @@ pub struct ObjectiveOutput {
 
 impl Objective {
     pub fn new(divergence: Divergence) -> Self {
-        Objective { divergence, t2: true }
+        Objective {
+            divergence,
+            t2: true,
+        }
     }
 
     /// (1 − a)·CE + a·scale·D_T, each a SUM over rows with mask = 1 divided by `denominator`.
@@ -63,7 +68,9 @@ impl Objective {
         let labels = label_ids(labels, n)?;
         let scale = t2_scale(temperature, self.t2);
         let teacher = if kd_weight > 0.0 {
-            let Some(t) = teacher else { bail!("KD weight {kd_weight} > 0 needs teacher logits") };
+            let Some(t) = teacher else {
+                bail!("KD weight {kd_weight} > 0 needs teacher logits")
+            };
             let t = as_rows(t, "teacher")?;
             check_same_shape(&t, &s)?;
             Some(t)
@@ -77,6 +84,10 @@ impl Objective {
             kd_coef: kd_weight * scale / denominator,
         };
         let (loss, (ce, kd)) = apply(spec, teacher.as_ref(), &s, weights, Some(labels))?;
-        Ok(ObjectiveOutput { loss, ce: ce / denominator, kd: kd * scale / denominator })
+        Ok(ObjectiveOutput {
+            loss,
+            ce: ce / denominator,
+            kd: kd * scale / denominator,
+        })
     }
 }

@@ -34,7 +34,9 @@ pub fn common_vocab(
         }
     }
     let sections = |t: &tokenizers::Tokenizer| -> Result<serde_json::Value> {
-        let s = t.to_string(false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        let s = t
+            .to_string(false)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
         serde_json::from_str(&s).context("tokenizer JSON")
     };
     let (tj, sj) = (sections(ti)?, sections(si)?);
@@ -65,6 +67,14 @@ pub fn narrow_to_prefix(logits: &Tensor, vocab: usize) -> Result<Tensor> {
     }
     let n = logits.elem_count() / v.max(1);
     // Reshape first (free on contiguous logits), then narrow: a 2-D row-strided view.
-    let x = if logits.rank() == 2 { logits.clone() } else { logits.reshape((n, v))? };
-    Ok(if vocab == v { x } else { x.narrow(1, 0, vocab)? })
+    let x = if logits.rank() == 2 {
+        logits.clone()
+    } else {
+        logits.reshape((n, v))?
+    };
+    Ok(if vocab == v {
+        x
+    } else {
+        x.narrow(1, 0, vocab)?
+    })
 }

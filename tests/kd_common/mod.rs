@@ -11,7 +11,10 @@ pub const ROWS: usize = 6;
 pub struct Lcg(pub u64);
 impl Lcg {
     pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 40
     }
     /// k/64 − 8 with k in [0, 1024): exact in f32.
@@ -49,17 +52,24 @@ pub struct Fixture(pub HashMap<String, (Vec<usize>, Vec<f64>)>);
 
 impl Fixture {
     pub fn load() -> Fixture {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/kd/reference.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/kd/reference.safetensors"
+        );
         let bytes = std::fs::read(path).expect("fixture missing: run tools/make_kd_fixtures.py");
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let mut m = HashMap::new();
         for (name, view) in st.tensors() {
             let d = view.data();
             let vals: Vec<f64> = match view.dtype() {
-                safetensors::Dtype::F64 => d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-                safetensors::Dtype::I64 => {
-                    d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect()
-                }
+                safetensors::Dtype::F64 => d
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I64 => d
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
+                    .collect(),
                 dt => panic!("unexpected dtype {dt:?} for {name}"),
             };
             m.insert(name.to_string(), (view.shape().to_vec(), vals));
@@ -67,7 +77,11 @@ impl Fixture {
         Fixture(m)
     }
     pub fn get(&self, key: &str) -> &[f64] {
-        &self.0.get(key).unwrap_or_else(|| panic!("fixture has no {key}")).1
+        &self
+            .0
+            .get(key)
+            .unwrap_or_else(|| panic!("fixture has no {key}"))
+            .1
     }
     pub fn has(&self, key: &str) -> bool {
         self.0.contains_key(key)
@@ -76,7 +90,11 @@ impl Fixture {
 
 /// The (vocab, temperatures) cases of the fixture.
 pub fn cases() -> Vec<(usize, Vec<f64>)> {
-    vec![(50, vec![0.5, 1.0, 2.0, 10.0]), (1000, vec![0.5, 1.0, 2.0, 10.0]), (50257, vec![1.0, 2.0])]
+    vec![
+        (50, vec![0.5, 1.0, 2.0, 10.0]),
+        (1000, vec![0.5, 1.0, 2.0, 10.0]),
+        (50257, vec![1.0, 2.0]),
+    ]
 }
 
 /// Python's f"{T:g}" for the temperatures used.
@@ -95,12 +113,21 @@ pub fn check_grad(fx: &Fixture, key: &str, v: usize, got: &[f32], tol: f64) -> f
 }
 
 /// [`check_grad`] without the rows in `skip` (left out by the caller's mask).
-pub fn check_grad_rows(fx: &Fixture, key: &str, v: usize, got: &[f32], tol: f64, skip: &[usize]) -> f64 {
+pub fn check_grad_rows(
+    fx: &Fixture,
+    key: &str,
+    v: usize,
+    got: &[f32],
+    tol: f64,
+    skip: &[usize],
+) -> f64 {
     let mut worst = 0.0f64;
     // Rows whose reference gradient is ~0 (student == teacher) are judged on the scale of row 0,
     // an ordinary row: f32 noise there must be small compared to a real gradient.
     let row0 = if fx.has(&format!("{key}_grad")) {
-        fx.get(&format!("{key}_grad"))[..v].iter().fold(0.0f64, |a, x| a.max(x.abs()))
+        fx.get(&format!("{key}_grad"))[..v]
+            .iter()
+            .fold(0.0f64, |a, x| a.max(x.abs()))
     } else {
         fx.get(&format!("{key}_grad_rowmaxabs"))[0]
     };
@@ -108,10 +135,17 @@ pub fn check_grad_rows(fx: &Fixture, key: &str, v: usize, got: &[f32], tol: f64,
     if fx.has(&format!("{key}_grad")) {
         let want = fx.get(&format!("{key}_grad"));
         for r in (0..ROWS).filter(|r| !skip.contains(r)) {
-            let rowmax = want[r * v..(r + 1) * v].iter().fold(0.0f64, |a, x| a.max(x.abs()));
+            let rowmax = want[r * v..(r + 1) * v]
+                .iter()
+                .fold(0.0f64, |a, x| a.max(x.abs()));
             for j in 0..v {
                 let e = (got[r * v + j] as f64 - want[r * v + j]).abs() / row_scale(r, rowmax);
-                assert!(e <= tol, "{key}: grad[{r},{j}] = {} vs {} (rel {e:.2e})", got[r * v + j], want[r * v + j]);
+                assert!(
+                    e <= tol,
+                    "{key}: grad[{r},{j}] = {} vs {} (rel {e:.2e})",
+                    got[r * v + j],
+                    want[r * v + j]
+                );
                 worst = worst.max(e);
             }
         }
@@ -127,7 +161,12 @@ pub fn check_grad_rows(fx: &Fixture, key: &str, v: usize, got: &[f32], tol: f64,
                 continue;
             }
             let e = (got[i] as f64 - want).abs() / row_scale(r, maxabs[r]);
-            assert!(e <= tol, "{key}: grad[{r},{}] = {} vs {want} (rel {e:.2e})", i % v, got[i]);
+            assert!(
+                e <= tol,
+                "{key}: grad[{r},{}] = {} vs {want} (rel {e:.2e})",
+                i % v,
+                got[i]
+            );
             worst = worst.max(e);
         }
         for r in (0..ROWS).filter(|r| !skip.contains(r)) {
@@ -135,8 +174,16 @@ pub fn check_grad_rows(fx: &Fixture, key: &str, v: usize, got: &[f32], tol: f64,
             let ss: f64 = row.iter().map(|&x| x as f64 * x as f64).sum();
             let ma = row.iter().fold(0.0f64, |a, &x| a.max((x as f64).abs()));
             let floor = (1e-6 * tol).powi(2) * v as f64;
-            assert!((ss - sumsq[r]).abs() <= 2.0 * tol * sumsq[r] + floor, "{key}: row {r} sum of squares {ss} vs {}", sumsq[r]);
-            assert!((ma - maxabs[r]).abs() <= tol * row_scale(r, maxabs[r]), "{key}: row {r} max |g| {ma} vs {}", maxabs[r]);
+            assert!(
+                (ss - sumsq[r]).abs() <= 2.0 * tol * sumsq[r] + floor,
+                "{key}: row {r} sum of squares {ss} vs {}",
+                sumsq[r]
+            );
+            assert!(
+                (ma - maxabs[r]).abs() <= tol * row_scale(r, maxabs[r]),
+                "{key}: row {r} max |g| {ma} vs {}",
+                maxabs[r]
+            );
         }
     }
     worst
