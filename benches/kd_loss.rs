@@ -6,7 +6,7 @@
 //! one forward + backward (the gradient itself, 103 MB, is included: it is the output), and the
 //! /proc/self/status VmHWM rise (peak RSS, reset through /proc/self/clear_refs) as a cross-check.
 //!
-//! Run: cargo bench --bench kd_loss [-- --quick] [-- --tokens N --vocab V]
+//! Run: cargo bench --bench kd_loss [-- --quick] [-- --tokens N --vocab V --reps R --no-naive]
 
 use candle_core::{Device, Tensor, Var};
 use pocl::kd::{self, Divergence};
@@ -195,6 +195,9 @@ fn main() -> anyhow::Result<()> {
         });
         drop((tv, sv));
         report("fused_kernel_only", div, &kernel);
+        if args.iter().any(|a| a == "--no-naive") {
+            continue;
+        }
         let naive = measure(reps.min(3), || {
             let rows = kd::naive::divergence_rows(div, &teacher, student.as_tensor(), temperature)
                 .unwrap();

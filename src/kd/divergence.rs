@@ -132,8 +132,9 @@ pub struct RowScratch {
     p: Vec<f64>,
     /// exp(b − max b).
     q: Vec<f64>,
-    /// A per-element quantity the gradient pass reuses (log(q/m), p/m, ...).
+    /// Per-element quantities the sums and the gradient pass reuse (log(q/m), p/m, ...).
     r: Vec<f64>,
+    u: Vec<f64>,
 }
 
 impl RowScratch {
@@ -142,6 +143,7 @@ impl RowScratch {
             p: vec![0.0; width],
             q: vec![0.0; width],
             r: vec![0.0; width],
+            u: vec![0.0; width],
         }
     }
     pub fn ensure(&mut self, width: usize) {
@@ -279,7 +281,8 @@ fn divergence_row_impl(
 ) -> f64 {
     let v = t.len();
     let (t, s) = (&t[..v], &s[..v]);
-    let (pe, qe, r) = (&mut sc.p[..v], &mut sc.q[..v], &mut sc.r[..v]);
+    let (pe, qe) = (&mut sc.p[..v], &mut sc.q[..v]);
+    let (r, u) = (&mut sc.r[..v], &mut sc.u[..v]);
     let lse_t = exp_row(t, mt, inv_t, pe);
     let lse_s = exp_row(s, ms, inv_t, qe);
     // Normalisers folded into the uses: p = pe·izt, q = qe·izs (saves a pass per row).
@@ -346,16 +349,32 @@ fn divergence_row_impl(
             }
             0.5 * d
         }
+        // The mixtures m of jsd / skl / srkl: log m = ln(wp·p + wq·q), one vectorised ln, for
+        // every element; where m is not a normal f64 (both probabilities below ~1e-290, only in
+        // rows with extreme logits) a scalar fix-up pass redoes the element in the log domain.
         Divergence::Jsd { beta } => {
-            let (lb, l1b) = (beta.ln(), (1.0 - beta).ln());
+            let mix = Mix::new(beta, 1.0 - beta);
+            let mut tiny = 0usize;
             for j in 0..v {
-                let p = pe[j] * izt;
-                let (lpj, lqj) = (lp(t[j]), lq(s[j]));
-                let lm = fm::log_add_exp(lb + lpj, l1b + lqj);
-                r[j] = lqj - lm; // log(q/m), reused by the gradient
-                pe[j] = sel(p > 0.0, p * (lpj - lm)); // p is not needed any more
+                let (p, q) = (pe[j] * izt, qe[j] * izs);
+                let m = mix.m(p, q);
+                tiny += (m < M_MIN) as usize;
+                let lm = fm::ln(m.max(M_MIN));
+                r[j] = lq(s[j]) - lm; // log(q/m), reused by the gradient
+                u[j] = sel(p > 0.0, p * (lp(t[j]) - lm));
             }
-            let kl_pm = fm::sum(v, |j| pe[j]);
+            if tiny > 0 {
+                for j in 0..v {
+                    let (p, q) = (pe[j] * izt, qe[j] * izs);
+                    if mix.m(p, q) < M_MIN {
+                        let (lpj, lqj) = (lp(t[j]), lq(s[j]));
+                        let lm = mix.log_m(lpj, lqj);
+                        r[j] = lqj - lm;
+                        u[j] = sel(p > 0.0, p * (lpj - lm));
+                    }
+                }
+            }
+            let kl_pm = fm::sum(v, |j| u[j]);
             let kl_qm = fm::sum(v, |j| {
                 let q = qe[j] * izs;
                 sel(q > 0.0, q * r[j])
@@ -370,15 +389,29 @@ fn divergence_row_impl(
             beta * kl_pm + (1.0 - beta) * kl_qm
         }
         Divergence::Skl { alpha } => {
-            let (la, l1a) = (alpha.ln(), (1.0 - alpha).ln());
+            let mix = Mix::new(alpha, 1.0 - alpha);
+            let mut tiny = 0usize;
             for j in 0..v {
-                let p = pe[j] * izt;
-                let lpj = lp(t[j]);
-                let x = lpj - fm::log_add_exp(la + lpj, l1a + lq(s[j])); // log(p/m)
-                r[j] = sel(p > 0.0, fm::exp(x)); // p/m ≤ 1/α
-                pe[j] = sel(p > 0.0, p * x);
+                let (p, q) = (pe[j] * izt, qe[j] * izs);
+                let m = mix.m(p, q);
+                tiny += (m < M_MIN) as usize;
+                let mc = m.max(M_MIN);
+                let x = lp(t[j]) - fm::ln(mc); // log(p/m)
+                r[j] = sel(p > 0.0, p / mc); // p/m ≤ 1/α
+                u[j] = sel(p > 0.0, p * x);
             }
-            let d = fm::sum(v, |j| pe[j]);
+            if tiny > 0 {
+                for j in 0..v {
+                    let (p, q) = (pe[j] * izt, qe[j] * izs);
+                    if mix.m(p, q) < M_MIN {
+                        let lpj = lp(t[j]);
+                        let x = lpj - mix.log_m(lpj, lq(s[j]));
+                        r[j] = sel(p > 0.0, x.exp());
+                        u[j] = sel(p > 0.0, p * x);
+                    }
+                }
+            }
+            let d = fm::sum(v, |j| u[j]);
             let sum_pq_m = fm::sum(v, |j| qe[j] * izs * r[j]);
             if let Some((g, c)) = grad {
                 let (g, c) = (&mut g[..v], c * (1.0 - alpha));
@@ -389,28 +422,73 @@ fn divergence_row_impl(
             d
         }
         Divergence::Srkl { alpha } => {
-            let (la, l1a) = (alpha.ln(), (1.0 - alpha).ln());
+            let mix = Mix::new(1.0 - alpha, alpha);
+            let mut tiny = 0usize;
             for j in 0..v {
-                let q = qe[j] * izs;
-                let lqj = lq(s[j]);
-                let x = lqj - fm::log_add_exp(l1a + lp(t[j]), la + lqj); // log(q/m)
-                r[j] = x;
-                pe[j] = sel(q > 0.0, fm::exp(x)); // q/m ≤ 1/α; p is not needed any more
+                let (p, q) = (pe[j] * izt, qe[j] * izs);
+                let m = mix.m(p, q);
+                tiny += (m < M_MIN) as usize;
+                let mc = m.max(M_MIN);
+                r[j] = lq(s[j]) - fm::ln(mc); // log(q/m)
+                u[j] = sel(q > 0.0, q / mc); // q/m ≤ 1/α
+            }
+            if tiny > 0 {
+                for j in 0..v {
+                    let (p, q) = (pe[j] * izt, qe[j] * izs);
+                    if mix.m(p, q) < M_MIN {
+                        let lqj = lq(s[j]);
+                        let x = lqj - mix.log_m(lp(t[j]), lqj);
+                        r[j] = x;
+                        u[j] = sel(q > 0.0, x.exp());
+                    }
+                }
             }
             let d = fm::sum(v, |j| {
                 let q = qe[j] * izs;
                 sel(q > 0.0, q * r[j])
             });
-            let w = fm::sum(v, |j| qe[j] * izs * pe[j]);
+            let w = fm::sum(v, |j| qe[j] * izs * u[j]);
             if let Some((g, c)) = grad {
                 let g = &mut g[..v];
                 for j in 0..v {
                     let q = qe[j] * izs;
-                    g[j] += sel(q > 0.0, c * q * (r[j] - d - alpha * (pe[j] - w))) as f32;
+                    g[j] += sel(q > 0.0, c * q * (r[j] - d - alpha * (u[j] - w))) as f32;
                 }
             }
             d
         }
+    }
+}
+
+/// Below this a mixture m is recomputed in the log domain (see the mixture divergences).
+const M_MIN: f64 = 1e-290;
+
+/// The mixture m = wp·p + wq·q of jsd / skl / srkl.
+struct Mix {
+    wp: f64,
+    wq: f64,
+    lwp: f64,
+    lwq: f64,
+}
+
+impl Mix {
+    fn new(wp: f64, wq: f64) -> Self {
+        Mix {
+            wp,
+            wq,
+            lwp: wp.ln(),
+            lwq: wq.ln(),
+        }
+    }
+    #[inline(always)]
+    fn m(&self, p: f64, q: f64) -> f64 {
+        self.wp * p + self.wq * q
+    }
+    /// log m from log p and log q, for the elements where m underflows.
+    fn log_m(&self, lp: f64, lq: f64) -> f64 {
+        let (a, b) = (self.lwp + lp, self.lwq + lq);
+        let hi = a.max(b);
+        hi + ((a - hi).exp() + (b - hi).exp()).ln()
     }
 }
 
