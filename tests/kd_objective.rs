@@ -173,7 +173,9 @@ fn gradient_accumulation_matches_the_full_batch() {
         }
     }
     let mask = Tensor::from_vec(m.clone(), (b, t), &cpu).unwrap();
-    let den: f64 = m.iter().map(|&x| x as f64).sum();
+    let micro_masks: Vec<Tensor> = (0..4).map(|k| mask.narrow(0, 2 * k, 2).unwrap()).collect();
+    let den = kd::step_denominator(&micro_masks).unwrap();
+    assert_eq!(den, m.iter().map(|&x| x as f64).sum::<f64>());
     let obj = Objective::new(Divergence::Jsd { beta: 0.1 });
     let (a, temp) = (0.8, 1.67);
 

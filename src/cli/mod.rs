@@ -16,7 +16,7 @@ pub struct Cli {
 pub enum Command {
     /// Print the version and build facts.
     Info,
-    /// Evaluate a KD loss and its gradient on logits stored in safetensors files.
+    /// Evaluate a KD loss (masked token mean of T²·D_T) and its gradient on safetensors logits.
     KdLoss(Box<kd_loss::Args>),
 }
 

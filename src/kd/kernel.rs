@@ -1,7 +1,7 @@
 //! The fused CPU kernel: loss and analytic gradient w.r.t. the student logits in one pass per row,
 //! multi-threaded over rows (rayon), exposed to candle as custom ops with backward.
 //!
-//! Memory: besides the logits and the gradient it returns, the kernel holds three f64 vocab rows
+//! Memory: besides the logits and the gradient it returns, the kernel holds four f64 vocab rows
 //! of scratch per worker thread ([`RowScratch`]); no [tokens, vocab] temporary exists. The
 //! gradient is computed during the forward pass (that is the fusion) and handed to candle's
 //! backward pass from the op, so backward costs nothing but the (skipped when 1) scaling.

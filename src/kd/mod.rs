@@ -118,6 +118,22 @@ pub(crate) fn label_ids(labels: &Tensor, n: usize) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
+/// The loss denominator of one optimizer step: the number of counted (response) tokens over ALL
+/// its micro-batches, i.e. the sum of their masks. Pass it to every [`Objective::loss`] call of
+/// the step, so that accumulating the micro-batch gradients gives the full-batch gradient.
+pub fn step_denominator(masks: &[Tensor]) -> Result<f64> {
+    let mut total = 0.0;
+    for m in masks {
+        total += m.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?;
+    }
+    if !(total.is_finite() && total > 0.0) {
+        bail!(
+            "the optimizer step has no response tokens (mask sum {total}); nothing to learn from"
+        );
+    }
+    Ok(total)
+}
+
 /// Σ over rows with mask = 1 of scale·D_T(teacher_row ‖ student_row), scale = T² (or 1 if !t2), as a
 /// scalar tensor differentiable w.r.t. `student` (the teacher gets no gradient).
 /// teacher / student: [N, V] (or [B, T, V]) f32 of equal V; mask: [N] f32 (a general non-negative
