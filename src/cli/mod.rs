@@ -1,5 +1,6 @@
 //! Command-line interface: one file per subcommand, argument plumbing only.
 
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -7,6 +8,7 @@ pub mod convert;
 pub mod data;
 pub mod forward;
 pub mod generate;
+pub mod kd_loss;
 pub mod rouge;
 pub mod tokenize;
 
@@ -32,6 +34,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
     Convert(convert::ConvertArgs),
+    /// A KD loss (masked token mean of T²·D_T) and its gradient on safetensors logits.
+    KdLoss(Box<kd_loss::Args>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -42,5 +46,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::KdLoss(a) => kd_loss::run(*a),
     }
 }
