@@ -17,6 +17,27 @@
 //!
 //! Off the CPU (CUDA, Metal) the same API falls back to the differentiable candle composition in
 //! [`naive`].
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use pocl::kd::{Divergence, Objective};
+//! # fn main() -> anyhow::Result<()> {
+//! let dev = Device::Cpu;
+//! let teacher = Tensor::randn(0f32, 1., (2, 3, 10), &dev)?; // [batch, seq, vocab]
+//! let student = Var::randn(0f32, 1., (2, 3, 10), &dev)?;
+//! let labels = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &dev)?; // already shifted
+//! let mask = Tensor::new(&[[0f32, 1., 1.], [0., 1., 0.]], &dev)?; // prompt / padding = 0
+//! // The response tokens of ALL micro-batches of the optimizer step (here one micro-batch).
+//! let den = pocl::kd::step_denominator(&[mask.clone()])?;
+//! let objective = Objective::new(Divergence::parse("srkl", None, None)?);
+//! // Stage-dependent KD weight a = 0.7 and temperature T = 1.33 from the curriculum.
+//! let out = objective.loss(Some(&teacher), student.as_tensor(), &labels, &mask, 0.7, 1.33, den)?;
+//! let grads = out.loss.backward()?;
+//! assert!(grads.get(&student).is_some());
+//! println!("loss {} (ce {}, kd {})", out.loss.to_scalar::<f32>()?, out.ce, out.kd);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod divergence;
 pub mod fastmath;

@@ -3,6 +3,8 @@
 //! It is what the fused kernel replaces: it materialises several [tokens, vocab] temporaries and
 //! is ~10× slower on the CPU (see PERFORMANCE.md). It stays as the off-CPU fallback (CUDA, Metal,
 //! where the fused kernel has no implementation yet) and as an independent cross-check in tests.
+//! Unlike the fused kernel it evaluates masked-out rows too (weighted by 0), so NaN / ±∞ garbage
+//! in padding rows makes its loss NaN.
 
 use super::divergence::{Divergence, LOG_PROB_FLOOR};
 use super::kernel::LossSpec;
