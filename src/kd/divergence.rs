@@ -492,7 +492,7 @@ impl Mix {
     }
 }
 
-/// Cross-entropy −log softmax(s)[label] of one row (temperature 1); adds `coef·(softmax(s) −
+/// Cross-entropy −log softmax(s)\[label\] of one row (temperature 1); adds `coef·(softmax(s) −
 /// onehot(label))` to `grad` when given.
 pub fn cross_entropy_row(
     s: &[f32],

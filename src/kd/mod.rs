@@ -157,7 +157,7 @@ pub fn step_denominator(masks: &[Tensor]) -> Result<f64> {
 
 /// Σ over rows with mask = 1 of scale·D_T(teacher_row ‖ student_row), scale = T² (or 1 if !t2), as a
 /// scalar tensor differentiable w.r.t. `student` (the teacher gets no gradient).
-/// teacher / student: [N, V] (or [B, T, V]) f32 of equal V; mask: [N] f32 (a general non-negative
+/// teacher / student: [N, V] (or [B, T, V]) f32 of equal V; mask: \[N\] f32 (a general non-negative
 /// weight per row works too).
 pub fn kd_loss_sum(
     teacher: &Tensor,
@@ -181,8 +181,8 @@ pub fn kd_loss_sum(
     apply(spec, Some(&t), &s, w, None).map(|(loss, _)| loss)
 }
 
-/// Σ over rows with mask = 1 of −log softmax(student)[label], scalar, differentiable w.r.t.
-/// `student`. labels: [N] u32 (or i64; rows with mask 0 may hold any label).
+/// Σ over rows with mask = 1 of −log softmax(student)\[label\], scalar, differentiable w.r.t.
+/// `student`. labels: \[N\] u32 (or i64; rows with mask 0 may hold any label).
 pub fn ce_loss_sum(student: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let s = as_rows(student, "student")?;
     let n = s.dim(0)?;

@@ -16,7 +16,7 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
 }
 
-/// Per-row D_T(teacher ‖ student) as an [N] tensor, differentiable w.r.t. `student`.
+/// Per-row D_T(teacher ‖ student) as an \[N\] tensor, differentiable w.r.t. `student`.
 pub fn divergence_rows(
     div: Divergence,
     teacher: &Tensor,
@@ -50,7 +50,7 @@ pub fn divergence_rows(
     })
 }
 
-/// Per-row −log softmax(student)[label] as an [N] tensor.
+/// Per-row −log softmax(student)\[label\] as an \[N\] tensor.
 pub fn cross_entropy_rows(student: &Tensor, labels: &[u32], weights: &[f32]) -> Result<Tensor> {
     let v = student.dim(D::Minus1)?;
     let mut ids = Vec::with_capacity(labels.len());
