@@ -14,7 +14,7 @@ pub struct Args {
     /// Student logits: safetensors file with an f32 tensor `logits` [tokens, vocab].
     #[arg(long)]
     pub student: PathBuf,
-    /// Optional safetensors file with an f32 tensor `mask` [tokens] (1 = counted, 0 = excluded);
+    /// Optional safetensors file with an f32 tensor `mask` of shape (tokens) (1 = counted, 0 = excluded);
     /// all tokens count when omitted.
     #[arg(long)]
     pub mask: Option<PathBuf>,

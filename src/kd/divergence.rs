@@ -19,7 +19,7 @@
 //! ~1e30-sized value with a finite gradient, and nothing is ever NaN. The student is not floored
 //! (that would cut its gradient): fkl is +∞ where the student has an exact zero (−∞ logit) that
 //! the teacher does not, while its gradient q − p stays finite. jsd, tvd, skl and srkl are
-//! bounded for all inputs (skl, srkl ≤ log(1/α); jsd ≤ log 2-ish; tvd ≤ 1).
+//! bounded for all inputs (skl, srkl ≤ log(1/α); jsd ≤ H(β) ≤ log 2; tvd ≤ 1).
 
 use super::fastmath as fm;
 use anyhow::{bail, Result};
@@ -492,7 +492,7 @@ impl Mix {
     }
 }
 
-/// Cross-entropy −log softmax(s)[label] of one row (temperature 1); adds `coef·(softmax(s) −
+/// Cross-entropy −log softmax(s)\[label\] of one row (temperature 1); adds `coef·(softmax(s) −
 /// onehot(label))` to `grad` when given.
 pub fn cross_entropy_row(
     s: &[f32],

@@ -95,7 +95,7 @@ pub fn loss_rows(
             );
         }
     }
-    if w == 0 && n > 0 {
+    if w == 0 {
         bail!("kd kernel: the vocabulary is empty");
     }
     if spec.divergence.is_some() && teacher.is_none() {

@@ -17,6 +17,27 @@
 //!
 //! Off the CPU (CUDA, Metal) the same API falls back to the differentiable candle composition in
 //! [`naive`].
+//!
+//! ```
+//! use candle_core::{Device, Tensor, Var};
+//! use pocl::kd::{Divergence, Objective};
+//! # fn main() -> anyhow::Result<()> {
+//! let dev = Device::Cpu;
+//! let teacher = Tensor::randn(0f32, 1., (2, 3, 10), &dev)?; // [batch, seq, vocab]
+//! let student = Var::randn(0f32, 1., (2, 3, 10), &dev)?;
+//! let labels = Tensor::new(&[[1u32, 2, 3], [4, 5, 6]], &dev)?; // already shifted
+//! let mask = Tensor::new(&[[0f32, 1., 1.], [0., 1., 0.]], &dev)?; // prompt / padding = 0
+//! // The response tokens of ALL micro-batches of the optimizer step (here one micro-batch).
+//! let den = pocl::kd::step_denominator(&[mask.clone()])?;
+//! let objective = Objective::new(Divergence::parse("srkl", None, None)?);
+//! // Stage-dependent KD weight a = 0.7 and temperature T = 1.33 from the curriculum.
+//! let out = objective.loss(Some(&teacher), student.as_tensor(), &labels, &mask, 0.7, 1.33, den)?;
+//! let grads = out.loss.backward()?;
+//! assert!(grads.get(&student).is_some());
+//! println!("loss {} (ce {}, kd {})", out.loss.to_scalar::<f32>()?, out.ce, out.kd);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod divergence;
 pub mod fastmath;
@@ -136,7 +157,7 @@ pub fn step_denominator(masks: &[Tensor]) -> Result<f64> {
 
 /// Σ over rows with mask = 1 of scale·D_T(teacher_row ‖ student_row), scale = T² (or 1 if !t2), as a
 /// scalar tensor differentiable w.r.t. `student` (the teacher gets no gradient).
-/// teacher / student: [N, V] (or [B, T, V]) f32 of equal V; mask: [N] f32 (a general non-negative
+/// teacher / student: [N, V] (or [B, T, V]) f32 of equal V; mask: \[N\] f32 (a general non-negative
 /// weight per row works too).
 pub fn kd_loss_sum(
     teacher: &Tensor,
@@ -160,8 +181,8 @@ pub fn kd_loss_sum(
     apply(spec, Some(&t), &s, w, None).map(|(loss, _)| loss)
 }
 
-/// Σ over rows with mask = 1 of −log softmax(student)[label], scalar, differentiable w.r.t.
-/// `student`. labels: [N] u32 (or i64; rows with mask 0 may hold any label).
+/// Σ over rows with mask = 1 of −log softmax(student)\[label\], scalar, differentiable w.r.t.
+/// `student`. labels: \[N\] u32 (or i64; rows with mask 0 may hold any label).
 pub fn ce_loss_sum(student: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let s = as_rows(student, "student")?;
     let n = s.dim(0)?;

@@ -3,6 +3,8 @@
 //! It is what the fused kernel replaces: it materialises several [tokens, vocab] temporaries and
 //! is ~10× slower on the CPU (see PERFORMANCE.md). It stays as the off-CPU fallback (CUDA, Metal,
 //! where the fused kernel has no implementation yet) and as an independent cross-check in tests.
+//! Unlike the fused kernel it evaluates masked-out rows too (weighted by 0), so NaN / ±∞ garbage
+//! in padding rows makes its loss NaN.
 
 use super::divergence::{Divergence, LOG_PROB_FLOOR};
 use super::kernel::LossSpec;
@@ -14,7 +16,7 @@ fn log_softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::log_softmax(x, D::Minus1)?)
 }
 
-/// Per-row D_T(teacher ‖ student) as an [N] tensor, differentiable w.r.t. `student`.
+/// Per-row D_T(teacher ‖ student) as an \[N\] tensor, differentiable w.r.t. `student`.
 pub fn divergence_rows(
     div: Divergence,
     teacher: &Tensor,
@@ -48,7 +50,7 @@ pub fn divergence_rows(
     })
 }
 
-/// Per-row −log softmax(student)[label] as an [N] tensor.
+/// Per-row −log softmax(student)\[label\] as an \[N\] tensor.
 pub fn cross_entropy_rows(student: &Tensor, labels: &[u32], weights: &[f32]) -> Result<Tensor> {
     let v = student.dim(D::Minus1)?;
     let mut ids = Vec::with_capacity(labels.len());

@@ -41,8 +41,8 @@ impl Objective {
     /// `denominator` must be the number of response tokens of the whole optimizer step (all
     /// micro-batches together), so that accumulating the gradients of the micro-batches gives
     /// exactly the gradient of the full batch. `kd_weight` a ∈ [0, 1]; a = 0 is pure SFT and
-    /// needs no teacher. Logits are [N, V] or [B, T, V] (labels / mask [N] or [B, T]), already
-    /// shifted so that row i predicts labels[i].
+    /// needs no teacher. Logits are [N, V] or [B, T, V] (labels / mask \[N\] or \[B, T\]), already
+    /// shifted so that row i predicts labels\[i\].
     #[allow(clippy::too_many_arguments)]
     pub fn loss(
         &self,
