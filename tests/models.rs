@@ -122,8 +122,20 @@ fn batched_generation_equals_one_by_one() {
             vec![4u32, 8],
             vec![6u32, 1, 12, 10],
         ];
-        let cfg = GenerationConfig::greedy(8, vec![]);
+        // Declare a token of the first row's output an EOS, so rows finish at different steps
+        // and the batch shrinks mid-generation.
+        let free = generate(
+            m.as_ref(),
+            &prompts[..1],
+            &GenerationConfig::greedy(8, vec![]),
+        )
+        .unwrap();
+        let cfg = GenerationConfig::greedy(8, vec![free[0][3]]);
         let batched = generate(m.as_ref(), &prompts, &cfg).unwrap();
+        assert!(
+            batched.iter().any(|r| r.len() < 8),
+            "{name}: some row must stop early: {batched:?}"
+        );
         for (p, got) in prompts.iter().zip(&batched) {
             let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg)
                 .unwrap()

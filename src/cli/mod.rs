@@ -1,6 +1,5 @@
 //! Command-line interface: one file per subcommand, argument plumbing only.
 
-
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -8,12 +7,19 @@ pub mod convert;
 pub mod data;
 pub mod forward;
 pub mod generate;
+pub mod init;
 pub mod kd_loss;
 pub mod rouge;
+pub mod score;
 pub mod tokenize;
+pub mod train;
 
 #[derive(Parser)]
-#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
+#[command(
+    name = "pocl",
+    version,
+    about = "Knowledge distillation of LLMs with the POCL curriculum"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -21,6 +27,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// Run a distillation recipe (all curriculum stages) into a run directory.
+    Train(train::TrainArgs),
+    /// Measure sample difficulty with the student (POCL's ROUGE-L + CE rank fusion).
+    Score(score::ScoreArgs),
     /// Instruction data: the built-in benchmark, file checks.
     #[command(subcommand)]
     Data(data::DataCommand),
@@ -32,6 +42,8 @@ pub enum Command {
     Forward(forward::ForwardArgs),
     /// Continue a prompt (greedy or sampled).
     Generate(generate::GenerateArgs),
+    /// Create a randomly initialised model for a tokenizer.
+    Init(init::InitArgs),
     /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
     Convert(convert::ConvertArgs),
     /// A KD loss (masked token mean of T²·D_T) and its gradient on safetensors logits.
@@ -40,11 +52,14 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Score(a) => score::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Rouge(a) => rouge::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Init(a) => init::run(a),
         Command::Convert(a) => convert::run(a),
         Command::KdLoss(a) => kd_loss::run(*a),
     }

@@ -2,4 +2,5 @@
 //! (schedule.rs). The measurer, which needs a model and data, comes with the trainer.
 
 pub mod fuse;
+pub mod measure;
 pub mod schedule;

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod generate;
 pub mod gpt2;
+pub mod init;
 pub mod llama;
 pub mod opt;
 pub mod weights;
@@ -50,7 +51,8 @@ impl KvCache {
             self.layers.resize(layer + 1, None);
         }
         let kv = match self.layers[layer].take() {
-            None => (k, v),
+            // Heads come in as transposed views; store them contiguous so rows can be selected.
+            None => (k.contiguous()?, v.contiguous()?),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
         self.layers[layer] = Some(kv.clone());

@@ -13,6 +13,8 @@ pub struct StateDict {
     tensors: HashMap<String, Tensor>,
     /// Build a frozen model (see [`Params::frozen`]).
     pub frozen: bool,
+    /// Fresh initialisation instead of a file: `take` draws every tensor (see [`StateDict::random`]).
+    random_seed: Option<u64>,
 }
 
 /// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed in
@@ -65,7 +67,46 @@ impl StateDict {
             dir: dir.to_path_buf(),
             tensors,
             frozen: false,
+            random_seed: None,
         })
+    }
+
+    /// A source of freshly initialised weights, as transformers initialises these families:
+    /// norm weights 1, biases 0, everything else normal(0, 0.02); each tensor's values depend only
+    /// on (seed, name), so initialisation is reproducible.
+    pub fn random(seed: u64) -> Self {
+        StateDict {
+            dir: PathBuf::from("<random init>"),
+            tensors: HashMap::new(),
+            frozen: false,
+            random_seed: Some(seed),
+        }
+    }
+
+    fn draw(seed: u64, name: &str, shape: &[usize]) -> candle_core::Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let n: usize = shape.iter().product();
+        let is_norm = ["ln_", "norm", "layernorm", "layer_norm"]
+            .iter()
+            .any(|k| name.contains(k));
+        let data: Vec<f32> = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm && shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            let h = name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100000001b3)
+            });
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ h);
+            // Box-Muller: two uniforms give one standard normal.
+            (0..n)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                    (0.02 * (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                })
+                .collect()
+        };
+        Tensor::from_vec(data, shape, &Device::Cpu)
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -74,6 +115,9 @@ impl StateDict {
 
     /// Removes and returns tensor `name`, checking its shape.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        if let Some(seed) = self.random_seed {
+            return Ok(Self::draw(seed, name, shape)?);
+        }
         let t = self
             .tensors
             .remove(name)

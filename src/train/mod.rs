@@ -2,3 +2,5 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod splits;
+pub mod trainer;

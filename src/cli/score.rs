@@ -1,0 +1,91 @@
+//! `pocl score`: the POCL difficulty measurer on its own (ROUGE-L of the student's greedy answers,
+//! teacher-forced CE, ranks, RRF and buckets), e.g. to inspect or reuse across runs.
+
+use crate::curriculum::fuse::Metric;
+use crate::curriculum::measure::{self, MeasureConfig};
+use crate::data::{EncodeOptions, Format, LoadOptions, Template};
+use anyhow::Result;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct ScoreArgs {
+    /// Student model directory (the checkpoint training starts from).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data (JSONL: Dolly, Alpaca or processed).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output scores (JSONL, easiest first).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Force the data format (dolly, alpaca, processed) instead of detecting it.
+    #[arg(long)]
+    pub format: Option<Format>,
+    #[arg(long, default_value = "alpaca")]
+    pub template: Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_len: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// rouge, ce or both (reciprocal rank fusion).
+    #[arg(long, default_value = "both")]
+    pub metric: Metric,
+    #[arg(long, default_value_t = 60.0)]
+    pub rrf_k: f64,
+    #[arg(long, default_value_t = 4)]
+    pub buckets: usize,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Skip malformed records instead of failing.
+    #[arg(long)]
+    pub skip_bad: bool,
+}
+
+pub fn run(a: ScoreArgs) -> Result<()> {
+    if a.buckets == 0 {
+        anyhow::bail!("--buckets must be at least 1");
+    }
+    let model = crate::model::load_frozen(&a.model)?;
+    let eos_ids = super::generate::eos_ids(&a.model, &model.config().eos_token_ids);
+    let tok = crate::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
+    let samples = crate::train::splits::read_samples(
+        &a.data,
+        LoadOptions {
+            format: a.format,
+            skip_bad: a.skip_bad,
+        },
+    )?;
+    let eo = EncodeOptions {
+        template: a.template,
+        max_prompt_len: a.max_prompt_len,
+        max_len: a.max_len,
+    };
+    let (examples, refs) =
+        crate::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
+    let cfg = MeasureConfig {
+        max_new_tokens: a.max_new_tokens,
+        no_repeat_ngram: 6,
+        batch_size: a.batch_size,
+        metric: a.metric,
+        rrf_k: a.rrf_k,
+        buckets: a.buckets,
+    };
+    let pad = model
+        .config()
+        .pad_token_id
+        .or(eos_ids.first().copied())
+        .unwrap_or(0);
+    let t0 = std::time::Instant::now();
+    let scores = measure::measure(model.as_ref(), &tok, &examples, &refs, &eos_ids, pad, &cfg)?;
+    measure::write_scores(&a.out, &scores)?;
+    eprintln!(
+        "scored {} samples in {:.1}s -> {}",
+        scores.len(),
+        t0.elapsed().as_secs_f64(),
+        a.out.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! Fresh models: a config.json for a family and shape, weights initialised as transformers does,
+//! written as an ordinary HF directory next to a given tokenizer. The demo and the tests build
+//! their teachers and students this way.
+
+use super::config::ModelConfig;
+use super::{gpt2, llama, opt, CausalLm, StateDict};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+use std::path::Path;
+
+#[derive(Clone, Debug)]
+pub struct Shape {
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    /// Key/value heads (Llama family; = heads for multi-head attention).
+    pub kv_heads: usize,
+    /// MLP width (0 = the family's default: 4·hidden for GPT-2/OPT, ~8/3·hidden for Llama).
+    pub intermediate: usize,
+    pub max_positions: usize,
+}
+
+/// config.json of a `family` model of `shape` for a tokenizer of `vocab` ids with EOS `eos`.
+pub fn config_json(family: &str, shape: &Shape, vocab: usize, eos: u32) -> Result<Value> {
+    let s = shape;
+    let llama_ffn = if s.intermediate > 0 {
+        s.intermediate
+    } else {
+        (8 * s.hidden / 3).div_ceil(8) * 8
+    };
+    let ffn = if s.intermediate > 0 {
+        s.intermediate
+    } else {
+        4 * s.hidden
+    };
+    Ok(match family {
+        "gpt2" => {
+            json!({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": vocab,
+            "n_embd": s.hidden, "n_layer": s.layers, "n_head": s.heads, "n_positions": s.max_positions,
+            "n_inner": ffn, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5,
+            "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": true, "dtype": "float32"})
+        }
+        "opt" => {
+            json!({"model_type": "opt", "architectures": ["OPTForCausalLM"], "vocab_size": vocab,
+            "hidden_size": s.hidden, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+            "ffn_dim": ffn, "max_position_embeddings": s.max_positions, "word_embed_proj_dim": s.hidden,
+            "do_layer_norm_before": true, "activation_function": "relu", "enable_bias": true,
+            "bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "tie_word_embeddings": true, "dtype": "float32"})
+        }
+        "llama" | "qwen2" | "qwen3" => {
+            let arch = match family {
+                "llama" => "LlamaForCausalLM",
+                "qwen2" => "Qwen2ForCausalLM",
+                _ => "Qwen3ForCausalLM",
+            };
+            let mut c = json!({"model_type": family, "architectures": [arch], "vocab_size": vocab,
+                "hidden_size": s.hidden, "num_hidden_layers": s.layers, "num_attention_heads": s.heads,
+                "num_key_value_heads": s.kv_heads, "intermediate_size": llama_ffn,
+                "max_position_embeddings": s.max_positions, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+                "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+                "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": family == "qwen2", "dtype": "float32"});
+            if family == "qwen3" {
+                c["head_dim"] = json!(s.hidden / s.heads);
+            }
+            c
+        }
+        other => bail!("unknown model family \"{other}\" (gpt2, opt, llama, qwen2, qwen3)"),
+    })
+}
+
+/// Builds a freshly initialised model from a config.
+pub fn build(config: ModelConfig, seed: u64) -> Result<Box<dyn CausalLm>> {
+    let mut sd = StateDict::random(seed);
+    Ok(match config.family {
+        super::config::Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
+        super::config::Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),
+        super::config::Family::Llama => Box::new(llama::Llama::new(config, &mut sd)?),
+    })
+}
+
+/// Writes a new random `family` model of `shape` for the tokenizer in `tokenizer_dir` to `out`.
+pub fn init(
+    family: &str,
+    shape: &Shape,
+    tokenizer_dir: &Path,
+    out: &Path,
+    seed: u64,
+) -> Result<Box<dyn CausalLm>> {
+    let tok = Tokenizer::from_dir(tokenizer_dir, None)?;
+    let Some(eos) = tok.eos_id else {
+        bail!(
+            "{}: the tokenizer has no EOS token",
+            tokenizer_dir.display()
+        )
+    };
+    if shape.heads == 0
+        || !shape.hidden.is_multiple_of(shape.heads)
+        || shape.kv_heads == 0
+        || !shape.heads.is_multiple_of(shape.kv_heads)
+    {
+        bail!(
+            "hidden ({}) must be divisible by heads ({}), and heads by kv heads ({})",
+            shape.hidden,
+            shape.heads,
+            shape.kv_heads
+        );
+    }
+    let config = ModelConfig::from_json(config_json(family, shape, tok.vocab_size(), eos)?)?;
+    let model = build(config, seed)?;
+    super::save(model.as_ref(), out, Some(tokenizer_dir))?;
+    Ok(model)
+}

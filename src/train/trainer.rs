@@ -1,0 +1,684 @@
+//! The distillation trainer: one process runs every stage of the curriculum, resumably.
+//!
+//! Per optimiser step: the batch's micro-batches are collated first so the loss denominator is
+//! the response-token count of the whole step (the rule lives in `kd::Objective`); each
+//! micro-batch runs the frozen teacher forward and the student forward/backward, gradients are
+//! summed, clipped globally, and AdamW applies them. Per epoch: dev loss and dev ROUGE-L, best
+//! checkpoint by dev ROUGE-L. Per stage: the active buckets, temperature and KD weight come from
+//! `curriculum::schedule`; the optimiser and cosine schedule restart unless told otherwise.
+
+use super::checkpoint::{self, RngState};
+use super::optim::{clip_grad_norm, flat_grads, AdamW, AdamWConfig, LrSchedule};
+use crate::config::Recipe;
+use crate::curriculum::fuse::Scored;
+use crate::data::{collate, Example};
+use crate::kd::{Divergence, Objective};
+use crate::model::generate::{generate, GenerationConfig, Sampling};
+use crate::model::{self, CausalLm, Input};
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where training stands; saved in every checkpoint so `--resume` continues exactly.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    pub stage: usize,
+    pub epoch: usize,
+    /// Batches of the current epoch already trained.
+    pub batch_in_epoch: usize,
+    /// This epoch's order of training-set positions (empty until the epoch starts).
+    pub order: Vec<usize>,
+    pub global_step: u64,
+    pub stage_step: u64,
+    /// Whether the current stage's optimiser has been created (restarts happen once per stage).
+    pub stage_started: bool,
+    pub rng: Option<RngState>,
+    pub best_dev_rouge: Option<f64>,
+    pub best_dev_loss: Option<f64>,
+    pub evals_without_improvement: usize,
+    /// GKD replay buffer: student-generated (prompt, response) pairs.
+    pub replay: Vec<(Vec<u32>, Vec<u32>)>,
+    pub train_seconds: f64,
+    /// Lines of metrics.jsonl written up to this state (a resumed run drops any later ones).
+    pub metrics_lines: usize,
+    pub done: bool,
+}
+
+/// Everything a run needs, loaded once.
+pub struct Trainer {
+    pub recipe: Recipe,
+    pub run_dir: PathBuf,
+    student: Box<dyn CausalLm>,
+    teacher: Option<Box<dyn CausalLm>>,
+    tokenizer: Tokenizer,
+    objective: Objective,
+    /// On-policy (GKD) probability λ; 0 for off-policy losses.
+    on_policy: f64,
+    kd_vocab: usize,
+    pad_id: u32,
+    eos_ids: Vec<u32>,
+    train: Vec<Example>,
+    dev: Vec<Example>,
+    dev_references: Vec<Vec<String>>,
+    /// Bucket of each training position (0 when the kind uses no buckets).
+    bucket: Vec<usize>,
+    opt: AdamW,
+    pub state: TrainState,
+    rng: ChaCha8Rng,
+    started: Instant,
+}
+
+pub fn last_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints/last")
+}
+
+pub fn best_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints/best")
+}
+
+/// The divergence and on-policy fraction a loss name stands for (`gkd` = on-policy jsd).
+pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
+    let o = &recipe.objective;
+    let (name, on_policy) = match o.loss.as_str() {
+        "gkd" => ("jsd", recipe.gkd.lambda),
+        "sft" => ("fkl", 0.0),
+        n => (n, 0.0),
+    };
+    // α and β are recipe-wide defaults; each divergence takes only its own.
+    let alpha = matches!(name, "skl" | "srkl").then_some(o.alpha);
+    let beta = (name == "jsd").then_some(o.beta);
+    let divergence = Divergence::parse(name, alpha, beta).context("objective.loss")?;
+    Ok((
+        Objective {
+            divergence,
+            t2: o.t2,
+        },
+        on_policy,
+    ))
+}
+
+impl Trainer {
+    /// Prepares a run in `run_dir`, or continues the one there when `resume` is set.
+    pub fn new(
+        recipe: Recipe,
+        run_dir: &Path,
+        resume: bool,
+        data: super::splits::Splits,
+        scores: Option<Vec<Scored>>,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        let last = last_checkpoint(run_dir);
+        if resume && !last.join(checkpoint::STATE_FILE).is_file() {
+            bail!(
+                "{}: nothing to resume (no checkpoint in {})",
+                run_dir.display(),
+                last.display()
+            );
+        }
+        if !resume && last.exists() {
+            bail!(
+                "{}: already holds a run; pass --resume to continue it or choose another directory",
+                run_dir.display()
+            );
+        }
+        let student_dir = if resume {
+            last.clone()
+        } else {
+            recipe.model.student.clone()
+        };
+        let student = model::load(&student_dir)?;
+        let (objective, on_policy) = objective_of(&recipe)?;
+        let eos_ids =
+            crate::cli::generate::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
+        let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
+        let needs_teacher = recipe.objective.loss != "sft";
+        let (teacher, kd_vocab) = if needs_teacher {
+            let dir = recipe.model.teacher.as_ref().expect("validated");
+            let t = model::load_frozen(dir)?;
+            let tt = Tokenizer::from_dir(dir, None)?;
+            let v = crate::kd::vocab::common_vocab(
+                &tt,
+                &tokenizer,
+                t.config().vocab_size,
+                student.config().vocab_size,
+            )
+            .with_context(|| {
+                format!(
+                    "teacher {} vs student {}",
+                    dir.display(),
+                    recipe.model.student.display()
+                )
+            })?;
+            (Some(t), v)
+        } else {
+            (None, student.config().vocab_size)
+        };
+        let pad_id = student
+            .config()
+            .pad_token_id
+            .or(eos_ids.first().copied())
+            .unwrap_or(0);
+        let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
+        let opt = AdamW::new(student.params().iter(), adamw_config(&recipe));
+        let mut state = TrainState::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed);
+        let mut opt = opt;
+        if resume {
+            state = checkpoint::load_state(&last)?;
+            checkpoint::load_optimizer(&last, &mut opt)?;
+            if let Some(r) = &state.rng {
+                rng = r.restore()?;
+            }
+            truncate_metrics(&run_dir.join("metrics.jsonl"), state.metrics_lines)?;
+        } else {
+            let resolved = toml::to_string_pretty(&recipe)?;
+            crate::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+        }
+        Ok(Trainer {
+            run_dir: run_dir.to_path_buf(),
+            student,
+            teacher,
+            tokenizer,
+            objective,
+            on_policy,
+            kd_vocab,
+            pad_id,
+            eos_ids,
+            dev_references: data.dev_references,
+            train: data.train,
+            dev: data.dev,
+            bucket,
+            opt,
+            state,
+            rng,
+            started: Instant::now(),
+            recipe,
+        })
+    }
+
+    pub fn student(&self) -> &dyn CausalLm {
+        self.student.as_ref()
+    }
+
+    /// Runs (or continues) every stage; returns when training is complete.
+    pub fn run(&mut self) -> Result<()> {
+        let schedule = self.recipe.schedule();
+        let epochs = self.recipe.epochs_of_stage();
+        let bs = self.recipe.optim.batch_size;
+        while self.state.stage < schedule.stages {
+            let st = schedule.stage(self.state.stage);
+            let active: Vec<usize> = (0..self.train.len())
+                .filter(|&i| st.last_bucket.is_none_or(|b| self.bucket[i] <= b))
+                .collect();
+            if active.is_empty() {
+                bail!("stage {} has no training samples", st.index + 1);
+            }
+            let steps_per_epoch = active.len().div_ceil(bs);
+            if !self.state.stage_started {
+                if self.recipe.curriculum.restart_optimizer || self.state.stage == 0 {
+                    self.opt = AdamW::new(self.student.params().iter(), adamw_config(&self.recipe));
+                    self.state.stage_step = 0;
+                }
+                self.state.stage_started = true;
+                self.log(serde_json::json!({"type": "stage", "stage": st.index, "step": self.state.global_step,
+                    "active_samples": active.len(), "temperature": st.temperature, "kd_weight": st.kd_weight,
+                    "last_bucket": st.last_bucket, "steps_per_epoch": steps_per_epoch}))?;
+            }
+            let lr = self.lr_schedule(steps_per_epoch as u64 * epochs as u64);
+            while self.state.epoch < epochs {
+                if self.state.order.is_empty() {
+                    let mut order = active.clone();
+                    order.shuffle(&mut self.rng);
+                    self.state.order = order;
+                }
+                while self.state.batch_in_epoch < steps_per_epoch {
+                    let b = self.state.batch_in_epoch;
+                    let batch: Vec<usize> =
+                        self.state.order[b * bs..((b + 1) * bs).min(active.len())].to_vec();
+                    let step_lr = lr.at(if self.recipe.curriculum.restart_optimizer {
+                        self.state.stage_step
+                    } else {
+                        self.state.global_step
+                    });
+                    let m = self.step(&batch, st.temperature, st.kd_weight, step_lr)?;
+                    self.state.batch_in_epoch += 1;
+                    self.state.global_step += 1;
+                    self.state.stage_step += 1;
+                    let elapsed = self.state.train_seconds + self.started.elapsed().as_secs_f64();
+                    self.progress(&st, epochs, steps_per_epoch, &m);
+                    let mut rec = m;
+                    rec["type"] = "step".into();
+                    rec["stage"] = st.index.into();
+                    rec["epoch"] = self.state.epoch.into();
+                    rec["step"] = self.state.global_step.into();
+                    rec["lr"] = step_lr.into();
+                    rec["temperature"] = st.temperature.into();
+                    rec["kd_weight"] = st.kd_weight.into();
+                    rec["elapsed_s"] = elapsed.into();
+                    self.log(rec)?;
+                    let every = self.recipe.checkpoint.every_steps;
+                    if every > 0 && self.state.global_step.is_multiple_of(every) {
+                        self.save_checkpoint()?;
+                    }
+                }
+                let improved = self.evaluate_dev(st.index)?;
+                self.state.epoch += 1;
+                self.state.batch_in_epoch = 0;
+                self.state.order.clear();
+                let patience = self.recipe.curriculum.patience;
+                if patience > 0 && !improved {
+                    self.state.evals_without_improvement += 1;
+                    if self.state.evals_without_improvement >= patience && self.state.epoch < epochs
+                    {
+                        eprintln!(
+                            "stage {}: dev loss stalled for {patience} evaluations, advancing",
+                            st.index + 1
+                        );
+                        break;
+                    }
+                } else {
+                    self.state.evals_without_improvement = 0;
+                }
+            }
+            self.state.stage += 1;
+            self.state.epoch = 0;
+            self.state.batch_in_epoch = 0;
+            self.state.order.clear();
+            self.state.stage_started = false;
+            self.state.evals_without_improvement = 0;
+            self.state.done = self.state.stage == schedule.stages;
+            self.save_checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn lr_schedule(&self, stage_steps: u64) -> LrSchedule {
+        let o = &self.recipe.optim;
+        let total = if self.recipe.curriculum.restart_optimizer {
+            stage_steps
+        } else {
+            // One schedule over all stages: the sum of every stage's steps.
+            let schedule = self.recipe.schedule();
+            (0..schedule.stages)
+                .map(|s| {
+                    let st = schedule.stage(s);
+                    let n = (0..self.train.len())
+                        .filter(|&i| st.last_bucket.is_none_or(|b| self.bucket[i] <= b))
+                        .count();
+                    n.div_ceil(o.batch_size) as u64 * self.recipe.epochs_of_stage() as u64
+                })
+                .sum()
+        };
+        LrSchedule {
+            lr: o.lr,
+            lr_min: o.lr_min,
+            warmup: o.warmup_steps,
+            total,
+        }
+    }
+
+    /// One optimiser step on the training positions `batch`; returns the step's metrics.
+    fn step(
+        &mut self,
+        batch: &[usize],
+        temperature: f64,
+        kd_weight: f64,
+        lr: f64,
+    ) -> Result<serde_json::Value> {
+        let on_policy = self.on_policy > 0.0 && self.rng.random::<f64>() < self.on_policy;
+        let examples: Vec<Example> = if on_policy {
+            self.student_examples(batch)?
+        } else {
+            batch.iter().map(|&i| self.train[i].clone()).collect()
+        };
+        let micro: Vec<crate::data::Batch> = examples
+            .chunks(self.recipe.optim.micro_batch_size)
+            .map(|c| collate(&c.iter().collect::<Vec<_>>(), self.pad_id))
+            .collect::<Result<_>>()?;
+        let masks: Vec<candle_core::Tensor> = micro.iter().map(|b| b.loss_mask.clone()).collect();
+        let tokens = crate::kd::step_denominator(&masks)?;
+        let vars = self.student.params().vars();
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; vars.len()];
+        let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
+        for b in &micro {
+            let input = Input {
+                ids: &b.input_ids,
+                positions: &b.position_ids,
+                key_mask: &b.attention_mask,
+            };
+            let teacher = match &self.teacher {
+                Some(t) if kd_weight > 0.0 => Some(crate::kd::vocab::narrow_to_prefix(
+                    &t.logits(&input, None)?.detach(),
+                    self.kd_vocab,
+                )?),
+                _ => None,
+            };
+            let student = crate::kd::vocab::narrow_to_prefix(
+                &self.student.logits(&input, None)?,
+                self.kd_vocab,
+            )?;
+            let out = self.objective.loss(
+                teacher.as_ref(),
+                &student,
+                &b.labels.flatten_all()?,
+                &b.loss_mask.flatten_all()?,
+                kd_weight,
+                temperature,
+                tokens,
+            )?;
+            loss += out.loss.to_scalar::<f32>()? as f64;
+            ce += out.ce;
+            kd += out.kd;
+            let g = flat_grads(&vars, &out.loss.backward()?)?;
+            for (acc, g) in grads.iter_mut().zip(g) {
+                match (acc.as_mut(), g) {
+                    (Some(a), Some(g)) => a.iter_mut().zip(g).for_each(|(a, g)| *a += g),
+                    (None, Some(g)) => *acc = Some(g),
+                    _ => {}
+                }
+            }
+        }
+        let clip = self.recipe.optim.clip;
+        let grad_norm = if clip > 0.0 {
+            clip_grad_norm(&mut grads, clip)
+        } else {
+            clip_grad_norm(&mut grads, f64::INFINITY)
+        };
+        if !grad_norm.is_finite() {
+            bail!(
+                "non-finite gradient norm at step {} (loss {loss})",
+                self.state.global_step + 1
+            );
+        }
+        self.opt.update(&grads, lr)?;
+        Ok(
+            serde_json::json!({"loss": loss, "ce": ce, "kd": kd, "grad_norm": grad_norm, "tokens": tokens,
+            "samples": batch.len(), "on_policy": on_policy}),
+        )
+    }
+
+    /// GKD: the batch's prompts answered by the student (temperature 1, top-p 1), optionally
+    /// mixed with earlier generations from the replay buffer.
+    fn student_examples(&mut self, batch: &[usize]) -> Result<Vec<Example>> {
+        let cap = self.recipe.gkd.replay;
+        if cap > 0 && self.state.replay.len() >= batch.len() && self.rng.random::<f64>() < 0.5 {
+            let picks: Vec<usize> = (0..batch.len())
+                .map(|_| self.rng.random_range(0..self.state.replay.len()))
+                .collect();
+            return Ok(picks
+                .iter()
+                .map(|&k| {
+                    let (p, r) = &self.state.replay[k];
+                    Example {
+                        id: u64::MAX,
+                        prompt_ids: p.clone(),
+                        response_ids: r.clone(),
+                    }
+                })
+                .collect());
+        }
+        let prompts: Vec<Vec<u32>> = batch
+            .iter()
+            .map(|&i| self.train[i].prompt_ids.clone())
+            .collect();
+        let max_len = self.recipe.data.max_len;
+        let room = prompts
+            .iter()
+            .map(|p| max_len.saturating_sub(p.len()))
+            .min()
+            .unwrap_or(0);
+        let cfg = GenerationConfig {
+            max_new_tokens: self.recipe.gkd.max_new_tokens.min(room).max(1),
+            sampling: Sampling::Sample {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            no_repeat_ngram: 0,
+            eos_ids: self.eos_ids.clone(),
+            seed: self.rng.random(),
+        };
+        let responses = generate(self.student.as_ref(), &prompts, &cfg)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for ((&i, p), r) in batch.iter().zip(prompts).zip(responses) {
+            if cap > 0 {
+                if self.state.replay.len() >= cap {
+                    self.state.replay.remove(0);
+                }
+                self.state.replay.push((p.clone(), r.clone()));
+            }
+            out.push(Example {
+                id: self.train[i].id,
+                prompt_ids: p,
+                response_ids: r,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Dev loss (response CE) and dev ROUGE-L; saves the best checkpoint. Returns whether the
+    /// dev loss improved.
+    fn evaluate_dev(&mut self, stage: usize) -> Result<bool> {
+        if self.dev.is_empty() {
+            return Ok(true);
+        }
+        let dev_loss = self.dev_loss()?;
+        let dev_rouge = self.dev_rouge()?;
+        let improved = self.state.best_dev_loss.is_none_or(|b| dev_loss < b);
+        if improved {
+            self.state.best_dev_loss = Some(dev_loss);
+        }
+        let best = match (dev_rouge, self.state.best_dev_rouge) {
+            (Some(r), Some(b)) => r > b,
+            (Some(_), None) => true,
+            (None, _) => improved,
+        };
+        self.log(serde_json::json!({"type": "eval", "stage": stage, "epoch": self.state.epoch, "step": self.state.global_step,
+            "dev_loss": dev_loss, "dev_rouge": dev_rouge, "best": best}))?;
+        eprintln!(
+            "stage {} epoch {}: dev loss {dev_loss:.4}{}{}",
+            stage + 1,
+            self.state.epoch + 1,
+            dev_rouge
+                .map(|r| format!(", dev ROUGE-L {r:.2}"))
+                .unwrap_or_default(),
+            if best { " (best)" } else { "" }
+        );
+        if best {
+            if let Some(r) = dev_rouge {
+                self.state.best_dev_rouge = Some(r);
+            }
+            model::save(
+                self.student.as_ref(),
+                &best_checkpoint(&self.run_dir),
+                Some(&self.recipe.model.student),
+            )?;
+        }
+        Ok(improved)
+    }
+
+    fn dev_loss(&self) -> Result<f64> {
+        let tokens: usize = self.dev.iter().map(|e| e.response_ids.len()).sum();
+        let mut total = 0.0;
+        for chunk in self.dev.chunks(self.recipe.optim.micro_batch_size) {
+            let b = collate(&chunk.iter().collect::<Vec<_>>(), self.pad_id)?;
+            let input = Input {
+                ids: &b.input_ids,
+                positions: &b.position_ids,
+                key_mask: &b.attention_mask,
+            };
+            let logits = self.student.logits(&input, None)?.detach();
+            let out = self.objective.loss(
+                None,
+                &logits,
+                &b.labels.flatten_all()?,
+                &b.loss_mask.flatten_all()?,
+                0.0,
+                1.0,
+                tokens as f64,
+            )?;
+            total += out.ce;
+        }
+        Ok(total)
+    }
+
+    fn dev_rouge(&self) -> Result<Option<f64>> {
+        let n = self.recipe.eval.dev_rouge_samples.min(self.dev.len());
+        if n == 0 {
+            return Ok(None);
+        }
+        let e = &self.recipe.eval;
+        let sampling = if e.greedy {
+            Sampling::Greedy
+        } else {
+            Sampling::Sample {
+                temperature: e.temperature,
+                top_k: e.top_k,
+                top_p: e.top_p,
+            }
+        };
+        let cfg = GenerationConfig {
+            max_new_tokens: e.max_new_tokens,
+            sampling,
+            no_repeat_ngram: e.no_repeat_ngram,
+            eos_ids: self.eos_ids.clone(),
+            seed: self.recipe.seed,
+        };
+        let prompts: Vec<Vec<u32>> = self.dev[..n].iter().map(|x| x.prompt_ids.clone()).collect();
+        let mut total = 0.0;
+        for (chunk, refs) in prompts
+            .chunks(self.recipe.curriculum.score_batch_size.max(1))
+            .zip(self.dev_references[..n].chunks(self.recipe.curriculum.score_batch_size.max(1)))
+        {
+            for (ids, r) in generate(self.student.as_ref(), chunk, &cfg)?
+                .iter()
+                .zip(refs)
+            {
+                let text = self.tokenizer.decode(ids, true)?;
+                total += 100.0 * crate::eval::rouge::rouge_l_multi(r, &text);
+            }
+        }
+        Ok(Some(total / n as f64))
+    }
+
+    fn save_checkpoint(&mut self) -> Result<()> {
+        self.state.rng = Some(RngState::of(&self.rng));
+        self.state.train_seconds += self.started.elapsed().as_secs_f64();
+        self.started = Instant::now();
+        checkpoint::save(
+            &last_checkpoint(&self.run_dir),
+            self.student.as_ref(),
+            &self.recipe.model.student,
+            &self.opt,
+            &self.state,
+        )
+    }
+
+    fn log(&mut self, record: serde_json::Value) -> Result<()> {
+        self.state.metrics_lines += 1;
+        let path = self.run_dir.join("metrics.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{record}")?;
+        Ok(())
+    }
+
+    fn progress(
+        &self,
+        st: &crate::curriculum::schedule::Stage,
+        epochs: usize,
+        steps: usize,
+        m: &serde_json::Value,
+    ) {
+        let s = &self.state;
+        let stages = self.recipe.schedule().stages;
+        eprintln!(
+            "stage {}/{stages} epoch {}/{epochs} step {}/{steps} | loss {:.4} | T {:.2} a {:.2}",
+            st.index + 1,
+            s.epoch + 1,
+            s.batch_in_epoch,
+            m["loss"].as_f64().unwrap_or(f64::NAN),
+            st.temperature,
+            st.kd_weight
+        );
+    }
+}
+
+fn adamw_config(r: &Recipe) -> AdamWConfig {
+    AdamWConfig {
+        lr: r.optim.lr,
+        weight_decay: r.optim.weight_decay,
+        ..Default::default()
+    }
+}
+
+/// The bucket of every training position under the recipe's curriculum kind: by measured
+/// difficulty (pocl, baby-step; reversed for anti), by a seeded random order (random-order), or 0.
+fn bucket_positions(
+    recipe: &Recipe,
+    train: &[Example],
+    scores: Option<&[Scored]>,
+) -> Result<Vec<usize>> {
+    use crate::curriculum::fuse::bucket_of;
+    use crate::curriculum::schedule::Kind;
+    let kind = recipe.curriculum.kind;
+    let n = train.len();
+    let buckets = recipe.curriculum.stages;
+    let mut bucket = vec![0; n];
+    let order: Vec<usize> = match kind {
+        Kind::None | Kind::TemperatureOnly => return Ok(bucket),
+        Kind::RandomOrder => {
+            let mut o: Vec<usize> = (0..n).collect();
+            o.shuffle(&mut ChaCha8Rng::seed_from_u64(recipe.seed ^ 0x5eed));
+            o
+        }
+        Kind::Pocl | Kind::BabyStep | Kind::Anti => {
+            let scores = scores.context("this curriculum needs difficulty scores")?;
+            let pos: std::collections::HashMap<u64, usize> =
+                train.iter().enumerate().map(|(i, e)| (e.id, i)).collect();
+            let mut o = Vec::with_capacity(n);
+            for s in scores {
+                if let Some(&i) = pos.get(&s.id) {
+                    o.push(i);
+                }
+            }
+            if o.len() != n {
+                bail!(
+                    "the difficulty scores cover {} of {n} training samples (stale scores file?)",
+                    o.len()
+                );
+            }
+            if kind == Kind::Anti {
+                o.reverse();
+            }
+            o
+        }
+    };
+    for (rank, &i) in order.iter().enumerate() {
+        bucket[i] = bucket_of(rank, n, buckets);
+    }
+    Ok(bucket)
+}
+
+/// Keeps the first `lines` metric records: those written before the checkpoint a run resumes from.
+fn truncate_metrics(path: &Path, lines: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text.lines().take(lines).collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    crate::write_atomic(path, out.as_bytes())
+}
