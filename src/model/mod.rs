@@ -133,6 +133,19 @@ pub fn forward_ids(model: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
     Ok(logits.squeeze(0)?)
 }
 
+/// Completes an interrupted [`save`]: if `out` is missing but its previous version was set
+/// aside, that version is restored.
+pub fn recover_dir(out: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (out.parent(), out.file_name()) else {
+        return Ok(());
+    };
+    let old = parent.join(format!(".{}.old", name.to_string_lossy()));
+    if !out.exists() && old.is_dir() {
+        std::fs::rename(&old, out).with_context(|| format!("cannot restore {}", out.display()))?;
+    }
+    Ok(())
+}
+
 /// Tokenizer and generation files copied next to saved weights so the directory is complete.
 const SIDE_FILES: &[&str] = &[
     "tokenizer.json",
@@ -196,13 +209,19 @@ pub fn save_with(
         std::fs::write(tmp.join(name), bytes)
             .with_context(|| format!("cannot write {name} in {}", tmp.display()))?;
     }
+    // Replace: out -> .name.old, tmp -> out, drop old. A kill between the two renames leaves
+    // only .name.old, which `recover_dir` puts back.
+    recover_dir(out)?;
+    let old = parent.join(format!(".{name}.old"));
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?; // stale: `out` holds a complete newer version
+    }
     if out.exists() {
-        let old = parent.join(format!(".{name}.old{}", std::process::id()));
         std::fs::rename(out, &old).with_context(|| format!("cannot replace {}", out.display()))?;
-        std::fs::rename(&tmp, out)?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
+    if old.exists() {
         std::fs::remove_dir_all(&old).ok();
-    } else {
-        std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
     }
     Ok(())
 }

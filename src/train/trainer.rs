@@ -115,6 +115,8 @@ impl Trainer {
         std::fs::create_dir_all(run_dir)
             .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
         let last = last_checkpoint(run_dir);
+        model::recover_dir(&last)?;
+        model::recover_dir(&best_checkpoint(run_dir))?;
         if resume && !last.join(checkpoint::STATE_FILE).is_file() {
             bail!(
                 "{}: nothing to resume (no checkpoint in {})",

@@ -1,0 +1,383 @@
+//! The distillation engine end to end on the built-in benchmark with tiny models: the POCL
+//! schedule as recorded in metrics.jsonl, every divergence and GKD lowering its KD loss, a killed
+//! run resumed to the same final weights, and bad recipes named by key.
+
+use pocl::config::Recipe;
+use pocl::data::synthetic::SynthConfig;
+use pocl::data::{collate, Example};
+use pocl::kd::{Divergence, Objective};
+use pocl::model::init::{init, Shape};
+use pocl::model::{self, Input};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+struct Setup {
+    dir: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// A small benchmark and two random GPT-2s (teacher wider than student) in a fresh directory.
+fn setup(tag: &str) -> Setup {
+    let dir = std::env::temp_dir().join(format!("pocl-train-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let cfg = SynthConfig {
+        n_train: 96,
+        n_dev: 16,
+        n_test: 16,
+        vocab_size: 400,
+        ..SynthConfig::default()
+    };
+    pocl::data::synthetic::write_benchmark(&dir.join("data"), &cfg).unwrap();
+    let shape = |hidden, layers| Shape {
+        hidden,
+        layers,
+        heads: 2,
+        kv_heads: 2,
+        intermediate: 0,
+        max_positions: 128,
+    };
+    init(
+        "gpt2",
+        &shape(32, 2),
+        &dir.join("data"),
+        &dir.join("teacher"),
+        1,
+    )
+    .unwrap();
+    init(
+        "gpt2",
+        &shape(16, 1),
+        &dir.join("data"),
+        &dir.join("student"),
+        2,
+    )
+    .unwrap();
+    Setup { dir }
+}
+
+fn recipe(s: &Setup, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"seed = 3
+[model]
+teacher = "teacher"
+student = "student"
+[data]
+train = "data/train.jsonl"
+dev = "data/dev.jsonl"
+max_prompt_len = 64
+max_len = 96
+[curriculum]
+epochs_per_stage = 1
+score_max_new_tokens = 8
+score_batch_size = 32
+[optim]
+lr = 3e-3
+batch_size = 16
+micro_batch_size = 8
+[eval]
+dev_rouge_samples = 4
+max_new_tokens = 8
+[gkd]
+max_new_tokens = 12
+{extra}"#
+    );
+    let p = s.dir.join(format!("recipe-{}.toml", text.len()));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn run(recipe: &Path, out: &Path, sets: &[&str]) {
+    let r = Recipe::load(
+        recipe,
+        &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )
+    .unwrap();
+    pocl::cli::train::train(r, out, false).unwrap();
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn pocl_runs_every_stage_with_the_papers_schedule() {
+    let s = setup("stages");
+    let out = s.dir.join("run");
+    run(&recipe(&s, ""), &out, &[]);
+    let m = metrics(&out);
+    let stages: Vec<&serde_json::Value> = m.iter().filter(|r| r["type"] == "stage").collect();
+    assert_eq!(stages.len(), 4, "four stages");
+    let n = 96;
+    let active: Vec<u64> = stages
+        .iter()
+        .map(|r| r["active_samples"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        active,
+        vec![n / 4, n / 2, 3 * n / 4, n],
+        "buckets 0..=s are active"
+    );
+    for (st, (t, a)) in
+        stages
+            .iter()
+            .zip([(1.0, 0.7), (4.0 / 3.0, 0.8), (5.0 / 3.0, 0.9), (2.0, 1.0)])
+    {
+        assert!((st["temperature"].as_f64().unwrap() - t).abs() < 1e-9);
+        assert!((st["kd_weight"].as_f64().unwrap() - a).abs() < 1e-9);
+    }
+    // Every training step runs at its stage's temperature, over ceil(active / 16) steps.
+    for (i, st) in stages.iter().enumerate() {
+        let steps: Vec<&serde_json::Value> = m
+            .iter()
+            .filter(|r| r["type"] == "step" && r["stage"] == i)
+            .collect();
+        assert_eq!(steps.len() as u64, active[i].div_ceil(16));
+        assert!(steps
+            .iter()
+            .all(|r| r["temperature"] == st["temperature"] && r["kd_weight"] == st["kd_weight"]));
+    }
+    assert_eq!(
+        m.iter().filter(|r| r["type"] == "eval").count(),
+        4,
+        "one dev evaluation per epoch"
+    );
+    let scores = std::fs::read_to_string(out.join("scores.jsonl")).unwrap();
+    assert_eq!(
+        scores.lines().count(),
+        n as usize,
+        "every sample scored once"
+    );
+    assert!(out.join("checkpoints/last/model.safetensors").is_file());
+    assert!(out.join("checkpoints/best/model.safetensors").is_file());
+    let st: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoints/last/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (st["stage"].as_u64(), st["done"].as_bool()),
+        (Some(4), Some(true))
+    );
+}
+
+/// Mean per-token divergence of the student in `dir` from the teacher over the training set.
+fn kd_loss(s: &Setup, student_dir: &Path, div: Divergence) -> f64 {
+    let teacher = model::load_frozen(&s.dir.join("teacher")).unwrap();
+    let student = model::load_frozen(student_dir).unwrap();
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&s.dir.join("student"), None).unwrap();
+    let samples = pocl::data::load_jsonl(&s.dir.join("data/train.jsonl"), Default::default())
+        .unwrap()
+        .samples;
+    let opts = pocl::data::EncodeOptions {
+        max_prompt_len: 64,
+        max_len: 96,
+        ..Default::default()
+    };
+    let ex: Vec<Example> = pocl::data::encode_samples(&tok, &samples, &opts)
+        .unwrap()
+        .examples;
+    let b = collate(&ex.iter().collect::<Vec<_>>(), 0).unwrap();
+    let input = Input {
+        ids: &b.input_ids,
+        positions: &b.position_ids,
+        key_mask: &b.attention_mask,
+    };
+    let t = teacher.logits(&input, None).unwrap();
+    let st = student.logits(&input, None).unwrap();
+    let obj = Objective {
+        divergence: div,
+        t2: true,
+    };
+    let out = obj
+        .loss(
+            Some(&t),
+            &st,
+            &b.labels,
+            &b.loss_mask,
+            1.0,
+            1.0,
+            b.response_tokens() as f64,
+        )
+        .unwrap();
+    out.kd
+}
+
+#[test]
+fn every_divergence_and_gkd_lowers_its_kd_loss() {
+    let s = setup("losses");
+    for loss in ["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gkd"] {
+        let out = s.dir.join(format!("run-{loss}"));
+        let sets = [
+            format!("objective.loss={loss}"),
+            "curriculum.kind=none".into(),
+            "optim.epochs=4".into(),
+            "eval.dev_rouge_samples=0".into(),
+        ];
+        run(
+            &recipe(&s, ""),
+            &out,
+            &sets.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+        let div = match loss {
+            "gkd" => Divergence::parse("jsd", None, None).unwrap(),
+            l => Divergence::parse(l, None, None).unwrap(),
+        };
+        let before = kd_loss(&s, &s.dir.join("student"), div);
+        let after = kd_loss(&s, &out.join("checkpoints/last"), div);
+        assert!(after < 0.9 * before, "{loss}: KD loss {before} -> {after}");
+        if loss == "gkd" {
+            let m = metrics(&out);
+            assert!(
+                m.iter().any(|r| r["on_policy"] == true),
+                "gkd: some batches are student-generated"
+            );
+            assert!(
+                m.iter().any(|r| r["on_policy"] == false),
+                "gkd: some batches are the data's"
+            );
+        }
+    }
+}
+
+fn trainer_step(run: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(run.join("checkpoints/last/trainer_state.json")).ok()?;
+    serde_json::from_str::<serde_json::Value>(&text).ok()?["global_step"].as_u64()
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_identical_weights() {
+    let s = setup("resume");
+    // GKD exercises the RNG state and replay buffer; checkpoints after every step.
+    let r = recipe(&s, "[checkpoint]\nevery_steps = 1\n");
+    let sets = [
+        "objective.loss=gkd",
+        "gkd.replay=8",
+        "curriculum.epochs_per_stage=2",
+        "optim.batch_size=8",
+    ];
+    let whole = s.dir.join("whole");
+    run(&r, &whole, &sets);
+
+    let bin = env!("CARGO_BIN_EXE_pocl");
+    let cut = s.dir.join("cut");
+    let mut args = vec![
+        "train".to_string(),
+        "--config".into(),
+        r.display().to_string(),
+        "--out".into(),
+        cut.display().to_string(),
+    ];
+    for x in sets {
+        args.extend(["--set".to_string(), x.to_string()]);
+    }
+    let mut child = Command::new(bin)
+        .args(&args)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut killed_at = None;
+    for _ in 0..20_000 {
+        if let Some(step) = trainer_step(&cut).filter(|&st| st >= 3) {
+            child.kill().unwrap();
+            killed_at = Some(step);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.wait().unwrap();
+    let total = trainer_step(&whole).unwrap();
+    let killed_at = killed_at.expect("the run wrote checkpoints");
+    assert!(
+        trainer_step(&cut).unwrap() < total,
+        "killed before the end (at step {killed_at} of {total})"
+    );
+    let status = Command::new(bin)
+        .args(["train", "--resume", "--out", &cut.display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let a = std::fs::read(whole.join("checkpoints/last/model.safetensors")).unwrap();
+    let b = std::fs::read(cut.join("checkpoints/last/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "resumed weights differ from the uninterrupted run's"
+    );
+    let strip = |m: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        m.into_iter()
+            .map(|mut r| {
+                r.as_object_mut().unwrap().remove("elapsed_s");
+                r
+            })
+            .collect()
+    };
+    assert_eq!(
+        strip(metrics(&whole)),
+        strip(metrics(&cut)),
+        "metrics.jsonl identical apart from timings"
+    );
+}
+
+#[test]
+fn bad_recipes_name_the_key() {
+    let s = setup("bad");
+    let bin = env!("CARGO_BIN_EXE_pocl");
+    let r = recipe(&s, "");
+    for (set, key) in [
+        ("curriculum.stages=0", "curriculum.stages"),
+        ("curriculum.t_end=-1", "curriculum.t_end"),
+        ("optim.warmup=3", "warmup"),
+        ("objective.loss=kl", "fkl"),
+    ] {
+        let out = Command::new(bin)
+            .args([
+                "train",
+                "--config",
+                &r.display().to_string(),
+                "--out",
+                &s.dir.join("x").display().to_string(),
+                "--set",
+                set,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(key) && !err.contains("panicked"),
+            "{set}: {err}"
+        );
+    }
+    // A second run into the same directory is refused rather than mixed with the first.
+    let out = s.dir.join("twice");
+    run(
+        &r,
+        &out,
+        &[
+            "curriculum.kind=none",
+            "optim.epochs=1",
+            "eval.dev_rouge_samples=0",
+        ],
+    );
+    let again = Command::new(bin)
+        .args([
+            "train",
+            "--config",
+            &r.display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
+}
