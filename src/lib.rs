@@ -16,6 +16,7 @@ pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
+pub mod progress;
 pub mod tokenizer;
 pub mod train;
 

@@ -234,6 +234,13 @@ impl Trainer {
                     "last_bucket": st.last_bucket, "steps_per_epoch": steps_per_epoch}))?;
             }
             let lr = self.lr_schedule(steps_per_epoch as u64 * epochs as u64);
+            let stage_steps = steps_per_epoch * epochs;
+            let label = format!("stage {}/{}", st.index + 1, schedule.stages);
+            let mut bar = crate::progress::Progress::new(label, stage_steps);
+            let already = self.state.epoch * steps_per_epoch + self.state.batch_in_epoch;
+            if already > 0 {
+                bar.advance(already, "(resumed)");
+            }
             while self.state.epoch < epochs {
                 if self.state.order.is_empty() {
                     let mut order = active.clone();
@@ -254,7 +261,14 @@ impl Trainer {
                     self.state.global_step += 1;
                     self.state.stage_step += 1;
                     let elapsed = self.state.train_seconds + self.started.elapsed().as_secs_f64();
-                    self.progress(&st, epochs, steps_per_epoch, &m);
+                    let status = format!(
+                        "epoch {}/{epochs} loss {:.4} T {:.2} a {:.2}",
+                        self.state.epoch + 1,
+                        m["loss"].as_f64().unwrap_or(f64::NAN),
+                        st.temperature,
+                        st.kd_weight
+                    );
+                    bar.advance(1, &status);
                     let mut rec = m;
                     rec["type"] = "step".into();
                     rec["stage"] = st.index.into();
@@ -594,26 +608,6 @@ impl Trainer {
         writeln!(f, "{record}")?;
         Ok(())
     }
-
-    fn progress(
-        &self,
-        st: &crate::curriculum::schedule::Stage,
-        epochs: usize,
-        steps: usize,
-        m: &serde_json::Value,
-    ) {
-        let s = &self.state;
-        let stages = self.recipe.schedule().stages;
-        eprintln!(
-            "stage {}/{stages} epoch {}/{epochs} step {}/{steps} | loss {:.4} | T {:.2} a {:.2}",
-            st.index + 1,
-            s.epoch + 1,
-            s.batch_in_epoch,
-            m["loss"].as_f64().unwrap_or(f64::NAN),
-            st.temperature,
-            st.kd_weight
-        );
-    }
 }
 
 fn adamw_config(r: &Recipe) -> AdamWConfig {
@@ -683,4 +677,55 @@ fn truncate_metrics(path: &Path, lines: usize) -> Result<()> {
         out.push('\n');
     }
     crate::write_atomic(path, out.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::curriculum::fuse::{fuse, Metric};
+    use crate::curriculum::schedule::Kind;
+
+    fn examples(n: u64) -> Vec<Example> {
+        (0..n)
+            .map(|id| Example {
+                id: 100 + id,
+                prompt_ids: vec![1],
+                response_ids: vec![2],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn buckets_follow_the_curriculum_kind() {
+        let train = examples(8);
+        // Difficulty rises with the id: ROUGE falls, CE grows.
+        let raw: Vec<(u64, f64, f64)> = train
+            .iter()
+            .map(|e| (e.id, 100.0 - e.id as f64, e.id as f64))
+            .collect();
+        let scores = fuse(&raw, Metric::Both, 60.0, 4);
+        let mut r = Recipe::default();
+        r.curriculum.stages = 4;
+        r.curriculum.kind = Kind::Pocl;
+        assert_eq!(
+            bucket_positions(&r, &train, Some(&scores)).unwrap(),
+            vec![0, 0, 1, 1, 2, 2, 3, 3]
+        );
+        r.curriculum.kind = Kind::Anti;
+        assert_eq!(
+            bucket_positions(&r, &train, Some(&scores)).unwrap(),
+            vec![3, 3, 2, 2, 1, 1, 0, 0]
+        );
+        r.curriculum.kind = Kind::RandomOrder;
+        let b = bucket_positions(&r, &train, None).unwrap();
+        let mut sorted = b.clone();
+        sorted.sort();
+        assert_eq!(sorted, vec![0, 0, 1, 1, 2, 2, 3, 3], "equal buckets");
+        assert_ne!(b, vec![0, 0, 1, 1, 2, 2, 3, 3], "not the difficulty order");
+        r.curriculum.kind = Kind::None;
+        assert_eq!(bucket_positions(&r, &train, None).unwrap(), vec![0; 8]);
+        // Scores that do not cover the data (a stale file) are refused.
+        r.curriculum.kind = Kind::Pocl;
+        assert!(bucket_positions(&r, &examples(9), Some(&scores)).is_err());
+    }
 }
