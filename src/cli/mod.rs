@@ -5,13 +5,19 @@ use clap::{Parser, Subcommand};
 
 pub mod convert;
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod generate;
+pub mod generate_data;
 pub mod rouge;
 pub mod tokenize;
 
 #[derive(Parser)]
-#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
+#[command(
+    name = "pocl",
+    version,
+    about = "Knowledge distillation of LLMs with the POCL curriculum"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -32,6 +38,10 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
     Convert(convert::ConvertArgs),
+    /// Multi-seed ROUGE-L evaluation on test sets (the paper's protocol): table and results.json.
+    Eval(eval::EvalArgs),
+    /// SeqKD data: a teacher's answers to the training prompts, written as Dolly JSONL.
+    GenerateData(generate_data::GenerateDataArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -42,5 +52,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Forward(a) => forward::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::GenerateData(a) => generate_data::run(a),
     }
 }
