@@ -108,6 +108,8 @@ pub fn load_model(dir: &Path) -> Result<(Box<dyn crate::model::CausalLm>, Tokeni
     let model = crate::model::load_frozen(dir)?;
     let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
     let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
+    crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
+        .with_context(|| dir.display().to_string())?;
     Ok((model, tok, eos))
 }
 

@@ -9,7 +9,7 @@
 use super::eval::{load_model, load_samples, sampling};
 use crate::data::format::write_dolly_jsonl;
 use crate::data::{Format, Sample, Template};
-use crate::eval::evaluate::{generate_answers, Decoding};
+use crate::eval::evaluate::{generate_answers, Decoding, Generated};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -61,6 +61,40 @@ pub struct GenerateDataArgs {
     pub limit: Option<usize>,
 }
 
+/// The SeqKD samples and what was left out.
+#[derive(Debug, Default)]
+pub struct TeacherData {
+    /// The input samples, in order, with the teacher's answer as response (instruction, context
+    /// and category kept; extra references dropped: they belonged to the old response).
+    pub samples: Vec<Sample>,
+    /// Ids of the samples dropped for an empty (or whitespace-only) answer, which training would
+    /// skip anyway (`SkipReason::EmptyResponse`).
+    pub empty: Vec<u64>,
+    /// Kept answers that ended at the token limit without an EOS.
+    pub unfinished: usize,
+    /// New tokens in the kept answers.
+    pub tokens: usize,
+}
+
+/// Pairs samples with the teacher's answers (`answers[i]` answers `samples[i]`).
+pub fn teacher_data(samples: &[Sample], answers: &[Generated], eos_ids: &[u32]) -> TeacherData {
+    let mut d = TeacherData::default();
+    for (s, g) in samples.iter().zip(answers) {
+        if g.text.trim().is_empty() {
+            d.empty.push(s.id);
+            continue;
+        }
+        d.tokens += g.ids.len();
+        d.unfinished += !g.ids.iter().any(|t| eos_ids.contains(t)) as usize;
+        d.samples.push(Sample {
+            response: g.text.clone(),
+            extra_references: Vec::new(),
+            ..s.clone()
+        });
+    }
+    d
+}
+
 pub fn run(a: GenerateDataArgs) -> Result<()> {
     let sampling = sampling(a.greedy, a.temperature, a.top_k, a.top_p)?;
     if a.limit == Some(0) {
@@ -87,24 +121,12 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
     };
     let start = Instant::now();
     let answers = generate_answers(model.as_ref(), &tok, &samples, &dec, a.seed)?;
-    let mut out: Vec<Sample> = Vec::with_capacity(samples.len());
-    let mut empty: Vec<u64> = Vec::new();
-    let mut unfinished = 0usize;
-    let mut tokens = 0usize;
-    for (s, g) in samples.iter().zip(&answers) {
-        // Whitespace-only answers would be skipped by training anyway (`SkipReason::EmptyResponse`).
-        if g.text.trim().is_empty() {
-            empty.push(s.id);
-            continue;
-        }
-        tokens += g.ids.len();
-        unfinished += !g.ids.iter().any(|t| eos_ids.contains(t)) as usize;
-        out.push(Sample {
-            response: g.text.clone(),
-            extra_references: Vec::new(),
-            ..s.clone()
-        });
-    }
+    let TeacherData {
+        samples: out,
+        empty,
+        unfinished,
+        tokens,
+    } = teacher_data(&samples, &answers, &eos_ids);
     if out.is_empty() {
         bail!(
             "the teacher's answers are all empty ({} samples); nothing written",

@@ -251,6 +251,19 @@ pub fn sample_seed(seed: u64, id: u64) -> u64 {
     mix(mix(seed) ^ id)
 }
 
+/// Fails when the tokenizer can produce ids the model has no embedding for (a model padded to a
+/// larger vocabulary than its tokenizer is fine).
+pub fn check_tokenizer(model: &dyn CausalLm, tok: &Tokenizer) -> Result<()> {
+    let vocab = model.config().vocab_size;
+    if tok.vocab_size() > vocab {
+        bail!(
+            "the tokenizer has {} tokens but the model only {vocab}: tokenizer.json does not belong to this model",
+            tok.vocab_size()
+        );
+    }
+    Ok(())
+}
+
 /// Prompt token ids of every sample, checked against the model: the tokenizer must fit the
 /// model's vocabulary, and with learned positions (GPT-2, OPT) prompt + answer must fit its
 /// position table (a clear error instead of an index error halfway through an evaluation).
@@ -261,14 +274,8 @@ pub fn prepare_prompts(
     dec: &Decoding,
 ) -> Result<Vec<Vec<u32>>> {
     dec.validate()?;
+    check_tokenizer(model, tok)?;
     let cfg = model.config();
-    if tok.vocab_size() > cfg.vocab_size {
-        bail!(
-            "the tokenizer has {} tokens but the model only {}: tokenizer.json does not belong to this model",
-            tok.vocab_size(),
-            cfg.vocab_size
-        );
-    }
     let opts = EncodeOptions {
         template: dec.template,
         max_prompt_len: dec.max_prompt_len,
@@ -415,6 +422,7 @@ pub fn evaluate(
     if sets.is_empty() {
         bail!("no test set to evaluate");
     }
+    check_tokenizer(model, tok)?;
     let mut dirs: Vec<String> = Vec::new();
     for (name, samples) in sets {
         if samples.is_empty() {
