@@ -393,6 +393,36 @@ mod tests {
     }
 
     #[test]
+    fn rows_leaving_the_batch_at_eos_do_not_disturb_the_others() {
+        // One row stops early while the others go on: the KV cache drops its rows mid-generation.
+        for name in ["gpt2", "opt", "qwen3"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(name);
+            let m = crate::model::load_frozen(&dir).unwrap();
+            let prompts = vec![
+                vec![5u32, 9, 13, 2, 7],
+                vec![4u32, 8],
+                vec![6u32, 1, 12, 10],
+            ];
+            let free = generate(
+                m.as_ref(),
+                &prompts[..1],
+                &GenerationConfig::greedy(8, vec![]),
+            )
+            .unwrap()
+            .remove(0);
+            let cfg = GenerationConfig::greedy(8, vec![free[1]]);
+            let batched = generate(m.as_ref(), &prompts, &cfg).unwrap();
+            assert_eq!(batched[0], free[..2].to_vec(), "{name}");
+            for (p, got) in prompts.iter().zip(&batched) {
+                let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg).unwrap();
+                assert_eq!(got, &alone[0], "{name}: prompt {p:?}");
+            }
+        }
+    }
+
+    #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         // probs ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two only.
         let logits: Vec<f32> = [0.64f32, 0.24, 0.09, 0.03].iter().map(|p| p.ln()).collect();

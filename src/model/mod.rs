@@ -59,9 +59,10 @@ impl KvCache {
 
     /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
     pub fn select_rows(&mut self, keep: &Tensor) -> candle_core::Result<()> {
+        // candle's CPU index_select needs contiguous input; a layer's first k/v is a transposed view.
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(keep, 0)?;
-            *v = v.index_select(keep, 0)?;
+            *k = k.contiguous()?.index_select(keep, 0)?;
+            *v = v.contiguous()?.index_select(keep, 0)?;
         }
         Ok(())
     }
