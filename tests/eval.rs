@@ -111,10 +111,14 @@ const SMALL: &[&str] = &[
 ];
 
 fn eval_args(data: &[&str], out: &str, extra: &[&str]) -> Vec<String> {
+    eval_args_for(&gpt2(), data, out, extra)
+}
+
+fn eval_args_for(model: &Path, data: &[&str], out: &str, extra: &[&str]) -> Vec<String> {
     let mut a = vec![
         "eval".to_string(),
         "--model".into(),
-        gpt2().display().to_string(),
+        model.display().to_string(),
     ];
     a.push("--data".into());
     a.extend(data.iter().map(|s| s.to_string()));
@@ -236,6 +240,24 @@ fn results_and_answer_files_are_consistent() {
             .unwrap();
     assert_eq!(printed, saved);
     assert_eq!(printed.sets, results.sets, "a rerun reproduces every score");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The gpt2 fixture with 150 extra EOS ids in generation_config.json: answers stop after a few
+/// tokens, at different steps, so rows leave their batch mid-generation.
+fn gpt2_early_eos(dir: &Path) -> PathBuf {
+    let d = dir.join("gpt2-early-eos");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(gpt2().join(f), d.join(f)).unwrap();
+    }
+    let eos: Vec<u32> = (0..150).chain([600]).collect();
+    std::fs::write(
+        d.join("generation_config.json"),
+        serde_json::json!({ "eos_token_id": eos }).to_string(),
+    )
+    .unwrap();
+    d
 }
 
 #[test]
@@ -243,43 +265,48 @@ fn seeds_reproduce_and_batching_does_not_change_answers() {
     let dir = tmpdir("seeds");
     let (dolly, multi) = write_sets(&dir);
     let data = [dolly.to_str().unwrap(), multi.to_str().unwrap()];
-    let a = dir.join("a");
-    let b = dir.join("b");
-    let c = dir.join("c");
-    pocl_ok(&eval_args(
-        &data,
-        a.to_str().unwrap(),
-        &["--seeds", "10,20", "--batch-size", "4"],
-    ));
-    pocl_ok(&eval_args(
-        &data,
-        b.to_str().unwrap(),
-        &["--seeds", "10,20", "--batch-size", "1"],
-    ));
-    pocl_ok(&eval_args(
-        &data,
-        c.to_str().unwrap(),
-        &["--seeds", "20", "--batch-size", "3"],
-    ));
-    for set in ["qa", "multi"] {
-        for seed in [10, 20] {
+    let early = gpt2_early_eos(&dir);
+    for (tag, model) in [("full", gpt2()), ("early", early)] {
+        let run = |name: &str, extra: &[&str]| {
+            let out = dir.join(format!("{tag}-{name}"));
+            pocl_ok(&eval_args_for(&model, &data, out.to_str().unwrap(), extra));
+            out
+        };
+        let a = run("a", &["--seeds", "10,20", "--batch-size", "4"]);
+        let b = run("b", &["--seeds", "10,20", "--batch-size", "1"]);
+        let c = run("c", &["--seeds", "20", "--batch-size", "3"]);
+        for set in ["qa", "multi"] {
+            for seed in [10, 20] {
+                assert_eq!(
+                    answers_of(&a, set, seed),
+                    answers_of(&b, set, seed),
+                    "{tag} {set} seed {seed}: batch size 4 vs 1"
+                );
+            }
             assert_eq!(
-                answers_of(&a, set, seed),
-                answers_of(&b, set, seed),
-                "{set} seed {seed}: batch size 4 vs 1"
+                answers_of(&a, set, 20),
+                answers_of(&c, set, 20),
+                "{tag} {set}: same seed"
             );
+            let (s10, s20) = (answers_of(&a, set, 10), answers_of(&a, set, 20));
+            assert_ne!(
+                s10, s20,
+                "{tag} {set}: seeds 10 and 20 sample different answers"
+            );
+            if tag == "full" {
+                // Twelve tokens drawn near-uniformly from 601: never equal by chance.
+                assert!(s10.iter().zip(&s20).all(|(x, y)| x != y), "{s10:?} {s20:?}");
+            }
         }
-        assert_eq!(
-            answers_of(&a, set, 20),
-            answers_of(&c, set, 20),
-            "{set}: same seed"
-        );
-        let (s10, s20) = (answers_of(&a, set, 10), answers_of(&a, set, 20));
-        assert!(
-            s10.iter().zip(&s20).all(|(x, y)| x != y),
-            "{set}: seeds 10 and 20 should sample different answers: {s10:?} {s20:?}"
-        );
     }
+    let lens: Vec<usize> = answers_of(&dir.join("early-a"), "qa", 10)
+        .iter()
+        .map(|a| a.len())
+        .collect();
+    assert!(
+        lens.iter().any(|&l| l != lens[0]),
+        "answers should stop at different lengths: {lens:?}"
+    );
 
     // Greedy: the seed plays no part; std over seeds is 0.
     let g = dir.join("g");
@@ -297,6 +324,7 @@ fn seeds_reproduce_and_batching_does_not_change_answers() {
         assert_eq!(first, answers_of(&g, set, 3));
     }
     assert!(results.sets.iter().all(|s| s.std == 0.0));
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 fn load_gpt2() -> (Box<dyn pocl::model::CausalLm>, Tokenizer) {
@@ -392,6 +420,7 @@ fn library_api_matches_generate_and_the_report() {
     assert!(evaluate(model.as_ref(), &tok, &sets, &bad, None).is_err());
     let empty = vec![("x".to_string(), Vec::new())];
     assert!(evaluate(model.as_ref(), &tok, &empty, &cfg, None).is_err());
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -428,6 +457,7 @@ fn eval_errors_are_one_clear_line() {
         &eval_args(&[d], o, &["--temperature", "0"]),
         "--temperature",
     );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]
@@ -484,6 +514,7 @@ fn generate_data_writes_teacher_answers_as_dolly() {
     let mut args = base(&dir.join("x.jsonl"), &[]);
     args[4] = multi.to_str().unwrap().to_string();
     assert_clean_error(&args, "cannot be written as Dolly");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

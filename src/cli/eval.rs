@@ -70,7 +70,9 @@ pub fn sampling(
     }
     let temperature = temperature.unwrap_or(1.0);
     let top_p = top_p.unwrap_or(1.0);
-    if !(temperature > 0.0) {
+    // Written so that NaN is rejected too.
+    let positive = temperature > 0.0;
+    if !positive {
         bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
     }
     if !(top_p > 0.0 && top_p <= 1.0) {

@@ -89,7 +89,9 @@ impl Decoding {
             temperature, top_p, ..
         } = self.sampling
         {
-            if !(temperature > 0.0) || !(top_p > 0.0 && top_p <= 1.0) {
+            // Written so that NaN is rejected too.
+            let valid = temperature > 0.0 && top_p > 0.0 && top_p <= 1.0;
+            if !valid {
                 bail!(
                     "sampling needs temperature > 0 and 0 < top_p <= 1 (got {temperature}, {top_p}); \
                      use greedy decoding for argmax"

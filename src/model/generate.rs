@@ -58,7 +58,7 @@ pub fn generate(
         model,
         prompts,
         cfg,
-        RowRngs::Shared(ChaCha8Rng::seed_from_u64(cfg.seed)),
+        RowRngs::Shared(Box::new(ChaCha8Rng::seed_from_u64(cfg.seed))),
     )
 }
 
@@ -87,7 +87,7 @@ pub fn generate_seeded_rows(
 
 /// Where each row's random draws come from.
 enum RowRngs {
-    Shared(ChaCha8Rng),
+    Shared(Box<ChaCha8Rng>),
     PerRow(Vec<ChaCha8Rng>),
 }
 
