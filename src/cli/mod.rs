@@ -13,11 +13,7 @@ pub mod rouge;
 pub mod tokenize;
 
 #[derive(Parser)]
-#[command(
-    name = "pocl",
-    version,
-    about = "Knowledge distillation of LLMs with the POCL curriculum"
-)]
+#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -34,14 +30,14 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Write the logits of one token sequence to a safetensors file.
     Forward(forward::ForwardArgs),
-    /// Continue a prompt (greedy or sampled).
-    Generate(generate::GenerateArgs),
-    /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
-    Convert(convert::ConvertArgs),
     /// Multi-seed ROUGE-L evaluation on test sets (the paper's protocol): table and results.json.
     Eval(eval::EvalArgs),
     /// SeqKD data: a teacher's answers to the training prompts, written as Dolly JSONL.
     GenerateData(generate_data::GenerateDataArgs),
+    /// Continue a prompt (greedy or sampled).
+    Generate(generate::GenerateArgs),
+    /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
+    Convert(convert::ConvertArgs),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -50,9 +46,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rouge(a) => rouge::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
-        Command::Generate(a) => generate::run(a),
-        Command::Convert(a) => convert::run(a),
         Command::Eval(a) => eval::run(a),
         Command::GenerateData(a) => generate_data::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Convert(a) => convert::run(a),
     }
 }

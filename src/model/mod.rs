@@ -50,7 +50,8 @@ impl KvCache {
             self.layers.resize(layer + 1, None);
         }
         let kv = match self.layers[layer].take() {
-            None => (k, v),
+            // Heads come in as transposed views; store them contiguous so rows can be selected.
+            None => (k.contiguous()?, v.contiguous()?),
             Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
         };
         self.layers[layer] = Some(kv.clone());
@@ -59,10 +60,9 @@ impl KvCache {
 
     /// Keeps only the batch rows in `keep` (finished sequences leave the batch).
     pub fn select_rows(&mut self, keep: &Tensor) -> candle_core::Result<()> {
-        // candle's CPU index_select needs contiguous input; a layer's first k/v is a transposed view.
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.contiguous()?.index_select(keep, 0)?;
-            *v = v.contiguous()?.index_select(keep, 0)?;
+            *k = k.index_select(keep, 0)?;
+            *v = v.index_select(keep, 0)?;
         }
         Ok(())
     }
