@@ -9,7 +9,9 @@
 use super::eval::{load_model, load_samples, sampling};
 use crate::data::format::write_dolly_jsonl;
 use crate::data::{Format, Sample, Template};
-use crate::eval::evaluate::{generate_answers, Decoding, Generated};
+use crate::eval::evaluate::{
+    generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding, Generated,
+};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -120,7 +122,18 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
         eos_ids: eos_ids.clone(),
     };
     let start = Instant::now();
-    let answers = generate_answers(model.as_ref(), &tok, &samples, &dec, a.seed)?;
+    let prompts = prepare_prompts(model.as_ref(), &tok, &samples, &dec)?;
+    let ids: Vec<u64> = samples.iter().map(|s| s.id).collect();
+    let mut progress = progress_printer(true, "teacher answers".into(), ids.len());
+    let answers = generate_prepared_with_progress(
+        model.as_ref(),
+        &tok,
+        &prompts,
+        &ids,
+        &dec,
+        a.seed,
+        &mut progress,
+    )?;
     let TeacherData {
         samples: out,
         empty,

@@ -317,6 +317,19 @@ pub fn generate_prepared(
     dec: &Decoding,
     seed: u64,
 ) -> Result<Vec<Generated>> {
+    generate_prepared_with_progress(model, tok, prompts, ids, dec, seed, &mut |_| {})
+}
+
+/// [`generate_prepared`], calling `progress(done)` after each batch with the prompts answered so far.
+pub fn generate_prepared_with_progress(
+    model: &dyn CausalLm,
+    tok: &Tokenizer,
+    prompts: &[Vec<u32>],
+    ids: &[u64],
+    dec: &Decoding,
+    seed: u64,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Vec<Generated>> {
     dec.validate()?;
     if prompts.len() != ids.len() {
         bail!("{} prompts but {} sample ids", prompts.len(), ids.len());
@@ -335,6 +348,7 @@ pub fn generate_prepared(
     let mut order: Vec<usize> = (0..prompts.len()).collect();
     order.sort_by_key(|&i| (prompts[i].len(), i));
     let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
+    let mut done = 0;
     for chunk in order.chunks(dec.batch_size) {
         let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
         let seeds: Vec<u64> = chunk.iter().map(|&i| sample_seed(seed, ids[i])).collect();
@@ -345,6 +359,8 @@ pub fn generate_prepared(
             let text = tok.decode(&new, true)?;
             out[i] = Some(Generated { ids: new, text });
         }
+        done += chunk.len();
+        progress(done);
     }
     Ok(out.into_iter().map(|g| g.expect("every row")).collect())
 }
@@ -378,6 +394,25 @@ pub fn score_answers(samples: &[Sample], answers: &[Generated], dec: &Decoding) 
             }
         })
         .collect()
+}
+
+/// A progress callback for [`generate_prepared_with_progress`]: with `verbose`, a plain stderr
+/// line ("what: done/total, rate, ETA") at most every 10 seconds, and none for short runs.
+pub fn progress_printer(verbose: bool, what: String, total: usize) -> impl FnMut(usize) {
+    let start = Instant::now();
+    let mut last = start;
+    move |done| {
+        if !verbose || done >= total || last.elapsed().as_secs_f64() < 10.0 {
+            return;
+        }
+        last = Instant::now();
+        let secs = start.elapsed().as_secs_f64();
+        let rate = done as f64 / secs.max(1e-9);
+        eprintln!(
+            "{what}: {done}/{total} prompts, {rate:.2}/s, ETA {:.0} s",
+            (total - done) as f64 / rate.max(1e-9)
+        );
+    }
 }
 
 /// A set name as a directory name: characters outside `[A-Za-z0-9._-]` become `_`.
@@ -459,8 +494,18 @@ pub fn evaluate(
             let answers = match &greedy_answers {
                 Some(a) => a.clone(),
                 None => {
-                    let a = generate_prepared(model, tok, prompts, &ids, &cfg.decoding, seed)
-                        .with_context(|| format!("test set {name:?}, seed {seed}"))?;
+                    let mut report =
+                        progress_printer(cfg.verbose, format!("{name} seed {seed}"), ids.len());
+                    let a = generate_prepared_with_progress(
+                        model,
+                        tok,
+                        prompts,
+                        &ids,
+                        &cfg.decoding,
+                        seed,
+                        &mut report,
+                    )
+                    .with_context(|| format!("test set {name:?}, seed {seed}"))?;
                     if greedy {
                         greedy_answers = Some(a.clone());
                     }
