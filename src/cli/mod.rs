@@ -13,7 +13,11 @@ pub mod rouge;
 pub mod tokenize;
 
 #[derive(Parser)]
-#[command(name = "pocl", version, about = "Knowledge distillation of LLMs with the POCL curriculum")]
+#[command(
+    name = "pocl",
+    version,
+    about = "Knowledge distillation of LLMs with the POCL curriculum"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
