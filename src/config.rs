@@ -412,11 +412,10 @@ mod tests {
     use super::*;
 
     fn write(text: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "pocl-recipe-{}-{}.toml",
-            std::process::id(),
-            text.len()
-        ));
+        // Tests run in parallel threads: every call gets its own file.
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let k = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("pocl-recipe-{}-{k}.toml", std::process::id()));
         std::fs::write(&p, text).unwrap();
         p
     }

@@ -5,8 +5,10 @@ use clap::{Parser, Subcommand};
 
 pub mod convert;
 pub mod data;
+pub mod eval;
 pub mod forward;
 pub mod generate;
+pub mod generate_data;
 pub mod init;
 pub mod kd_loss;
 pub mod rouge;
@@ -40,6 +42,10 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// Write the logits of one token sequence to a safetensors file.
     Forward(forward::ForwardArgs),
+    /// Multi-seed ROUGE-L evaluation on test sets (the paper's protocol): table and results.json.
+    Eval(eval::EvalArgs),
+    /// SeqKD data: a teacher's answers to the training prompts, written as Dolly JSONL.
+    GenerateData(generate_data::GenerateDataArgs),
     /// Continue a prompt (greedy or sampled).
     Generate(generate::GenerateArgs),
     /// Create a randomly initialised model for a tokenizer.
@@ -58,6 +64,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Rouge(a) => rouge::run(a),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::GenerateData(a) => generate_data::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Init(a) => init::run(a),
         Command::Convert(a) => convert::run(a),

@@ -1,6 +1,7 @@
 //! Evaluation metrics: ROUGE-L identical to Google's rouge-score (with NLTK's Porter stemmer)
 //! and DistiLLM's exact match.
 
+pub mod evaluate;
 pub mod porter;
 pub mod rouge;
 

@@ -47,11 +47,65 @@ impl GenerationConfig {
 }
 
 /// Generates a continuation of every prompt; returns the new tokens of each (EOS included when
-/// produced), in prompt order.
+/// produced), in prompt order. When sampling, all rows draw from one stream seeded with
+/// `cfg.seed`, so a row's answer depends on the rest of the batch (see [`generate_seeded_rows`]).
 pub fn generate(
     model: &dyn CausalLm,
     prompts: &[Vec<u32>],
     cfg: &GenerationConfig,
+) -> Result<Vec<Vec<u32>>> {
+    generate_with(
+        model,
+        prompts,
+        cfg,
+        RowRngs::Shared(Box::new(ChaCha8Rng::seed_from_u64(cfg.seed))),
+    )
+}
+
+/// [`generate`] with one RNG per row, seeded with `row_seeds[i]` (`cfg.seed` is unused): a row's
+/// answer then depends only on its prompt and its seed, not on which other prompts share the
+/// batch or in what order, so batching can be chosen for speed without changing results.
+pub fn generate_seeded_rows(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    row_seeds: &[u64],
+) -> Result<Vec<Vec<u32>>> {
+    if row_seeds.len() != prompts.len() {
+        bail!(
+            "{} row seeds for {} prompts",
+            row_seeds.len(),
+            prompts.len()
+        );
+    }
+    let rngs = row_seeds
+        .iter()
+        .map(|&s| ChaCha8Rng::seed_from_u64(s))
+        .collect();
+    generate_with(model, prompts, cfg, RowRngs::PerRow(rngs))
+}
+
+/// Where each row's random draws come from.
+enum RowRngs {
+    Shared(Box<ChaCha8Rng>),
+    PerRow(Vec<ChaCha8Rng>),
+}
+
+impl RowRngs {
+    /// The RNG of the prompt with original index `row`.
+    fn get(&mut self, row: usize) -> &mut ChaCha8Rng {
+        match self {
+            RowRngs::Shared(r) => r,
+            RowRngs::PerRow(v) => &mut v[row],
+        }
+    }
+}
+
+fn generate_with(
+    model: &dyn CausalLm,
+    prompts: &[Vec<u32>],
+    cfg: &GenerationConfig,
+    mut rngs: RowRngs,
 ) -> Result<Vec<Vec<u32>>> {
     if let Sampling::Sample {
         temperature, top_p, ..
@@ -74,7 +128,6 @@ pub fn generate(
         bail!("token id {bad} is out of range for a vocabulary of {vocab}");
     }
     let dev = &Device::Cpu;
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let width = prompts.iter().map(Vec::len).max().unwrap();
     // Left padding: pad id 0 (any valid id; it is masked out).
     let mut ids = Vec::with_capacity(n * width);
@@ -117,7 +170,7 @@ pub fn generate(
         for (row, &orig) in active.iter().enumerate() {
             let mut l = last[row].clone();
             ban_repeated_ngrams(&mut l, &history[orig], cfg.no_repeat_ngram);
-            let tok = choose(&mut l, &cfg.sampling, &mut rng);
+            let tok = choose(&mut l, &cfg.sampling, rngs.get(orig));
             out[orig].push(tok);
             history[orig].push(tok);
             if !cfg.eos_ids.contains(&tok) {
@@ -286,6 +339,87 @@ mod tests {
             d.contains(&1) && d.contains(&3),
             "both likely tokens are drawn: {d:?}"
         );
+    }
+
+    #[test]
+    fn seeded_rows_do_not_depend_on_the_batch() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2");
+        let m = crate::model::load_frozen(&dir).unwrap();
+        let prompts = vec![
+            vec![5u32, 9, 13, 2, 7, 11, 3],
+            vec![4u32, 8],
+            vec![6u32, 1, 12, 10],
+        ];
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            sampling: Sampling::Sample {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+            },
+            no_repeat_ngram: 0,
+            eos_ids: vec![],
+            seed: 0,
+        };
+        let seeds = [11u64, 22, 33];
+        let batched = generate_seeded_rows(m.as_ref(), &prompts, &cfg, &seeds).unwrap();
+        // Alone, and in a reversed batch: every row samples exactly the same tokens.
+        for i in 0..3 {
+            let alone =
+                generate_seeded_rows(m.as_ref(), &prompts[i..=i], &cfg, &seeds[i..=i]).unwrap();
+            assert_eq!(alone[0], batched[i], "row {i}");
+        }
+        let rev: Vec<Vec<u32>> = prompts.iter().rev().cloned().collect();
+        let rev_seeds: Vec<u64> = seeds.iter().rev().copied().collect();
+        let mut reversed = generate_seeded_rows(m.as_ref(), &rev, &cfg, &rev_seeds).unwrap();
+        reversed.reverse();
+        assert_eq!(reversed, batched);
+        // Another seed samples something else (a random model at T = 1 is near uniform).
+        let other = generate_seeded_rows(m.as_ref(), &prompts[..1], &cfg, &[12]).unwrap();
+        assert_ne!(other[0], batched[0]);
+        // The shared-stream path is unchanged: a one-row batch seeded s equals row seed s.
+        let shared = generate(
+            m.as_ref(),
+            &prompts[..1],
+            &GenerationConfig {
+                seed: 11,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(shared[0], batched[0]);
+        assert!(generate_seeded_rows(m.as_ref(), &prompts, &cfg, &seeds[..2]).is_err());
+    }
+
+    #[test]
+    fn rows_leaving_the_batch_at_eos_do_not_disturb_the_others() {
+        // One row stops early while the others go on: the KV cache drops its rows mid-generation.
+        for name in ["gpt2", "opt", "qwen3"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/models")
+                .join(name);
+            let m = crate::model::load_frozen(&dir).unwrap();
+            let prompts = vec![
+                vec![5u32, 9, 13, 2, 7],
+                vec![4u32, 8],
+                vec![6u32, 1, 12, 10],
+            ];
+            let free = generate(
+                m.as_ref(),
+                &prompts[..1],
+                &GenerationConfig::greedy(8, vec![]),
+            )
+            .unwrap()
+            .remove(0);
+            let cfg = GenerationConfig::greedy(8, vec![free[1]]);
+            let batched = generate(m.as_ref(), &prompts, &cfg).unwrap();
+            assert_eq!(batched[0], free[..2].to_vec(), "{name}");
+            for (p, got) in prompts.iter().zip(&batched) {
+                let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg).unwrap();
+                assert_eq!(got, &alone[0], "{name}: prompt {p:?}");
+            }
+        }
     }
 
     #[test]

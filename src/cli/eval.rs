@@ -1,0 +1,157 @@
+//! `pocl eval`: the paper's multi-seed ROUGE-L evaluation of a model on test sets.
+
+use crate::data::{load_jsonl, Format, LoadOptions, Sample, Template};
+use crate::eval::evaluate::{evaluate, Decoding, EvalConfig};
+use crate::model::generate::Sampling;
+use crate::tokenizer::Tokenizer;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Model directory (HF layout, with its tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Test sets (JSONL: Dolly, Alpaca or processed); each is named after its file stem.
+    #[arg(long, num_args = 1.., required = true)]
+    pub data: Vec<PathBuf>,
+    /// Generation seeds; the reported std is over these (ddof = 1).
+    #[arg(long, value_delimiter = ',', default_value = "10,20,30,40,50")]
+    pub seeds: Vec<u64>,
+    /// Write answers/<set>/seed<S>.jsonl and results.json here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Argmax decoding (every seed then gives the same answers).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    /// Sampling temperature (default 1).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// 0 disables top-k (default 0).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 1 disables top-p (default 1).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Forbid repeating n-grams of this size (0 = off).
+    #[arg(long, default_value_t = 6)]
+    pub no_repeat_ngram: usize,
+    /// Prompts generated together (answers do not depend on it).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompt template: alpaca or plain.
+    #[arg(long, default_value = "alpaca")]
+    pub template: Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_len: usize,
+    /// Force the data format: dolly, alpaca or processed (default: detected per file).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Evaluate only the first N samples of each set.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Print results.json's content instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Greedy, or sampling with the given options (defaults T = 1, top-k 0, top-p 1).
+pub fn sampling(
+    greedy: bool,
+    temperature: Option<f64>,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+) -> Result<Sampling> {
+    if greedy {
+        return Ok(Sampling::Greedy);
+    }
+    let temperature = temperature.unwrap_or(1.0);
+    let top_p = top_p.unwrap_or(1.0);
+    // Written so that NaN is rejected too.
+    let positive = temperature > 0.0;
+    if !positive {
+        bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
+    }
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    Ok(Sampling::Sample {
+        temperature,
+        top_k: top_k.unwrap_or(0),
+        top_p,
+    })
+}
+
+/// Loads a data file's samples (bad records are errors), keeping the first `limit`.
+pub fn load_samples(
+    path: &Path,
+    format: Option<Format>,
+    limit: Option<usize>,
+) -> Result<Vec<Sample>> {
+    let mut samples = load_jsonl(
+        path,
+        LoadOptions {
+            format,
+            skip_bad: false,
+        },
+    )?
+    .samples;
+    if let Some(n) = limit {
+        samples.truncate(n);
+    }
+    Ok(samples)
+}
+
+/// The model (frozen), its tokenizer, and its EOS ids (config.json + generation_config.json).
+pub fn load_model(dir: &Path) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
+    let model = crate::model::load_frozen(dir)?;
+    let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
+    let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
+    crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
+        .with_context(|| dir.display().to_string())?;
+    Ok((model, tok, eos))
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let sampling = sampling(a.greedy, a.temperature, a.top_k, a.top_p)?;
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    // Data first: a bad path fails before the (slow) model load.
+    let mut sets = Vec::with_capacity(a.data.len());
+    for path in &a.data {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .with_context(|| format!("{}: not a file name", path.display()))?;
+        sets.push((name, load_samples(path, a.format, a.limit)?));
+    }
+    let (model, tok, eos_ids) = load_model(&a.model)?;
+    let cfg = EvalConfig {
+        seeds: a.seeds,
+        decoding: Decoding {
+            sampling,
+            max_new_tokens: a.max_new_tokens,
+            no_repeat_ngram: a.no_repeat_ngram,
+            template: a.template,
+            max_prompt_len: a.max_prompt_len,
+            batch_size: a.batch_size,
+            eos_ids,
+        },
+        model: Some(a.model.display().to_string()),
+        verbose: true,
+    };
+    let report = evaluate(model.as_ref(), &tok, &sets, &cfg, a.out.as_deref())?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.table());
+        if let Some(o) = &a.out {
+            println!("results: {}", o.join("results.json").display());
+        }
+    }
+    Ok(())
+}

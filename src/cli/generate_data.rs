@@ -1,0 +1,169 @@
+//! `pocl generate-data`: the SeqKD baseline's training data. A teacher answers every training
+//! prompt; its answers replace the reference responses (SFT on the result is SeqKD).
+//!
+//! Defaults follow the reference pipeline (MiniLLM's `generate_data_seqkd.sh`, whose output
+//! DistiLLM's `process_pseudo_data_seqkd.sh` reads from `gen/.../t1.0-l512`): sampling at
+//! temperature 1, top-k 0, top-p 1, no n-gram ban, 512 − 256 = 256 new tokens, prompts cut to
+//! 256 tokens, seed 10. `--greedy` gives deterministic, seed-free answers instead.
+
+use super::eval::{load_model, load_samples, sampling};
+use crate::data::format::write_dolly_jsonl;
+use crate::data::{Format, Sample, Template};
+use crate::eval::evaluate::{
+    generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding, Generated,
+};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args)]
+pub struct GenerateDataArgs {
+    /// Teacher model directory (HF layout, with its tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training data (JSONL: Dolly, Alpaca or processed).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output Dolly-format JSONL (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Argmax decoding instead of sampling.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    /// Sampling temperature (default 1).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// 0 disables top-k (default 0).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 1 disables top-p (default 1).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+    /// Each sample's RNG is derived from (seed, sample id), so answers do not depend on batching.
+    #[arg(long, default_value_t = 10)]
+    pub seed: u64,
+    /// Forbid repeating n-grams of this size (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub no_repeat_ngram: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompt template: alpaca or plain.
+    #[arg(long, default_value = "alpaca")]
+    pub template: Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_len: usize,
+    /// Force the data format: dolly, alpaca or processed (default: detected).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Use only the first N samples.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// The SeqKD samples and what was left out.
+#[derive(Debug, Default)]
+pub struct TeacherData {
+    /// The input samples, in order, with the teacher's answer as response (instruction, context
+    /// and category kept; extra references dropped: they belonged to the old response).
+    pub samples: Vec<Sample>,
+    /// Ids of the samples dropped for an empty (or whitespace-only) answer, which training would
+    /// skip anyway (`SkipReason::EmptyResponse`).
+    pub empty: Vec<u64>,
+    /// Kept answers that ended at the token limit without an EOS.
+    pub unfinished: usize,
+    /// New tokens in the kept answers.
+    pub tokens: usize,
+}
+
+/// Pairs samples with the teacher's answers (`answers[i]` answers `samples[i]`).
+pub fn teacher_data(samples: &[Sample], answers: &[Generated], eos_ids: &[u32]) -> TeacherData {
+    let mut d = TeacherData::default();
+    for (s, g) in samples.iter().zip(answers) {
+        if g.text.trim().is_empty() {
+            d.empty.push(s.id);
+            continue;
+        }
+        d.tokens += g.ids.len();
+        d.unfinished += !g.ids.iter().any(|t| eos_ids.contains(t)) as usize;
+        d.samples.push(Sample {
+            response: g.text.clone(),
+            extra_references: Vec::new(),
+            ..s.clone()
+        });
+    }
+    d
+}
+
+pub fn run(a: GenerateDataArgs) -> Result<()> {
+    let sampling = sampling(a.greedy, a.temperature, a.top_k, a.top_p)?;
+    if a.limit == Some(0) {
+        bail!("--limit must be at least 1");
+    }
+    let samples = load_samples(&a.data, a.format, a.limit)?;
+    if samples.iter().any(|s| s.prompt.is_some()) {
+        // A Dolly record cannot hold a pre-rendered prompt: training would re-render a different one.
+        bail!(
+            "{}: processed records (pre-rendered prompts) cannot be written as Dolly data; \
+             give instruction/context data (Dolly or Alpaca)",
+            a.data.display()
+        );
+    }
+    let (model, tok, eos_ids) = load_model(&a.model)?;
+    let dec = Decoding {
+        sampling,
+        max_new_tokens: a.max_new_tokens,
+        no_repeat_ngram: a.no_repeat_ngram,
+        template: a.template,
+        max_prompt_len: a.max_prompt_len,
+        batch_size: a.batch_size,
+        eos_ids: eos_ids.clone(),
+    };
+    let start = Instant::now();
+    let prompts = prepare_prompts(model.as_ref(), &tok, &samples, &dec)?;
+    let ids: Vec<u64> = samples.iter().map(|s| s.id).collect();
+    let mut progress = progress_printer(true, "teacher answers".into(), ids.len());
+    let answers = generate_prepared_with_progress(
+        model.as_ref(),
+        &tok,
+        &prompts,
+        &ids,
+        &dec,
+        a.seed,
+        &mut progress,
+    )?;
+    let TeacherData {
+        samples: out,
+        empty,
+        unfinished,
+        tokens,
+    } = teacher_data(&samples, &answers, &eos_ids);
+    if out.is_empty() {
+        bail!(
+            "the teacher's answers are all empty ({} samples); nothing written",
+            samples.len()
+        );
+    }
+    write_dolly_jsonl(&a.out, &out)?;
+    println!(
+        "{}: {} samples from {} ({:.1} s); mean answer {:.1} tokens; {} stopped at --max-new-tokens without EOS",
+        a.out.display(),
+        out.len(),
+        a.data.display(),
+        start.elapsed().as_secs_f64(),
+        tokens as f64 / out.len() as f64,
+        unfinished
+    );
+    if !empty.is_empty() {
+        let shown: Vec<String> = empty.iter().take(10).map(|i| i.to_string()).collect();
+        println!(
+            "dropped {} empty answer(s): sample id(s) {}{}",
+            empty.len(),
+            shown.join(", "),
+            if empty.len() > 10 { ", ..." } else { "" }
+        );
+    }
+    Ok(())
+}
