@@ -379,6 +379,13 @@ impl Recipe {
     pub fn schedule(&self) -> Schedule {
         let c = &self.curriculum;
         let fixed = !c.kind.rises();
+        // SFT is the objective with KD weight 0 at every stage: no teacher term at all.
+        let sft = self.objective.loss == "sft";
+        let (a_start, a_end) = match (sft, fixed) {
+            (true, _) => (0.0, 0.0),
+            (false, true) => (self.objective.kd_weight, self.objective.kd_weight),
+            (false, false) => (c.a_start, c.a_end),
+        };
         Schedule {
             kind: c.kind,
             stages: if c.kind == Kind::None { 1 } else { c.stages },
@@ -388,12 +395,8 @@ impl Recipe {
                 c.t_start
             },
             t_end: c.t_end,
-            a_start: c.a_start,
-            a_end: if fixed {
-                self.objective.kd_weight
-            } else {
-                c.a_end
-            },
+            a_start,
+            a_end,
         }
     }
 

@@ -12,11 +12,13 @@ pub mod cli;
 pub mod config;
 pub mod curriculum;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod report;
 pub mod tokenizer;
 pub mod train;
 

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 
 pub mod convert;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod forward;
 pub mod generate;
@@ -29,6 +30,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
+    /// The paper's experiment on the built-in benchmark: KD with and without POCL, report.md.
+    Demo(demo::DemoArgs),
     /// Run a distillation recipe (all curriculum stages) into a run directory.
     Train(train::TrainArgs),
     /// Measure sample difficulty with the student (POCL's ROUGE-L + CE rank fusion).
@@ -58,6 +61,7 @@ pub enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
         Command::Score(a) => score::run(a),
         Command::Data(cmd) => data::run(cmd),

@@ -1,0 +1,44 @@
+//! `pocl demo`: the whole method on the built-in benchmark, offline (see `demo.rs`).
+
+use crate::demo::{Demo, Plan, Size};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Output directory (data, models, runs, evaluations, report.md).
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    /// A small version that finishes in a few minutes.
+    #[arg(long, conflicts_with = "full")]
+    pub quick: bool,
+    /// All seven methods of the paper, 3 training seeds, 5 generation seeds.
+    #[arg(long)]
+    pub full: bool,
+    /// Number of training seeds (default: 1 quick, 2 default, 3 full).
+    #[arg(long)]
+    pub seeds: Option<usize>,
+    /// Redo every phase instead of reusing what an earlier demo in --out produced.
+    #[arg(long)]
+    pub fresh: bool,
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    if a.seeds == Some(0) {
+        bail!("--seeds must be at least 1");
+    }
+    let size = if a.quick {
+        Size::Quick
+    } else if a.full {
+        Size::Full
+    } else {
+        Size::Default
+    };
+    Demo {
+        out: a.out,
+        plan: Plan::new(size, a.seeds),
+        fresh: a.fresh,
+    }
+    .run()
+}

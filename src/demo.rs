@@ -1,0 +1,427 @@
+//! `pocl demo`: the paper's experiment end to end on the built-in benchmark, offline.
+//!
+//! Phases, each reused when an earlier demo in the same directory finished it (and resumed when
+//! it was interrupted): benchmark data and tokenizer; "pretrained" base teacher and student
+//! (language modelling on the benchmark's raw text, so the student can already answer a little,
+//! as GPT-2 base can); the teacher fine-tuned (SFT); the SFT student baseline; the difficulty
+//! scores of the base student (shared by every POCL run, as in the paper); KD with and without
+//! POCL for each method and training seed; the evaluation protocol on the three test sets; and
+//! report.md. Every training run goes through `pocl train`'s code path with an ordinary recipe.
+
+use crate::cli::train::train;
+use crate::config::Recipe;
+use crate::curriculum::measure::{self, MeasureConfig};
+use crate::curriculum::schedule::Kind;
+use crate::data::synthetic::{write_benchmark, SynthConfig};
+use crate::data::{load_jsonl, Sample};
+use crate::eval::evaluate::{evaluate, Decoding, EvalConfig, EvalReport};
+use crate::model::init::{init, Shape};
+use crate::train::trainer::last_checkpoint;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Size {
+    /// A few minutes: exercised by CI.
+    Quick,
+    /// A representative subset within about 30 minutes on 2 CPU cores.
+    Default,
+    /// All seven methods of the paper, 3 seeds.
+    Full,
+}
+
+/// Everything the demo's size decides.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub n_train: usize,
+    pub n_dev: usize,
+    pub n_test: usize,
+    pub teacher: (usize, usize),
+    pub student: (usize, usize),
+    pub pretrain_epochs: usize,
+    pub teacher_sft_epochs: usize,
+    pub stages: usize,
+    pub epochs_per_stage: usize,
+    /// Baselines get the same number of sample visits as POCL: E·(S+1)/2 epochs, rounded.
+    pub baseline_epochs: usize,
+    pub methods: Vec<String>,
+    pub train_seeds: Vec<u64>,
+    pub eval_seeds: Vec<u64>,
+    pub max_new_tokens: usize,
+    pub dev_rouge_samples: usize,
+    pub lr: f64,
+}
+
+impl Plan {
+    pub fn new(size: Size, seeds: Option<usize>) -> Self {
+        let (n_train, n_test, teacher, student, pre, tsft, eps, methods, nseeds, eval_seeds): (
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            _,
+            &[&str],
+            _,
+            &[u64],
+        ) = match size {
+            Size::Quick => (240, 24, (64, 2), (32, 1), 1, 3, 1, &["fkl"], 1, &[10]),
+            Size::Default => (
+                1600,
+                100,
+                (128, 3),
+                (64, 2),
+                2,
+                6,
+                2,
+                &["fkl", "srkl", "gkd"],
+                2,
+                &[10, 20],
+            ),
+            Size::Full => (
+                1600,
+                100,
+                (128, 3),
+                (64, 2),
+                2,
+                6,
+                2,
+                &["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gkd"],
+                3,
+                &[10, 20, 30, 40, 50],
+            ),
+        };
+        let stages = 4;
+        Plan {
+            n_train,
+            n_dev: n_test,
+            n_test,
+            teacher,
+            student,
+            pretrain_epochs: pre,
+            teacher_sft_epochs: tsft,
+            stages,
+            epochs_per_stage: eps,
+            baseline_epochs: (eps * (stages + 1)).div_ceil(2),
+            methods: methods.iter().map(|m| m.to_string()).collect(),
+            train_seeds: (0..seeds.unwrap_or(nseeds) as u64)
+                .map(|k| 10 + k)
+                .collect(),
+            eval_seeds: eval_seeds.to_vec(),
+            max_new_tokens: 48,
+            dev_rouge_samples: if size == Size::Quick { 8 } else { 50 },
+            lr: 2e-3,
+        }
+    }
+}
+
+pub struct Demo {
+    pub out: PathBuf,
+    pub plan: Plan,
+    /// Redo every phase instead of reusing an earlier demo's results.
+    pub fresh: bool,
+}
+
+/// Wall time of each run, for the report's compute column.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Timing {
+    pub name: String,
+    pub seconds: f64,
+}
+
+fn done(run: &Path) -> bool {
+    let state = last_checkpoint(run).join(crate::train::checkpoint::STATE_FILE);
+    std::fs::read_to_string(state)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v["done"] == true)
+}
+
+fn phase(name: &str) {
+    eprintln!("\n== {name}");
+}
+
+impl Demo {
+    fn data(&self) -> PathBuf {
+        self.out.join("data")
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        self.out.join("runs").join(name)
+    }
+
+    /// A recipe for one run of the demo.
+    fn recipe(
+        &self,
+        teacher: Option<&Path>,
+        student: &Path,
+        loss: &str,
+        kind: Kind,
+        seed: u64,
+    ) -> Recipe {
+        let p = &self.plan;
+        let mut r = Recipe::default();
+        r.seed = seed;
+        r.model.teacher = teacher.map(Path::to_path_buf);
+        r.model.student = student.to_path_buf();
+        r.data.train = self.data().join("train.jsonl");
+        r.data.dev = Some(self.data().join("dev.jsonl"));
+        r.data.max_prompt_len = 96;
+        r.data.max_len = 160;
+        r.objective.loss = loss.into();
+        r.curriculum.kind = kind;
+        r.curriculum.stages = p.stages;
+        r.curriculum.epochs_per_stage = p.epochs_per_stage;
+        r.curriculum.scores = Some(self.out.join("scores.jsonl"));
+        r.optim.lr = p.lr;
+        r.optim.lr_min = p.lr / 100.0;
+        r.optim.batch_size = 32;
+        r.optim.micro_batch_size = 32;
+        r.optim.epochs = p.baseline_epochs;
+        r.eval.dev_rouge_samples = p.dev_rouge_samples;
+        r.eval.max_new_tokens = p.max_new_tokens;
+        r.gkd.max_new_tokens = p.max_new_tokens;
+        r.curriculum.score_max_new_tokens = p.max_new_tokens;
+        r.curriculum.score_batch_size = 32;
+        r
+    }
+
+    /// Runs a recipe into `runs/NAME` unless a finished run is there; resumes an unfinished one.
+    fn train_once(&self, name: &str, recipe: Recipe) -> Result<PathBuf> {
+        let dir = self.run_dir(name);
+        if self.fresh && dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        if done(&dir) {
+            eprintln!("{name}: reusing {}", dir.display());
+        } else {
+            recipe
+                .validate()
+                .with_context(|| format!("demo recipe {name}"))?;
+            let resume = last_checkpoint(&dir)
+                .join(crate::train::checkpoint::STATE_FILE)
+                .is_file();
+            eprintln!(
+                "{name}: training{}",
+                if resume { " (resuming)" } else { "" }
+            );
+            train(recipe, &dir, resume).with_context(|| format!("run {name}"))?;
+        }
+        Ok(last_checkpoint(&dir))
+    }
+
+    pub fn run(&self) -> Result<()> {
+        let start = Instant::now();
+        std::fs::create_dir_all(&self.out)
+            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        let p = &self.plan;
+        crate::write_atomic(
+            &self.out.join("plan.json"),
+            serde_json::to_string_pretty(p)?.as_bytes(),
+        )?;
+
+        phase("data: the built-in benchmark and its tokenizer");
+        let data = self.data();
+        if self.fresh || !data.join("tokenizer.json").is_file() {
+            let cfg = SynthConfig {
+                seed: 10,
+                n_train: p.n_train,
+                n_dev: p.n_dev,
+                n_test: p.n_test,
+                vocab_size: 1024,
+            };
+            write_benchmark(&data, &cfg)?;
+        }
+        self.write_pretraining_text()?;
+
+        phase("base models: language-model pretraining on the benchmark's raw text");
+        let mut bases = Vec::new();
+        for (name, (hidden, layers), seed) in
+            [("teacher", p.teacher, 1u64), ("student", p.student, 2)]
+        {
+            let init_dir = self.out.join("models").join(format!("{name}-init"));
+            if self.fresh || !init_dir.join("model.safetensors").is_file() {
+                let shape = Shape {
+                    hidden,
+                    layers,
+                    heads: 4,
+                    kv_heads: 4,
+                    intermediate: 0,
+                    max_positions: 256,
+                };
+                init("gpt2", &shape, &data, &init_dir, seed)?;
+            }
+            let mut r = self.recipe(None, &init_dir, "sft", Kind::None, 10);
+            r.data.train = data.join("pretrain.jsonl");
+            r.data.format = "processed".into();
+            r.data.dev = None; // pretraining needs no dev evaluation
+            r.data.dev_size = 0;
+            r.optim.epochs = p.pretrain_epochs;
+            r.optim.lr = 3e-3;
+            r.eval.dev_rouge_samples = 0;
+            bases.push(self.train_once(&format!("pretrain-{name}"), r)?);
+        }
+        let (teacher_base, student_base) = (bases[0].clone(), bases[1].clone());
+
+        phase("teacher: supervised fine-tuning");
+        let mut r = self.recipe(None, &teacher_base, "sft", Kind::None, 10);
+        r.optim.epochs = p.teacher_sft_epochs;
+        let teacher = self.train_once("teacher-sft", r)?;
+
+        phase(
+            "difficulty: the base student scores every training sample (shared by all POCL runs)",
+        );
+        let measure_seconds = self.measure(&student_base)?;
+
+        phase("baselines and distillation runs");
+        let mut runs: Vec<(String, String, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
+        for &seed in &p.train_seeds {
+            runs.push((format!("sft-s{seed}"), "sft".into(), false, seed));
+            for m in &p.methods {
+                runs.push((format!("{m}-s{seed}"), m.clone(), false, seed));
+                runs.push((format!("{m}-pocl-s{seed}"), m.clone(), true, seed));
+            }
+        }
+        for (name, method, pocl, seed) in &runs {
+            let kind = if *pocl { Kind::Pocl } else { Kind::None };
+            let t = (method != "sft").then_some(teacher.as_path());
+            let r = self.recipe(t, &student_base, method, kind, *seed);
+            self.train_once(name, r)?;
+        }
+
+        phase("evaluation: the paper's protocol on the three test sets");
+        let sets = self.test_sets()?;
+        let mut results: Vec<(String, EvalReport)> = vec![(
+            "teacher".into(),
+            self.eval_once("teacher", &teacher, &sets)?,
+        )];
+        for (name, ..) in &runs {
+            let model = last_checkpoint(&self.run_dir(name));
+            results.push((name.clone(), self.eval_once(name, &model, &sets)?));
+        }
+
+        phase("report");
+        let report = crate::report::demo_report(self, &runs, &results, measure_seconds)?;
+        crate::write_atomic(&self.out.join("report.md"), report.as_bytes())?;
+        eprintln!(
+            "\n{}\nwrote {} in {:.0}s",
+            report,
+            self.out.join("report.md").display(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The benchmark's training text without the prompt template, as one processed-format record
+    /// per sample with an empty prompt: the loss then covers every token (language modelling).
+    fn write_pretraining_text(&self) -> Result<()> {
+        let path = self.data().join("pretrain.jsonl");
+        if path.is_file() && !self.fresh {
+            return Ok(());
+        }
+        let samples = load_jsonl(&self.data().join("train.jsonl"), Default::default())?.samples;
+        let mut text = String::new();
+        for s in samples {
+            let body = [
+                s.instruction.as_str(),
+                s.input.as_str(),
+                s.response.as_str(),
+            ]
+            .iter()
+            .filter(|x| !x.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n");
+            text += &serde_json::json!({"prompt": "", "output": body}).to_string();
+            text.push('\n');
+        }
+        crate::write_atomic(&path, text.as_bytes())
+    }
+
+    /// Scores the training set with the base student once; returns the seconds it took.
+    fn measure(&self, student: &Path) -> Result<f64> {
+        let path = self.out.join("scores.jsonl");
+        let timing = self.out.join("scores.time.json");
+        if !self.fresh && path.is_file() && timing.is_file() {
+            eprintln!("reusing {}", path.display());
+            let t: Timing = serde_json::from_str(&std::fs::read_to_string(&timing)?)?;
+            return Ok(t.seconds);
+        }
+        let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
+        let (model, tok, eos) = crate::cli::eval::load_model(student)?;
+        let data = crate::train::splits::Splits::load(&r, &tok)?;
+        let cfg = MeasureConfig {
+            max_new_tokens: r.curriculum.score_max_new_tokens,
+            batch_size: r.curriculum.score_batch_size,
+            buckets: self.plan.stages,
+            ..MeasureConfig::default()
+        };
+        let t0 = Instant::now();
+        let pad = model
+            .config()
+            .pad_token_id
+            .or(eos.first().copied())
+            .unwrap_or(0);
+        let scores = measure::measure(
+            model.as_ref(),
+            &tok,
+            &data.train,
+            &data.train_references,
+            &eos,
+            pad,
+            &cfg,
+        )?;
+        let seconds = t0.elapsed().as_secs_f64();
+        measure::write_scores(&path, &scores)?;
+        let t = Timing {
+            name: "difficulty measurer".into(),
+            seconds,
+        };
+        crate::write_atomic(&timing, serde_json::to_string(&t)?.as_bytes())?;
+        eprintln!("scored {} samples in {seconds:.1}s", scores.len());
+        Ok(seconds)
+    }
+
+    fn test_sets(&self) -> Result<Vec<(String, Vec<Sample>)>> {
+        ["test_id", "test_long", "test_phrasing"]
+            .iter()
+            .map(|n| {
+                Ok((
+                    n.to_string(),
+                    load_jsonl(&self.data().join(format!("{n}.jsonl")), Default::default())?
+                        .samples,
+                ))
+            })
+            .collect()
+    }
+
+    fn eval_once(
+        &self,
+        name: &str,
+        model_dir: &Path,
+        sets: &[(String, Vec<Sample>)],
+    ) -> Result<EvalReport> {
+        let dir = self.out.join("eval").join(name);
+        let results = dir.join("results.json");
+        if !self.fresh && results.is_file() {
+            return Ok(serde_json::from_str(&std::fs::read_to_string(&results)?)?);
+        }
+        let (model, tok, eos) = crate::cli::eval::load_model(model_dir)?;
+        let mut decoding = Decoding::paper();
+        decoding.max_new_tokens = self.plan.max_new_tokens;
+        decoding.max_prompt_len = 96;
+        decoding.batch_size = 32;
+        decoding.eos_ids = eos;
+        let cfg = EvalConfig {
+            seeds: self.plan.eval_seeds.clone(),
+            decoding,
+            model: Some(name.into()),
+            verbose: false,
+        };
+        eprintln!("evaluating {name}");
+        evaluate(model.as_ref(), &tok, sets, &cfg, Some(&dir))
+    }
+}

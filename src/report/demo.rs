@@ -1,0 +1,155 @@
+//! report.md of `pocl demo`: the results table shaped like POCL.md §6 (rows: teacher, SFT, each
+//! method with and without POCL; columns: the test sets and their average; mean ± std over
+//! training seeds), POCL's gain per method, and the compute each run took.
+
+use crate::demo::Demo;
+use crate::eval::evaluate::EvalReport;
+use anyhow::Result;
+use std::fmt::Write;
+
+fn mean_std(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let mean = xs.iter().sum::<f64>() / n.max(1.0);
+    let var = if xs.len() > 1 {
+        xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    (mean, var.sqrt())
+}
+
+fn cell((m, s): (f64, f64)) -> String {
+    format!("{m:.2} ± {s:.2}")
+}
+
+/// Seconds a finished run spent training (from its last checkpoint's trainer state).
+pub fn train_seconds(run_dir: &std::path::Path) -> Option<f64> {
+    let p =
+        crate::train::trainer::last_checkpoint(run_dir).join(crate::train::checkpoint::STATE_FILE);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    v["train_seconds"].as_f64()
+}
+
+pub fn method_label(m: &str) -> String {
+    match m {
+        "sft" => "SFT student".into(),
+        other => other.to_uppercase(),
+    }
+}
+
+/// Builds report.md from the runs `(name, method, pocl, seed)` and their evaluations.
+pub fn demo_report(
+    demo: &Demo,
+    runs: &[(String, String, bool, u64)],
+    results: &[(String, EvalReport)],
+    measure_seconds: f64,
+) -> Result<String> {
+    let p = &demo.plan;
+    let get = |name: &str| results.iter().find(|(n, _)| n == name).map(|(_, r)| r);
+    let set_names: Vec<String> = results[0].1.sets.iter().map(|s| s.name.clone()).collect();
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# pocl demo: knowledge distillation with and without POCL\n"
+    )?;
+    writeln!(
+        md,
+        "Built-in benchmark ({} training samples, {} per test set), GPT-2-architecture teacher (d={}, {} layers) \
+         and student (d={}, {} layers), both pretrained here on the benchmark's raw text; teacher fine-tuned \
+         for {} epochs. KD runs start from the base student; POCL: {} stages x {} epochs (T 1 -> 2, KD weight \
+         0.7 -> 1.0); plain KD and SFT: {} epochs (the same number of sample visits). Training seeds {:?}, \
+         generation seeds {:?} (sampling at T = 1, no-repeat-ngram 6, up to {} new tokens).\n",
+        p.n_train, p.n_test, p.teacher.0, p.teacher.1, p.student.0, p.student.1, p.teacher_sft_epochs, p.stages,
+        p.epochs_per_stage, p.baseline_epochs, p.train_seeds, p.eval_seeds, p.max_new_tokens
+    )?;
+    writeln!(md, "## ROUGE-L (x100) on the test sets\n")?;
+    writeln!(md, "Mean ± std over training seeds (each value the mean over generation seeds); the teacher: over generation seeds.\n")?;
+    let header: Vec<String> = set_names
+        .iter()
+        .cloned()
+        .chain(["average".to_string()])
+        .collect();
+    writeln!(md, "| method | {} |", header.join(" | "))?;
+    writeln!(md, "|---|{}", "---|".repeat(header.len()))?;
+    if let Some(t) = get("teacher") {
+        let mut cells: Vec<String> = t.sets.iter().map(|s| cell((s.mean, s.std))).collect();
+        cells.push(cell((t.average.mean, t.average.std)));
+        writeln!(md, "| Teacher (SFT) | {} |", cells.join(" | "))?;
+    }
+    // Per (method, pocl): per-set means over the training seeds.
+    let mut rows: Vec<(String, bool)> = Vec::new();
+    for (_, m, pocl, _) in runs {
+        if !rows.contains(&(m.clone(), *pocl)) {
+            rows.push((m.clone(), *pocl));
+        }
+    }
+    let mut averages: Vec<((String, bool), f64)> = Vec::new();
+    for (m, pocl) in &rows {
+        let reports: Vec<&EvalReport> = runs
+            .iter()
+            .filter(|(_, rm, rp, _)| rm == m && rp == pocl)
+            .filter_map(|(n, ..)| get(n))
+            .collect();
+        let mut cells = Vec::new();
+        for (k, _) in set_names.iter().enumerate() {
+            cells.push(cell(mean_std(
+                &reports.iter().map(|r| r.sets[k].mean).collect::<Vec<_>>(),
+            )));
+        }
+        let avg = mean_std(&reports.iter().map(|r| r.average.mean).collect::<Vec<_>>());
+        averages.push(((m.clone(), *pocl), avg.0));
+        cells.push(cell(avg));
+        let label = if *pocl {
+            format!("{} + POCL", method_label(m))
+        } else {
+            method_label(m)
+        };
+        writeln!(md, "| {label} | {} |", cells.join(" | "))?;
+    }
+    writeln!(md, "\n## POCL against plain KD (average ROUGE-L)\n")?;
+    writeln!(
+        md,
+        "| method | without POCL | with POCL | difference |\n|---|---|---|---|"
+    )?;
+    for m in &p.methods {
+        let find = |pocl: bool| {
+            averages
+                .iter()
+                .find(|((mm, pp), _)| mm == m && *pp == pocl)
+                .map(|(_, a)| *a)
+        };
+        if let (Some(a), Some(b)) = (find(false), find(true)) {
+            writeln!(
+                md,
+                "| {} | {a:.2} | {b:.2} | {:+.2} |",
+                method_label(m),
+                b - a
+            )?;
+        }
+    }
+    writeln!(md, "\n## Compute\n")?;
+    writeln!(md, "| run | training wall time (s) |\n|---|---|")?;
+    let mut pocl_times = Vec::new();
+    for name in ["pretrain-teacher", "pretrain-student", "teacher-sft"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(runs.iter().map(|r| r.0.clone()))
+    {
+        if let Some(s) = train_seconds(&demo.out.join("runs").join(&name)) {
+            writeln!(md, "| {name} | {s:.1} |")?;
+            if name.contains("-pocl-") {
+                pocl_times.push(s);
+            }
+        }
+    }
+    if !pocl_times.is_empty() {
+        let run = mean_std(&pocl_times).0;
+        writeln!(
+            md,
+            "\nThe difficulty measurer took {measure_seconds:.1} s once (shared by every POCL run): {:.1}% of the \
+             wall time of a POCL run (measurer + {run:.1} s of training on average).",
+            100.0 * measure_seconds / (measure_seconds + run)
+        )?;
+    }
+    Ok(md)
+}
