@@ -163,8 +163,10 @@ impl Demo {
         seed: u64,
     ) -> Recipe {
         let p = &self.plan;
-        let mut r = Recipe::default();
-        r.seed = seed;
+        let mut r = Recipe {
+            seed,
+            ..Recipe::default()
+        };
         r.model.teacher = teacher.map(Path::to_path_buf);
         r.model.student = student.to_path_buf();
         r.data.train = self.data().join("train.jsonl");
