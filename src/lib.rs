@@ -17,6 +17,7 @@ pub mod kd;
 pub mod model;
 pub mod ops;
 pub mod progress;
+pub mod report;
 pub mod tokenizer;
 pub mod train;
 
