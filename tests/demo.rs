@@ -90,6 +90,23 @@ fn quick_demo_reports_kd_with_and_without_pocl() {
         );
     }
 
+    // The figures exist, are linked from the report, and are PNGs of the stated size.
+    for f in ["dev_rouge.png", "kd_loss.png", "difficulty.png"] {
+        let png = std::fs::read(out.join("plots").join(f)).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{f}");
+        assert_eq!(&png[12..16], b"IHDR");
+        let (w, h) = (
+            u32::from_be_bytes(png[16..20].try_into().unwrap()),
+            u32::from_be_bytes(png[20..24].try_into().unwrap()),
+        );
+        assert_eq!((w, h), (720, 420), "{f}");
+        assert_eq!(&png[png.len() - 8..png.len() - 4], b"IEND");
+        assert!(
+            report.contains(&format!("(plots/{f})")),
+            "{f} linked from report.md"
+        );
+    }
+
     // A second demo in the same directory reuses every finished phase and rewrites the same table.
     let again = Command::new(bin)
         .args(["demo", "--quick", "--out", &out.display().to_string()])

@@ -151,5 +151,129 @@ pub fn demo_report(
             100.0 * measure_seconds / (measure_seconds + run)
         )?;
     }
+    writeln!(md, "\n## Figures\n")?;
+    for (caption, path) in demo_plots(demo)? {
+        writeln!(md, "{caption}\n\n![{caption}]({path})\n")?;
+    }
     Ok(md)
+}
+
+fn read_jsonl(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .map(|t| {
+            t.lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (samples seen, value of `key`) for every record of `kind` in a run's metrics; the x axis counts
+/// training samples so that runs with different steps per epoch line up.
+fn curve(metrics: &[serde_json::Value], kind: &str, key: &str) -> Vec<(f64, f64)> {
+    let mut seen = 0.0;
+    let mut seen_at_step = std::collections::HashMap::new();
+    for r in metrics.iter().filter(|r| r["type"] == "step") {
+        seen += r["samples"].as_f64().unwrap_or(0.0);
+        seen_at_step.insert(r["step"].as_u64().unwrap_or(0), seen);
+    }
+    metrics
+        .iter()
+        .filter(|r| r["type"] == kind)
+        .filter_map(|r| Some((*seen_at_step.get(&r["step"].as_u64()?)?, r[key].as_f64()?)))
+        .collect()
+}
+
+/// Draws the demo's figures into OUT/plots and returns (caption, relative path) for each.
+pub fn demo_plots(demo: &Demo) -> Result<Vec<(String, String)>> {
+    use super::plot::{histogram_png, line_chart_png, write_png, Histogram, LineChart, Series};
+    let dir = demo.out.join("plots");
+    std::fs::create_dir_all(&dir)?;
+    let p = &demo.plan;
+    let (Some(method), Some(seed)) = (p.methods.first(), p.train_seeds.first()) else {
+        return Ok(vec![]);
+    };
+    let kd = read_jsonl(
+        &demo
+            .out
+            .join(format!("runs/{method}-s{seed}/metrics.jsonl")),
+    );
+    let pocl = read_jsonl(
+        &demo
+            .out
+            .join(format!("runs/{method}-pocl-s{seed}/metrics.jsonl")),
+    );
+    // Stage boundaries of the POCL run, in samples seen.
+    let mut markers = Vec::new();
+    let mut seen = 0.0;
+    for r in &pocl {
+        if r["type"] == "stage" {
+            markers.push((
+                seen,
+                format!("stage {}", r["stage"].as_u64().unwrap_or(0) + 1),
+            ));
+        } else if r["type"] == "step" {
+            seen += r["samples"].as_f64().unwrap_or(0.0);
+        }
+    }
+    let label = method_label(method);
+    let mut out = Vec::new();
+    for (file, title, kind, key, y) in [
+        (
+            "dev_rouge.png",
+            "Dev ROUGE-L",
+            "eval",
+            "dev_rouge",
+            "dev ROUGE-L",
+        ),
+        (
+            "kd_loss.png",
+            "KD loss per step",
+            "step",
+            "kd",
+            "KD loss (T^2-scaled)",
+        ),
+    ] {
+        let chart = LineChart {
+            title: format!("{title}: {label} vs {label} + POCL"),
+            x_label: "training samples seen".into(),
+            y_label: y.into(),
+            series: vec![
+                Series {
+                    label: label.clone(),
+                    points: curve(&kd, kind, key),
+                },
+                Series {
+                    label: format!("{label} + POCL"),
+                    points: curve(&pocl, kind, key),
+                },
+            ],
+            markers: markers.clone(),
+        };
+        write_png(&dir.join(file), &line_chart_png(&chart, 720, 420)?)?;
+        out.push((format!("{title} during training, {label} vs {label} + POCL (seed {seed}); dashed lines: POCL stage starts"), format!("plots/{file}")));
+    }
+    let scores = read_jsonl(&demo.out.join("scores.jsonl"));
+    let mut groups: Vec<(String, Vec<f64>)> = (0..p.stages)
+        .map(|b| (format!("bucket {}", b + 1), vec![]))
+        .collect();
+    for s in &scores {
+        if let (Some(b), Some(v)) = (s["bucket"].as_u64(), s["rrf"].as_f64()) {
+            if let Some(g) = groups.get_mut(b as usize) {
+                g.1.push(v);
+            }
+        }
+    }
+    let h = Histogram {
+        title: "Difficulty (RRF score) per bucket, 1 = easiest".into(),
+        x_label: "RRF score (higher = easier)".into(),
+        groups,
+        bins: 20,
+    };
+    write_png(&dir.join("difficulty.png"), &histogram_png(&h, 720, 420)?)?;
+    out.push((
+        "Difficulty scores of the training samples by bucket".into(),
+        "plots/difficulty.png".into(),
+    ));
+    Ok(out)
 }

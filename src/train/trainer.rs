@@ -371,7 +371,9 @@ impl Trainer {
         let vars = self.student.params().vars();
         // Gradients are added in micro-batch order (deterministic, so resumed runs are exact).
         // Running micro-batches on parallel threads was measured slower here (PERFORMANCE.md).
-        let per_micro = micro.iter().map(|b| self.micro_step(b, &vars, kd_weight, temperature, tokens));
+        let per_micro = micro
+            .iter()
+            .map(|b| self.micro_step(b, &vars, kd_weight, temperature, tokens));
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; vars.len()];
         let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
         for r in per_micro {
@@ -407,20 +409,46 @@ impl Trainer {
     }
 
     /// Forward and backward of one micro-batch; the loss is already divided by the step's tokens.
-    fn micro_step(&self, b: &crate::data::Batch, vars: &[candle_core::Var], kd_weight: f64, temperature: f64, tokens: f64) -> Result<MicroResult> {
-        let input = Input { ids: &b.input_ids, positions: &b.position_ids, key_mask: &b.attention_mask };
+    fn micro_step(
+        &self,
+        b: &crate::data::Batch,
+        vars: &[candle_core::Var],
+        kd_weight: f64,
+        temperature: f64,
+        tokens: f64,
+    ) -> Result<MicroResult> {
+        let input = Input {
+            ids: &b.input_ids,
+            positions: &b.position_ids,
+            key_mask: &b.attention_mask,
+        };
         let teacher = match &self.teacher {
-            Some(t) if kd_weight > 0.0 => {
-                Some(crate::kd::vocab::narrow_to_prefix(&t.logits(&input, None)?.detach(), self.kd_vocab)?)
-            }
+            Some(t) if kd_weight > 0.0 => Some(crate::kd::vocab::narrow_to_prefix(
+                &t.logits(&input, None)?.detach(),
+                self.kd_vocab,
+            )?),
             _ => None,
         };
-        let student = crate::kd::vocab::narrow_to_prefix(&self.student.logits(&input, None)?, self.kd_vocab)?;
+        let student =
+            crate::kd::vocab::narrow_to_prefix(&self.student.logits(&input, None)?, self.kd_vocab)?;
         let labels = b.labels.flatten_all()?;
         let mask = b.loss_mask.flatten_all()?;
-        let out = self.objective.loss(teacher.as_ref(), &student, &labels, &mask, kd_weight, temperature, tokens)?;
+        let out = self.objective.loss(
+            teacher.as_ref(),
+            &student,
+            &labels,
+            &mask,
+            kd_weight,
+            temperature,
+            tokens,
+        )?;
         let grads = flat_grads(vars, &out.loss.backward()?)?;
-        Ok(MicroResult { loss: out.loss.to_scalar::<f32>()? as f64, ce: out.ce, kd: out.kd, grads })
+        Ok(MicroResult {
+            loss: out.loss.to_scalar::<f32>()? as f64,
+            ce: out.ce,
+            kd: out.kd,
+            grads,
+        })
     }
 
     /// GKD: the batch's prompts answered by the student (temperature 1, top-p 1), optionally
