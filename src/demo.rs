@@ -171,6 +171,9 @@ impl Demo {
         r.model.student = student.to_path_buf();
         r.data.train = self.data().join("train.jsonl");
         r.data.dev = Some(self.data().join("dev.jsonl"));
+        // The plain template: the Alpaca preamble would be two thirds of every benchmark sequence,
+        // tripling the cost of a demo whose point is the curriculum, not the template.
+        r.data.template = "plain".into();
         r.data.max_prompt_len = 96;
         r.data.max_len = 160;
         r.objective.loss = loss.into();
@@ -415,6 +418,7 @@ impl Demo {
         let mut decoding = Decoding::paper();
         decoding.max_new_tokens = self.plan.max_new_tokens;
         decoding.max_prompt_len = 96;
+        decoding.template = crate::data::Template::Plain;
         decoding.batch_size = 32;
         decoding.eos_ids = eos;
         let cfg = EvalConfig {

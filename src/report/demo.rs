@@ -58,7 +58,7 @@ pub fn demo_report(
          and student (d={}, {} layers), both pretrained here on the benchmark's raw text; teacher fine-tuned \
          for {} epochs. KD runs start from the base student; POCL: {} stages x {} epochs (T 1 -> 2, KD weight \
          0.7 -> 1.0); plain KD and SFT: {} epochs (about the same number of sample visits). Training seeds {:?}, \
-         generation seeds {:?} (sampling at T = 1, no-repeat-ngram 6, up to {} new tokens).\n",
+         generation seeds {:?} (sampling at T = 1, no-repeat-ngram 6, up to {} new tokens; plain prompt template).\n",
         p.n_train, p.n_test, p.teacher.0, p.teacher.1, p.student.0, p.student.1, p.teacher_sft_epochs, p.stages,
         p.epochs_per_stage, p.baseline_epochs, p.train_seeds, p.eval_seeds, p.max_new_tokens
     )?;
