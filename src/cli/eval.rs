@@ -2,7 +2,6 @@
 
 use crate::data::{load_jsonl, Format, LoadOptions, Sample, Template};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig};
-use crate::model::generate::Sampling;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -24,18 +23,8 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Argmax decoding (every seed then gives the same answers).
-    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
-    pub greedy: bool,
-    /// Sampling temperature (default 1).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// 0 disables top-k (default 0).
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// 1 disables top-p (default 1).
-    #[arg(long)]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: super::sampling::SamplingArgs,
     /// Forbid repeating n-grams of this size (0 = off).
     #[arg(long, default_value_t = 6)]
     pub no_repeat_ngram: usize,
@@ -56,33 +45,6 @@ pub struct EvalArgs {
     /// Print results.json's content instead of the table.
     #[arg(long)]
     pub json: bool,
-}
-
-/// Greedy, or sampling with the given options (defaults T = 1, top-k 0, top-p 1).
-pub fn sampling(
-    greedy: bool,
-    temperature: Option<f64>,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-) -> Result<Sampling> {
-    if greedy {
-        return Ok(Sampling::Greedy);
-    }
-    let temperature = temperature.unwrap_or(1.0);
-    let top_p = top_p.unwrap_or(1.0);
-    // Written so that NaN is rejected too.
-    let positive = temperature > 0.0;
-    if !positive {
-        bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
-    }
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
-    }
-    Ok(Sampling::Sample {
-        temperature,
-        top_k: top_k.unwrap_or(0),
-        top_p,
-    })
 }
 
 /// Loads a data file's samples (bad records are errors), keeping the first `limit`.
@@ -116,7 +78,7 @@ pub fn load_model(dir: &Path) -> Result<(Box<dyn crate::model::CausalLm>, Tokeni
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
-    let sampling = sampling(a.greedy, a.temperature, a.top_k, a.top_p)?;
+    let sampling = a.sampling.resolve(true)?;
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }

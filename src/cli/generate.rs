@@ -1,6 +1,6 @@
 //! `pocl generate`: continue a prompt with a model.
 
-use crate::model::generate::{generate, GenerationConfig, Sampling};
+use crate::model::generate::{generate, GenerationConfig};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -19,16 +19,8 @@ pub struct GenerateArgs {
     pub ids: Option<Vec<u32>>,
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
-    /// Greedy decoding (the default unless a sampling option is given).
-    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
-    pub greedy: bool,
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// 0 disables top-k.
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    #[arg(long)]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: super::sampling::SamplingArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Forbid repeating n-grams of this size (0 = off).
@@ -57,23 +49,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bail!("the prompt is empty");
     }
     super::forward::check_ids(&prompt, cfg.vocab_size)?;
-    let sampling = if a.temperature.is_some() || a.top_k.is_some() || a.top_p.is_some() {
-        let temperature = a.temperature.unwrap_or(1.0);
-        let top_p = a.top_p.unwrap_or(1.0);
-        if temperature <= 0.0 {
-            bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
-        }
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            bail!("--top-p must be in (0, 1]");
-        }
-        Sampling::Sample {
-            temperature,
-            top_k: a.top_k.unwrap_or(0),
-            top_p,
-        }
-    } else {
-        Sampling::Greedy
-    };
+    let sampling = a.sampling.resolve(false)?;
     let gc = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         sampling,

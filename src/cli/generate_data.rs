@@ -6,7 +6,7 @@
 //! temperature 1, top-k 0, top-p 1, no n-gram ban, 512 − 256 = 256 new tokens, prompts cut to
 //! 256 tokens, seed 10. `--greedy` gives deterministic, seed-free answers instead.
 
-use super::eval::{load_model, load_samples, sampling};
+use super::eval::{load_model, load_samples};
 use crate::data::format::write_dolly_jsonl;
 use crate::data::{Format, Sample, Template};
 use crate::eval::evaluate::{
@@ -30,18 +30,8 @@ pub struct GenerateDataArgs {
     pub out: PathBuf,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Argmax decoding instead of sampling.
-    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
-    pub greedy: bool,
-    /// Sampling temperature (default 1).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// 0 disables top-k (default 0).
-    #[arg(long)]
-    pub top_k: Option<usize>,
-    /// 1 disables top-p (default 1).
-    #[arg(long)]
-    pub top_p: Option<f64>,
+    #[command(flatten)]
+    pub sampling: super::sampling::SamplingArgs,
     /// Each sample's RNG is derived from (seed, sample id), so answers do not depend on batching.
     #[arg(long, default_value_t = 10)]
     pub seed: u64,
@@ -98,7 +88,7 @@ pub fn teacher_data(samples: &[Sample], answers: &[Generated], eos_ids: &[u32]) 
 }
 
 pub fn run(a: GenerateDataArgs) -> Result<()> {
-    let sampling = sampling(a.greedy, a.temperature, a.top_k, a.top_p)?;
+    let sampling = a.sampling.resolve(true)?;
     if a.limit == Some(0) {
         bail!("--limit must be at least 1");
     }

@@ -13,6 +13,7 @@ pub mod generate_data;
 pub mod init;
 pub mod kd_loss;
 pub mod rouge;
+pub mod sampling;
 pub mod score;
 pub mod tokenize;
 pub mod train;

@@ -1,0 +1,47 @@
+//! The decoding flags shared by `generate`, `eval` and `generate-data`.
+
+use crate::model::generate::Sampling;
+use anyhow::{bail, Result};
+use clap::Args;
+
+#[derive(Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Argmax decoding.
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    /// Sampling temperature (default 1).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// 0 disables top-k (default 0).
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// 1 disables top-p (default 1).
+    #[arg(long)]
+    pub top_p: Option<f64>,
+}
+
+impl SamplingArgs {
+    /// The decoding asked for. Without any flag: sampling at T = 1 when `sample_by_default`
+    /// (the evaluation protocol, SeqKD data), else greedy (`pocl generate`).
+    pub fn resolve(&self, sample_by_default: bool) -> Result<Sampling> {
+        let any = self.temperature.is_some() || self.top_k.is_some() || self.top_p.is_some();
+        if self.greedy || !(any || sample_by_default) {
+            return Ok(Sampling::Greedy);
+        }
+        let temperature = self.temperature.unwrap_or(1.0);
+        let top_p = self.top_p.unwrap_or(1.0);
+        // Written so that NaN is rejected too.
+        let positive = temperature > 0.0;
+        if !positive {
+            bail!("--temperature must be > 0 (use --greedy for argmax decoding)");
+        }
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            bail!("--top-p must be in (0, 1]");
+        }
+        Ok(Sampling::Sample {
+            temperature,
+            top_k: self.top_k.unwrap_or(0),
+            top_p,
+        })
+    }
+}
