@@ -75,7 +75,7 @@ impl Plan {
                 (128, 3),
                 (64, 2),
                 2,
-                6,
+                12,
                 2,
                 &["fkl", "srkl", "gkd"],
                 2,
@@ -87,7 +87,7 @@ impl Plan {
                 (128, 3),
                 (64, 2),
                 2,
-                6,
+                12,
                 2,
                 &["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gkd"],
                 3,
@@ -223,10 +223,16 @@ impl Demo {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let p = &self.plan;
-        crate::write_atomic(
-            &self.out.join("plan.json"),
-            serde_json::to_string_pretty(p)?.as_bytes(),
-        )?;
+        // Finished phases are reused by name, so they must come from the same plan.
+        let plan_path = self.out.join("plan.json");
+        let plan = serde_json::to_string_pretty(p)?;
+        if !self.fresh && plan_path.is_file() && std::fs::read_to_string(&plan_path)? != plan {
+            anyhow::bail!(
+                "{} holds a demo with a different plan (size or seeds); use --fresh to redo it or choose another --out",
+                self.out.display()
+            );
+        }
+        crate::write_atomic(&plan_path, plan.as_bytes())?;
 
         phase("data: the built-in benchmark and its tokenizer");
         let data = self.data();
