@@ -480,3 +480,19 @@ mod tests {
         assert!(format!("{e:#}").contains("sideways"), "{e:#}");
     }
 }
+
+#[cfg(test)]
+mod shipped_recipes {
+    use super::*;
+
+    /// The recipes in configs/ parse, validate and keep their paths relative to the file.
+    #[test]
+    fn example_recipes_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for name in ["gpt2-dolly-pocl.toml", "qwen-pocl.toml"] {
+            let r = Recipe::load(&dir.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+            assert!(r.model.student.starts_with(&dir), "{name}");
+            assert_eq!(r.curriculum.kind, Kind::Pocl);
+        }
+    }
+}
