@@ -381,3 +381,66 @@ fn bad_recipes_name_the_key() {
         .unwrap();
     assert!(String::from_utf8_lossy(&again.stderr).contains("--resume"));
 }
+
+#[test]
+fn plateau_advances_early_and_one_schedule_can_span_all_stages() {
+    let s = setup("plateau");
+    let r = recipe(&s, "");
+    // Gradients clipped to a norm of 1e-30 fall far below AdamW's epsilon, so no weight moves
+    // visibly and the dev loss never improves after the first evaluation: with patience 1 every
+    // stage then stops after one epoch without improvement.
+    let out = s.dir.join("plateau");
+    run(
+        &r,
+        &out,
+        &[
+            "curriculum.epochs_per_stage=3",
+            "curriculum.patience=1",
+            "optim.clip=1e-30",
+            "optim.weight_decay=0",
+            "eval.dev_rouge_samples=0",
+        ],
+    );
+    let m = metrics(&out);
+    let evals: Vec<u64> = (0..4)
+        .map(|st| {
+            m.iter()
+                .filter(|r| r["type"] == "eval" && r["stage"] == st)
+                .count() as u64
+        })
+        .collect();
+    assert_eq!(
+        evals,
+        vec![2, 1, 1, 1],
+        "stage 1: improve then stall; later stages: stall at once"
+    );
+
+    // restart_optimizer = false: one cosine schedule over all stages, so the learning rate never
+    // goes back up; with restarts it jumps back to lr at every stage start.
+    let lrs = |run: &Path| -> Vec<f64> {
+        metrics(run)
+            .iter()
+            .filter(|r| r["type"] == "step")
+            .map(|r| r["lr"].as_f64().unwrap())
+            .collect()
+    };
+    let one = s.dir.join("one-schedule");
+    run(
+        &r,
+        &one,
+        &[
+            "curriculum.restart_optimizer=false",
+            "eval.dev_rouge_samples=0",
+        ],
+    );
+    let l = lrs(&one);
+    assert!(l.windows(2).all(|w| w[1] <= w[0]), "{l:?}");
+    let restart = s.dir.join("restart");
+    run(&r, &restart, &["eval.dev_rouge_samples=0"]);
+    let l = lrs(&restart);
+    assert_eq!(
+        l.windows(2).filter(|w| w[1] > w[0]).count(),
+        3,
+        "three restarts: {l:?}"
+    );
+}
