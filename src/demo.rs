@@ -10,7 +10,6 @@
 
 use crate::cli::train::train;
 use crate::config::Recipe;
-use crate::curriculum::measure::{self, MeasureConfig};
 use crate::curriculum::schedule::Kind;
 use crate::data::synthetic::{write_benchmark, SynthConfig};
 use crate::data::{load_jsonl, Sample};
@@ -364,35 +363,13 @@ impl Demo {
         let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
         let (model, tok, eos) = crate::cli::eval::load_model(student)?;
         let data = crate::train::splits::Splits::load(&r, &tok)?;
-        let cfg = MeasureConfig {
-            max_new_tokens: r.curriculum.score_max_new_tokens,
-            batch_size: r.curriculum.score_batch_size,
-            buckets: self.plan.stages,
-            ..MeasureConfig::default()
-        };
-        let t0 = Instant::now();
-        let pad = model
-            .config()
-            .pad_token_id
-            .or(eos.first().copied())
-            .unwrap_or(0);
-        let scores = measure::measure(
-            model.as_ref(),
-            &tok,
-            &data.train,
-            &data.train_references,
-            &eos,
-            pad,
-            &cfg,
-        )?;
-        let seconds = t0.elapsed().as_secs_f64();
-        measure::write_scores(&path, &scores)?;
+        let (_, seconds) =
+            crate::cli::train::measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
         let t = Timing {
             name: "difficulty measurer".into(),
             seconds,
         };
         crate::write_atomic(&timing, serde_json::to_string(&t)?.as_bytes())?;
-        eprintln!("scored {} samples in {seconds:.1}s", scores.len());
         Ok(seconds)
     }
 

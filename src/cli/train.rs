@@ -71,46 +71,28 @@ pub fn train(recipe: Recipe, run_dir: &std::path::Path, resume: bool) -> Result<
     );
     std::fs::create_dir_all(run_dir)?;
     let scores = if recipe.curriculum.kind.needs_scores() {
-        let cached = run_dir.join("scores.jsonl");
-        let path = recipe.curriculum.scores.clone().unwrap_or(cached.clone());
-        if path.is_file() {
-            Some(measure::read_scores(&path)?)
-        } else {
-            let c = &recipe.curriculum;
-            let cfg = MeasureConfig {
-                max_new_tokens: c.score_max_new_tokens,
-                no_repeat_ngram: 6,
-                batch_size: c.score_batch_size,
-                metric: c.metric,
-                rrf_k: c.rrf_k,
-                buckets: c.stages,
-            };
-            eprintln!(
-                "measuring the difficulty of {} samples with the student ...",
-                data.train.len()
-            );
-            let t0 = std::time::Instant::now();
-            let pad = student
-                .config()
-                .pad_token_id
-                .or(eos_ids.first().copied())
-                .unwrap_or(0);
-            let s = measure::measure(
-                student.as_ref(),
-                &tok,
-                &data.train,
-                &data.train_references,
-                &eos_ids,
-                pad,
-                &cfg,
-            )?;
-            measure::write_scores(&cached, &s)?;
-            eprintln!(
-                "difficulty measured in {:.1}s -> {}",
-                t0.elapsed().as_secs_f64(),
-                cached.display()
-            );
-            Some(s)
+        match &recipe.curriculum.scores {
+            Some(path) if !path.is_file() => {
+                bail!(
+                    "curriculum.scores: {} does not exist (leave the key out to measure)",
+                    path.display()
+                )
+            }
+            Some(path) => Some(measure::read_scores(path)?),
+            None if run_dir.join("scores.jsonl").is_file() => {
+                Some(measure::read_scores(&run_dir.join("scores.jsonl"))?)
+            }
+            None => {
+                let (s, _) = measure_difficulty(
+                    &recipe,
+                    student.as_ref(),
+                    &tok,
+                    &eos_ids,
+                    &data,
+                    &run_dir.join("scores.jsonl"),
+                )?;
+                Some(s)
+            }
         }
     } else {
         None
@@ -129,4 +111,48 @@ pub fn train(recipe: Recipe, run_dir: &std::path::Path, resume: bool) -> Result<
             .unwrap_or("n/a".into())
     );
     Ok(())
+}
+
+/// Scores `data.train` with `student` as the recipe's curriculum section says, writes the scores
+/// to `out` and returns them with the seconds the measurement took.
+pub fn measure_difficulty(
+    recipe: &Recipe,
+    student: &dyn crate::model::CausalLm,
+    tok: &crate::tokenizer::Tokenizer,
+    eos_ids: &[u32],
+    data: &Splits,
+    out: &std::path::Path,
+) -> Result<(Vec<crate::curriculum::fuse::Scored>, f64)> {
+    let c = &recipe.curriculum;
+    let cfg = MeasureConfig {
+        max_new_tokens: c.score_max_new_tokens,
+        no_repeat_ngram: 6,
+        batch_size: c.score_batch_size,
+        metric: c.metric,
+        rrf_k: c.rrf_k,
+        buckets: c.stages,
+    };
+    eprintln!(
+        "measuring the difficulty of {} samples with the student ...",
+        data.train.len()
+    );
+    let t0 = std::time::Instant::now();
+    let pad = student
+        .config()
+        .pad_token_id
+        .or(eos_ids.first().copied())
+        .unwrap_or(0);
+    let scores = measure::measure(
+        student,
+        tok,
+        &data.train,
+        &data.train_references,
+        eos_ids,
+        pad,
+        &cfg,
+    )?;
+    let seconds = t0.elapsed().as_secs_f64();
+    measure::write_scores(out, &scores)?;
+    eprintln!("difficulty measured in {seconds:.1}s -> {}", out.display());
+    Ok((scores, seconds))
 }
