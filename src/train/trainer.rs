@@ -576,7 +576,10 @@ impl Trainer {
         Ok(total)
     }
 
+    /// Dev ROUGE-L with the final evaluation's own generation path (`eval::evaluate`): the same
+    /// decoding and per-sample seeds, so dev and test scores are comparable (POCL.md §7).
     fn dev_rouge(&self) -> Result<Option<f64>> {
+        use crate::eval::evaluate::{generate_prepared, Decoding};
         let n = self.recipe.eval.dev_rouge_samples.min(self.dev.len());
         if n == 0 {
             return Ok(None);
@@ -591,27 +594,31 @@ impl Trainer {
                 top_p: e.top_p,
             }
         };
-        let cfg = GenerationConfig {
-            max_new_tokens: e.max_new_tokens,
+        let dec = Decoding {
             sampling,
+            max_new_tokens: e.max_new_tokens,
             no_repeat_ngram: e.no_repeat_ngram,
+            template: crate::train::splits::encode_options(&self.recipe)?.template,
+            max_prompt_len: self.recipe.data.max_prompt_len,
+            batch_size: self.recipe.curriculum.score_batch_size.max(1),
             eos_ids: self.eos_ids.clone(),
-            seed: self.recipe.seed,
         };
-        let prompts: Vec<Vec<u32>> = self.dev[..n].iter().map(|x| x.prompt_ids.clone()).collect();
-        let mut total = 0.0;
-        for (chunk, refs) in prompts
-            .chunks(self.recipe.curriculum.score_batch_size.max(1))
-            .zip(self.dev_references[..n].chunks(self.recipe.curriculum.score_batch_size.max(1)))
-        {
-            for (ids, r) in generate(self.student.as_ref(), chunk, &cfg)?
-                .iter()
-                .zip(refs)
-            {
-                let text = self.tokenizer.decode(ids, true)?;
-                total += 100.0 * crate::eval::rouge::rouge_l_multi(r, &text);
-            }
-        }
+        let dev = &self.dev[..n];
+        let prompts: Vec<Vec<u32>> = dev.iter().map(|x| x.prompt_ids.clone()).collect();
+        let ids: Vec<u64> = dev.iter().map(|x| x.id).collect();
+        let answers = generate_prepared(
+            self.student.as_ref(),
+            &self.tokenizer,
+            &prompts,
+            &ids,
+            &dec,
+            self.recipe.seed,
+        )?;
+        let total: f64 = answers
+            .iter()
+            .zip(&self.dev_references)
+            .map(|(a, r)| 100.0 * crate::eval::rouge::rouge_l_multi(r, &a.text))
+            .sum();
         Ok(Some(total / n as f64))
     }
 
