@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+pub mod bench;
 pub mod convert;
 pub mod data;
 pub mod demo;
@@ -42,6 +43,9 @@ pub enum Command {
     Data(data::DataCommand),
     /// ROUGE-L F1 x100 (identical to rouge-score with the Porter stemmer) of predictions vs references.
     Rouge(rouge::RougeArgs),
+    /// Standard speed workloads (as ../shared/bench/peer_torch.py): kd-step, generate.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Encode a text with a model's tokenizer: {"ids": [...], "decoded": "..."}.
     Tokenize(tokenize::TokenizeArgs),
     /// Write the logits of one token sequence to a safetensors file.
@@ -67,6 +71,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => score::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Rouge(a) => rouge::run(a),
+        Command::Bench(c) => bench::run(c),
         Command::Tokenize(a) => tokenize::run(a),
         Command::Forward(a) => forward::run(a),
         Command::Eval(a) => eval::run(a),

@@ -1,0 +1,168 @@
+//! `pocl bench`: the standard workloads of `../shared/bench/peer_torch.py`, measured the same way
+//! (warm-up, then the mean of several repetitions; one JSON line per measurement with the peer's
+//! field names), so ratios against PyTorch come from one machine in one sitting.
+
+use crate::kd::{Divergence, Objective};
+use crate::model::config::ModelConfig;
+use crate::model::generate::{generate, GenerationConfig};
+use crate::model::init::{build_with, config_json, Shape};
+use crate::model::{CausalLm, Input};
+use crate::train::optim::{clip_grad_norm, flat_grads, AdamW, AdamWConfig};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use clap::{Args, Subcommand};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+const VOCAB: usize = 50257;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// One KD optimiser step: GPT-2-small teacher (124M) -> 6-layer d=512 student, batch 4 x 128, fkl.
+    KdStep(BenchArgs),
+    /// Greedy decoding of the standard student: 32-token prompt, 96 new tokens, batch 1 and 8.
+    Generate(BenchArgs),
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed repetitions after the warm-up.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+}
+
+fn gpt2(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    seed: u64,
+    frozen: bool,
+) -> Result<Box<dyn CausalLm>> {
+    let shape = Shape {
+        hidden,
+        layers,
+        heads,
+        kv_heads: heads,
+        intermediate: 0,
+        max_positions: 512,
+    };
+    build_with(
+        ModelConfig::from_json(config_json("gpt2", &shape, VOCAB, 50256)?)?,
+        seed,
+        frozen,
+    )
+}
+
+fn max_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<u32> {
+    (0..n).map(|_| rng.random_range(0..VOCAB as u32)).collect()
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    let a = match &cmd {
+        BenchCommand::KdStep(a) | BenchCommand::Generate(a) => a,
+    };
+    let threads = a.threads.unwrap_or_else(num_cpus_or_2);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let dev = &Device::Cpu;
+    match cmd {
+        BenchCommand::KdStep(a) => {
+            let teacher = gpt2(768, 12, 12, 1, true)?;
+            let student = gpt2(512, 6, 8, 2, false)?;
+            let (b, t) = (4, 128);
+            let ids = Tensor::from_vec(random_ids(&mut rng, b * t), (b, t), dev)?;
+            let pos = Tensor::from_vec(
+                (0..b).flat_map(|_| 0..t as u32).collect::<Vec<_>>(),
+                (b, t),
+                dev,
+            )?;
+            let key_mask = Tensor::ones((b, t), candle_core::DType::U32, dev)?;
+            let mask: Vec<f32> = (0..b * t)
+                .map(|i| if i % t < 32 { 0.0 } else { 1.0 })
+                .collect();
+            let mask = Tensor::from_vec(mask, b * t, dev)?;
+            let labels = Tensor::zeros(b * t, candle_core::DType::U32, dev)?;
+            let objective = Objective::new(Divergence::Fkl);
+            let mut opt = AdamW::new(
+                student.params().iter(),
+                AdamWConfig {
+                    lr: 1e-4,
+                    weight_decay: 0.01,
+                    ..Default::default()
+                },
+            );
+            let vars = student.params().vars();
+            let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
+            let mut step = || -> Result<()> {
+                let input = Input {
+                    ids: &ids,
+                    positions: &pos,
+                    key_mask: &key_mask,
+                };
+                let tl = teacher.logits(&input, None)?.reshape((b * t, VOCAB))?;
+                let sl = student.logits(&input, None)?.reshape((b * t, VOCAB))?;
+                let out = objective.loss(Some(&tl), &sl, &labels, &mask, 1.0, 1.0, denom)?;
+                let mut grads = flat_grads(&vars, &out.loss.backward()?)?;
+                clip_grad_norm(&mut grads, 1.0);
+                opt.update(&grads, 1e-4)
+            };
+            for _ in 0..2 {
+                step()?;
+            }
+            let t0 = Instant::now();
+            for _ in 0..a.reps {
+                step()?;
+            }
+            let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
+            println!(
+                "{}",
+                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads,
+                    "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
+                    "max_rss_mib": max_rss_mib().round()})
+            );
+        }
+        BenchCommand::Generate(a) => {
+            let student = gpt2(512, 6, 8, 2, true)?;
+            for bs in [1usize, 8] {
+                let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
+                // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.
+                let cfg = GenerationConfig::greedy(96, vec![]);
+                generate(student.as_ref(), &prompts, &cfg)?;
+                let t0 = Instant::now();
+                for _ in 0..a.reps {
+                    generate(student.as_ref(), &prompts, &cfg)?;
+                }
+                let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
+                println!(
+                    "{}",
+                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs,
+                        "threads": threads, "new_tokens_per_second": ((bs * 96) as f64 / dt * 10.0).round() / 10.0,
+                        "max_rss_mib": max_rss_mib().round()})
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn num_cpus_or_2() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
