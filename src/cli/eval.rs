@@ -1,6 +1,6 @@
 //! `pocl eval`: the paper's multi-seed ROUGE-L evaluation of a model on test sets.
 
-use crate::data::{load_jsonl, Format, LoadOptions, Sample, Template};
+use crate::data::{load_jsonl, Format, LoadOptions, Sample};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
@@ -28,20 +28,8 @@ pub struct EvalArgs {
     /// Forbid repeating n-grams of this size (0 = off).
     #[arg(long, default_value_t = 6)]
     pub no_repeat_ngram: usize,
-    /// Prompts generated together (answers do not depend on it).
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Prompt template: alpaca or plain.
-    #[arg(long, default_value = "alpaca")]
-    pub template: Template,
-    #[arg(long, default_value_t = 256)]
-    pub max_prompt_len: usize,
-    /// Force the data format: dolly, alpaca or processed (default: detected per file).
-    #[arg(long)]
-    pub format: Option<Format>,
-    /// Evaluate only the first N samples of each set.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub prompts: super::sampling::PromptArgs,
     /// Print results.json's content instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -79,7 +67,7 @@ pub fn load_model(dir: &Path) -> Result<(Box<dyn crate::model::CausalLm>, Tokeni
 
 pub fn run(a: EvalArgs) -> Result<()> {
     let sampling = a.sampling.resolve(true)?;
-    if a.limit == Some(0) {
+    if a.prompts.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
     // Data first: a bad path fails before the (slow) model load.
@@ -89,7 +77,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .with_context(|| format!("{}: not a file name", path.display()))?;
-        sets.push((name, load_samples(path, a.format, a.limit)?));
+        sets.push((name, load_samples(path, a.prompts.format, a.prompts.limit)?));
     }
     let (model, tok, eos_ids) = load_model(&a.model)?;
     let cfg = EvalConfig {
@@ -98,9 +86,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             sampling,
             max_new_tokens: a.max_new_tokens,
             no_repeat_ngram: a.no_repeat_ngram,
-            template: a.template,
-            max_prompt_len: a.max_prompt_len,
-            batch_size: a.batch_size,
+            template: a.prompts.template,
+            max_prompt_len: a.prompts.max_prompt_len,
+            batch_size: a.prompts.batch_size,
             eos_ids,
         },
         model: Some(a.model.display().to_string()),

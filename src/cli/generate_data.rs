@@ -8,7 +8,7 @@
 
 use super::eval::{load_model, load_samples};
 use crate::data::format::write_dolly_jsonl;
-use crate::data::{Format, Sample, Template};
+use crate::data::Sample;
 use crate::eval::evaluate::{
     generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding, Generated,
 };
@@ -38,19 +38,8 @@ pub struct GenerateDataArgs {
     /// Forbid repeating n-grams of this size (0 = off).
     #[arg(long, default_value_t = 0)]
     pub no_repeat_ngram: usize,
-    #[arg(long, default_value_t = 16)]
-    pub batch_size: usize,
-    /// Prompt template: alpaca or plain.
-    #[arg(long, default_value = "alpaca")]
-    pub template: Template,
-    #[arg(long, default_value_t = 256)]
-    pub max_prompt_len: usize,
-    /// Force the data format: dolly, alpaca or processed (default: detected).
-    #[arg(long)]
-    pub format: Option<Format>,
-    /// Use only the first N samples.
-    #[arg(long)]
-    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub prompts: super::sampling::PromptArgs,
 }
 
 /// The SeqKD samples and what was left out.
@@ -89,10 +78,10 @@ pub fn teacher_data(samples: &[Sample], answers: &[Generated], eos_ids: &[u32]) 
 
 pub fn run(a: GenerateDataArgs) -> Result<()> {
     let sampling = a.sampling.resolve(true)?;
-    if a.limit == Some(0) {
+    if a.prompts.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    let samples = load_samples(&a.data, a.format, a.limit)?;
+    let samples = load_samples(&a.data, a.prompts.format, a.prompts.limit)?;
     if samples.iter().any(|s| s.prompt.is_some()) {
         // A Dolly record cannot hold a pre-rendered prompt: training would re-render a different one.
         bail!(
@@ -106,9 +95,9 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
         sampling,
         max_new_tokens: a.max_new_tokens,
         no_repeat_ngram: a.no_repeat_ngram,
-        template: a.template,
-        max_prompt_len: a.max_prompt_len,
-        batch_size: a.batch_size,
+        template: a.prompts.template,
+        max_prompt_len: a.prompts.max_prompt_len,
+        batch_size: a.prompts.batch_size,
         eos_ids: eos_ids.clone(),
     };
     let start = Instant::now();

@@ -1,5 +1,6 @@
-//! The decoding flags shared by `generate`, `eval` and `generate-data`.
+//! The decoding and prompt flags shared by `generate`, `eval` and `generate-data`.
 
+use crate::data::{Format, Template};
 use crate::model::generate::Sampling;
 use anyhow::{bail, Result};
 use clap::Args;
@@ -44,4 +45,23 @@ impl SamplingArgs {
             top_p,
         })
     }
+}
+
+/// How prompts are read and batched for `eval` and `generate-data`.
+#[derive(Args, Clone, Debug)]
+pub struct PromptArgs {
+    /// Prompts generated together (answers do not depend on it).
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Prompt template: alpaca or plain.
+    #[arg(long, default_value = "alpaca")]
+    pub template: Template,
+    #[arg(long, default_value_t = 256)]
+    pub max_prompt_len: usize,
+    /// Force the data format: dolly, alpaca or processed (default: detected per file).
+    #[arg(long)]
+    pub format: Option<Format>,
+    /// Use only the first N samples of each file.
+    #[arg(long)]
+    pub limit: Option<usize>,
 }
