@@ -2,7 +2,7 @@
 //! (warm-up, then the mean of several repetitions; one JSON line per measurement with the peer's
 //! field names), so ratios against PyTorch come from one machine in one sitting.
 
-use crate::kd::{Divergence, Objective};
+use crate::kd::{Divergence, Head, Objective};
 use crate::model::config::ModelConfig;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::init::{build_with, config_json, Shape};
@@ -109,32 +109,79 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             );
             let vars = student.params().vars();
             let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
-            let mut step = || -> Result<()> {
+            // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
+            let mut phases = [0f64; 5];
+            let mut step = |phases: &mut [f64; 5]| -> Result<()> {
+                let mut clock = Instant::now();
+                let mut lap = |i: usize| {
+                    phases[i] += clock.elapsed().as_secs_f64();
+                    clock = Instant::now();
+                };
                 let input = Input {
                     ids: &ids,
                     positions: &pos,
                     key_mask: &key_mask,
                 };
-                let tl = teacher.logits(&input, None)?.reshape((b * t, VOCAB))?;
-                let sl = student.logits(&input, None)?.reshape((b * t, VOCAB))?;
-                let out = objective.loss(Some(&tl), &sl, &labels, &mask, 1.0, 1.0, denom)?;
-                let mut grads = flat_grads(&vars, &out.loss.backward()?)?;
+                let th = teacher.hidden(&input, None)?;
+                lap(0);
+                let sh = student.hidden(&input, None)?;
+                lap(1);
+                let out = objective.loss_from_heads(
+                    Some(Head {
+                        hidden: &th,
+                        weight: teacher.lm_head(),
+                    }),
+                    Head {
+                        hidden: &sh,
+                        weight: student.lm_head(),
+                    },
+                    VOCAB,
+                    &labels,
+                    &mask,
+                    1.0,
+                    1.0,
+                    denom,
+                )?;
+                lap(2);
+                let grads = out.loss.backward()?;
+                lap(3);
+                let mut grads = flat_grads(&vars, &grads)?;
                 clip_grad_norm(&mut grads, 1.0);
-                opt.update(&grads, 1e-4)
+                opt.update(&grads, 1e-4)?;
+                lap(4);
+                Ok(())
             };
             for _ in 0..2 {
-                step()?;
+                step(&mut phases)?;
             }
+            phases = [0.0; 5];
             let t0 = Instant::now();
             for _ in 0..a.reps {
-                step()?;
+                step(&mut phases)?;
             }
+            let names = [
+                "teacher_forward",
+                "student_forward",
+                "fused_head_loss",
+                "student_backward",
+                "optimizer",
+            ];
+            let breakdown: serde_json::Map<String, serde_json::Value> = names
+                .iter()
+                .zip(phases)
+                .map(|(n, s)| {
+                    (
+                        n.to_string(),
+                        ((s / a.reps as f64 * 1e3).round() / 1e3).into(),
+                    )
+                })
+                .collect();
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
             println!(
                 "{}",
                 serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
-                    "max_rss_mib": max_rss_mib().round()})
+                    "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown})
             );
         }
         BenchCommand::Generate(a) => {

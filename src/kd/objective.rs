@@ -3,6 +3,7 @@
 //! Both terms are computed by ONE fused kernel pass that writes one combined gradient.
 
 use super::divergence::Divergence;
+use super::head::{flat_hidden, FusedHeadOp, Head};
 use super::kernel::LossSpec;
 use super::{
     apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
@@ -54,6 +55,88 @@ impl Objective {
         temperature: f64,
         denominator: f64,
     ) -> Result<ObjectiveOutput> {
+        let s = as_rows(student, "student")?;
+        let n = s.dim(0)?;
+        let teacher = match teacher {
+            Some(t) if kd_weight > 0.0 => {
+                let t = as_rows(t, "teacher")?;
+                check_same_shape(&t, &s)?;
+                Some(t)
+            }
+            _ => None,
+        };
+        let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
+        let weights = mask_weights(mask, n)?;
+        let labels = label_ids(labels, n)?;
+        let (loss, parts) = apply(spec, teacher.as_ref(), &s, weights, Some(labels))?;
+        Ok(self.output(loss, parts, temperature, denominator))
+    }
+
+    /// The same loss from the models' final hidden states and lm heads, with the head matmuls
+    /// fused into the loss kernel (see [`super::head`]): no [tokens, vocab] logits are made.
+    /// `vocab` is the width both models' logits are compared over (the common prefix of
+    /// [`super::vocab::common_vocab`]; the full vocabulary when the models agree).
+    #[allow(clippy::too_many_arguments)]
+    pub fn loss_from_heads(
+        &self,
+        teacher: Option<Head>,
+        student: Head,
+        vocab: usize,
+        labels: &Tensor,
+        mask: &Tensor,
+        kd_weight: f64,
+        temperature: f64,
+        denominator: f64,
+    ) -> Result<ObjectiveOutput> {
+        let teacher = teacher.filter(|_| kd_weight > 0.0);
+        if !student.hidden.device().is_cpu() {
+            // Off the CPU: materialise the logits and take the composed path.
+            let logits = |h: Head, who: &str| -> Result<Tensor> {
+                let w = h.weight.narrow(0, 0, vocab)?;
+                Ok(flat_hidden(h.hidden, who)?.matmul(&w.t()?)?)
+            };
+            let t = teacher
+                .map(|t| logits(t, "teacher").map(|l| l.detach()))
+                .transpose()?;
+            return self.loss(
+                t.as_ref(),
+                &logits(student, "student")?,
+                labels,
+                mask,
+                kd_weight,
+                temperature,
+                denominator,
+            );
+        }
+        let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
+        let h = flat_hidden(student.hidden, "student")?;
+        let n = h.dim(0)?;
+        let weights = mask_weights(mask, n)?;
+        let labels = label_ids(labels, n)?;
+        let t = match teacher {
+            Some(t) => Some((
+                flat_hidden(t.hidden, "teacher")?.detach(),
+                t.weight.contiguous()?.detach(),
+            )),
+            None => None,
+        };
+        let w = student.weight.contiguous()?;
+        let want_grad = h.track_op() || w.track_op();
+        let op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad);
+        let parts = op.parts.clone();
+        let loss = h.apply_op2(&w, op)?;
+        let p = *parts.lock().unwrap();
+        Ok(self.output(loss, p, temperature, denominator))
+    }
+
+    /// Checks the per-step arguments and folds a, T², 1/T and the denominator into the kernel's spec.
+    fn spec(
+        &self,
+        kd_weight: f64,
+        temperature: f64,
+        denominator: f64,
+        has_teacher: bool,
+    ) -> Result<LossSpec> {
         if !(0.0..=1.0).contains(&kd_weight) {
             bail!("the KD weight must lie in [0, 1], got {kd_weight}");
         }
@@ -62,32 +145,28 @@ impl Objective {
         }
         check_temperature(temperature)?;
         self.divergence.validate()?;
-        let s = as_rows(student, "student")?;
-        let n = s.dim(0)?;
-        let weights = mask_weights(mask, n)?;
-        let labels = label_ids(labels, n)?;
-        let scale = t2_scale(temperature, self.t2);
-        let teacher = if kd_weight > 0.0 {
-            let Some(t) = teacher else {
-                bail!("KD weight {kd_weight} > 0 needs teacher logits")
-            };
-            let t = as_rows(t, "teacher")?;
-            check_same_shape(&t, &s)?;
-            Some(t)
-        } else {
-            None
-        };
-        let spec = LossSpec {
-            divergence: teacher.as_ref().map(|_| self.divergence),
+        if kd_weight > 0.0 && !has_teacher {
+            bail!("KD weight {kd_weight} > 0 needs teacher logits");
+        }
+        Ok(LossSpec {
+            divergence: has_teacher.then_some(self.divergence),
             inv_temperature: 1.0 / temperature,
             ce_coef: (1.0 - kd_weight) / denominator,
-            kd_coef: kd_weight * scale / denominator,
-        };
-        let (loss, (ce, kd)) = apply(spec, teacher.as_ref(), &s, weights, Some(labels))?;
-        Ok(ObjectiveOutput {
+            kd_coef: kd_weight * t2_scale(temperature, self.t2) / denominator,
+        })
+    }
+
+    fn output(
+        &self,
+        loss: Tensor,
+        (ce, kd): (f64, f64),
+        temperature: f64,
+        denominator: f64,
+    ) -> ObjectiveOutput {
+        ObjectiveOutput {
             loss,
             ce: ce / denominator,
-            kd: kd * scale / denominator,
-        })
+            kd: kd * t2_scale(temperature, self.t2) / denominator,
+        }
     }
 }

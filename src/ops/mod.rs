@@ -4,6 +4,10 @@
 //! through them are silently dropped. Everything here is composed of ops that do have one, and
 //! the model tests check that every parameter receives a gradient.
 
+pub mod activation;
+pub mod gemm;
+pub mod simd;
+
 use crate::model::config::Activation;
 use candle_core::{DType, Device, Result, Tensor, D};
 
@@ -50,10 +54,10 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
-        Activation::GeluTanh => x.gelu(),
+        Activation::GeluTanh => activation::apply(x, activation::Kind::GeluTanh),
         Activation::GeluErf => x.gelu_erf(),
         Activation::Relu => x.relu(),
-        Activation::Silu => x.silu(),
+        Activation::Silu => activation::apply(x, activation::Kind::Silu),
     }
 }
 

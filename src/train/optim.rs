@@ -5,7 +5,7 @@
 
 use anyhow::{anyhow, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 
 #[derive(Clone, Debug)]
 pub struct AdamWConfig {
@@ -71,33 +71,113 @@ impl AdamW {
     }
 
     /// Applies one update with learning rate `lr` from the (already clipped) gradients `grads`,
-    /// given as flat f32 vectors in slot order (a missing gradient counts as zero).
+    /// given as flat f32 vectors in slot order (a missing gradient counts as zero). Parameters are
+    /// updated in place in their own storage, in parallel chunks; the arithmetic (f64, torch's
+    /// formula) is the same element by element whatever the thread count.
     pub fn update(&mut self, grads: &[Option<Vec<f32>>], lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.config;
-        let (b1, b2) = (c.beta1, c.beta2);
-        let bc1 = 1.0 - b1.powi(self.step as i32);
-        let bc2 = 1.0 - b2.powi(self.step as i32);
+        let hyper = Hyper {
+            b1: c.beta1,
+            b2: c.beta2,
+            bc1: 1.0 - c.beta1.powi(self.step as i32),
+            bc2: 1.0 - c.beta2.powi(self.step as i32),
+            eps: c.eps,
+            lr,
+            decay: 1.0,
+        };
         for (slot, g) in self.slots.iter_mut().zip(grads) {
-            let mut p = slot.var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            let decay = if slot.decay {
-                1.0 - lr * c.weight_decay
-            } else {
-                1.0
+            let op = AdamWStep {
+                hyper: Hyper {
+                    decay: if slot.decay {
+                        1.0 - lr * c.weight_decay
+                    } else {
+                        1.0
+                    },
+                    ..hyper
+                },
+                grad: g.as_deref(),
+                moments: std::sync::Mutex::new((&mut slot.m, &mut slot.v)),
             };
-            for i in 0..p.len() {
-                let gi = g.as_ref().map_or(0.0, |g| g[i]) as f64;
-                let m = b1 * slot.m[i] as f64 + (1.0 - b1) * gi;
-                let v = b2 * slot.v[i] as f64 + (1.0 - b2) * gi * gi;
-                slot.m[i] = m as f32;
-                slot.v[i] = v as f32;
-                let denom = (v / bc2).sqrt() + c.eps;
-                p[i] = (p[i] as f64 * decay - lr * (m / bc1) / denom) as f32;
-            }
-            slot.var
-                .set(&Tensor::from_vec(p, slot.var.dims(), slot.var.device())?)?;
+            slot.var.as_tensor().inplace_op1(&op)?;
         }
         Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Hyper {
+    b1: f64,
+    b2: f64,
+    bc1: f64,
+    bc2: f64,
+    eps: f64,
+    lr: f64,
+    /// 1 − lr·weight_decay, or 1 for parameters that are not decayed.
+    decay: f64,
+}
+
+/// One parameter's AdamW update as a candle in-place op: writes the parameter's own storage, so
+/// a step allocates nothing parameter-sized.
+struct AdamWStep<'a> {
+    hyper: Hyper,
+    grad: Option<&'a [f32]>,
+    /// (m, v); a Mutex because candle hands the op out by shared reference.
+    moments: std::sync::Mutex<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+}
+
+/// Elements per parallel task: large enough to amortise scheduling, small enough to balance.
+const CHUNK: usize = 1 << 16;
+
+impl candle_core::InplaceOp1 for AdamWStep<'_> {
+    fn name(&self) -> &'static str {
+        "pocl-adamw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("AdamW: parameters must be f32")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("AdamW: parameters must be contiguous")
+        };
+        let p = &mut data[start..end];
+        let mut guard = self.moments.lock().unwrap();
+        let (m, v) = &mut *guard;
+        if m.len() != p.len() || self.grad.is_some_and(|g| g.len() != p.len()) {
+            candle_core::bail!("AdamW: gradient or moments do not match the parameter's size");
+        }
+        let h = self.hyper;
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(k, ((p, m), v))| {
+                let g = self.grad.map(|g| &g[k * CHUNK..k * CHUNK + p.len()]);
+                match g {
+                    Some(g) => adamw_chunk(p, m, v, |i| g[i] as f64, &h),
+                    None => adamw_chunk(p, m, v, |_| 0.0, &h),
+                }
+            });
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: impl Fn(usize) -> f64, h: &Hyper) {
+    for i in 0..p.len() {
+        let gi = g(i);
+        let mi = h.b1 * m[i] as f64 + (1.0 - h.b1) * gi;
+        let vi = h.b2 * v[i] as f64 + (1.0 - h.b2) * gi * gi;
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+        let denom = (vi / h.bc2).sqrt() + h.eps;
+        p[i] = (p[i] as f64 * h.decay - h.lr * (mi / h.bc1) / denom) as f32;
     }
 }
 
@@ -117,17 +197,22 @@ pub fn flat_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Vec<f32>
 /// clip_grad_norm_: coefficient max_norm / (norm + 1e-6), never above 1). Returns the norm
 /// before clipping.
 pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
-    let sq: f64 = grads
+    use rayon::prelude::*;
+    // Partial sums over fixed chunks, added in order: deterministic whatever the thread count.
+    let partial: Vec<f64> = grads
         .iter()
         .flatten()
-        .flat_map(|g| g.iter())
-        .map(|&x| x as f64 * x as f64)
-        .sum();
-    let norm = sq.sqrt();
+        .flat_map(|g| g.chunks(CHUNK))
+        .collect::<Vec<_>>()
+        .par_iter()
+        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+        .collect();
+    let norm = partial.iter().sum::<f64>().sqrt();
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut().flatten() {
-            g.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32);
+            g.par_chunks_mut(CHUNK)
+                .for_each(|c| c.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32));
         }
     }
     norm

@@ -12,7 +12,7 @@ use super::optim::{clip_grad_norm, flat_grads, AdamW, AdamWConfig, LrSchedule};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::{collate, Example};
-use crate::kd::{Divergence, Objective};
+use crate::kd::{Divergence, Head, Objective};
 use crate::model::generate::{generate, GenerationConfig, Sampling};
 use crate::model::{self, CausalLm, Input};
 use crate::tokenizer::Tokenizer;
@@ -422,22 +422,29 @@ impl Trainer {
             positions: &b.position_ids,
             key_mask: &b.attention_mask,
         };
-        let teacher = match &self.teacher {
-            Some(t) if kd_weight > 0.0 => Some(crate::kd::vocab::narrow_to_prefix(
-                &t.logits(&input, None)?.detach(),
-                self.kd_vocab,
-            )?),
+        // The heads are fused into the loss: no [tokens, vocab] logits are materialised.
+        let teacher_hidden = match &self.teacher {
+            Some(t) if kd_weight > 0.0 => Some(t.hidden(&input, None)?.detach()),
             _ => None,
         };
-        let student =
-            crate::kd::vocab::narrow_to_prefix(&self.student.logits(&input, None)?, self.kd_vocab)?;
-        let labels = b.labels.flatten_all()?;
-        let mask = b.loss_mask.flatten_all()?;
-        let out = self.objective.loss(
-            teacher.as_ref(),
-            &student,
-            &labels,
-            &mask,
+        let teacher = match (&self.teacher, &teacher_hidden) {
+            (Some(t), Some(h)) => Some(Head {
+                hidden: h,
+                weight: t.lm_head(),
+            }),
+            _ => None,
+        };
+        let student_hidden = self.student.hidden(&input, None)?;
+        let student = Head {
+            hidden: &student_hidden,
+            weight: self.student.lm_head(),
+        };
+        let out = self.objective.loss_from_heads(
+            teacher,
+            student,
+            self.kd_vocab,
+            &b.labels.flatten_all()?,
+            &b.loss_mask.flatten_all()?,
             kd_weight,
             temperature,
             tokens,
@@ -561,10 +568,15 @@ impl Trainer {
                 positions: &b.position_ids,
                 key_mask: &b.attention_mask,
             };
-            let logits = self.student.logits(&input, None)?.detach();
-            let out = self.objective.loss(
+            let hidden = self.student.hidden(&input, None)?.detach();
+            let student = Head {
+                hidden: &hidden,
+                weight: self.student.lm_head(),
+            };
+            let out = self.objective.loss_from_heads(
                 None,
-                &logits,
+                student,
+                self.kd_vocab,
                 &b.labels.flatten_all()?,
                 &b.loss_mask.flatten_all()?,
                 0.0,

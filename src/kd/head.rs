@@ -1,0 +1,277 @@
+//! The lm head fused with the loss: teacher and student logits are made, consumed by
+//! [`loss_rows`] and differentiated chunk by chunk of token rows, so no [tokens, vocab] tensor of
+//! logits, nor of their gradient, ever exists (for GPT-2 with 512 tokens each is 103 MB, and
+//! the unfused step held six of them).
+//!
+//! Per chunk of counted rows (mask ≠ 0; prompt and padding rows cost nothing, not even their
+//! logits): student logits = h·Wᵀ, teacher logits likewise, the fused divergence kernel writes
+//! dL/dlogits into a chunk buffer, and that gradient goes straight back through the head:
+//! dL/dh = g·W for the chunk's rows and dL/dW += gᵀ·h. candle's backward then only hands the two
+//! finished gradients on.
+
+use super::kernel::{gradient_buffer, loss_rows, LossSpec, RowLoss, Rows};
+use crate::ops::gemm::{matmul, View};
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// A model's final hidden states and output head, as the fused loss takes them.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    /// Hidden states after the final norm, [N, d] or [B, T, d].
+    pub hidden: &'a Tensor,
+    /// The lm-head weight [V, d] (the tied token embedding for GPT-2 and small Qwen).
+    pub weight: &'a Tensor,
+}
+
+/// Token rows per chunk: each chunk buffer ([rows, vocab] f32) stays near 24 MB, below the
+/// allocator's mmap threshold, so the buffers are recycled from the heap instead of paying
+/// page faults on every call, and large enough that the head matmuls run near full speed.
+fn chunk_rows(vocab: usize, active: usize) -> usize {
+    let max = ((24 << 20) / (4 * vocab.max(1))).clamp(16, 4096);
+    let chunks = active.div_ceil(max).max(1);
+    active.div_ceil(chunks).max(1)
+}
+
+/// The candle op on (student hidden [N, d], student head [V, d]); the teacher's hidden states
+/// and head are captured (they get no gradient).
+pub(crate) struct FusedHeadOp {
+    pub spec: LossSpec,
+    pub weights: Vec<f32>,
+    pub labels: Option<Vec<u32>>,
+    /// The vocabulary prefix both models share (the logits' width).
+    pub vocab: usize,
+    /// Teacher hidden [N, dt] and head [Vt, dt], contiguous f32.
+    pub teacher: Option<(Tensor, Tensor)>,
+    pub want_grad: bool,
+    /// dL/dhidden [N, d] and dL/dW [V, d], made in the forward pass.
+    grads: Mutex<Option<(Tensor, Tensor)>>,
+    /// (Σ w·CE, Σ w·D) for logging.
+    pub parts: Arc<Mutex<(f64, f64)>>,
+}
+
+impl FusedHeadOp {
+    pub fn new(
+        spec: LossSpec,
+        weights: Vec<f32>,
+        labels: Option<Vec<u32>>,
+        vocab: usize,
+        teacher: Option<(Tensor, Tensor)>,
+        want_grad: bool,
+    ) -> Self {
+        FusedHeadOp {
+            spec,
+            weights,
+            labels,
+            vocab,
+            teacher,
+            want_grad,
+            grads: Mutex::new(None),
+            parts: Arc::new(Mutex::new((0.0, 0.0))),
+        }
+    }
+}
+
+/// A contiguous 2-D f32 CPU tensor's data and dims.
+fn matrix<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    who: &str,
+) -> candle_core::Result<(&'a [f32], usize, usize)> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("kd head: {who} must be f32")
+    };
+    let (r, c) = l.shape().dims2()?;
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("kd head: {who} must be contiguous")
+    };
+    Ok((&data[start..end], r, c))
+}
+
+/// Copies rows `rows` of the row-major [_, d] matrix `src` into the front of `dst`.
+fn gather(src: &[f32], d: usize, rows: &[usize], dst: &mut [f32]) {
+    for (k, &i) in rows.iter().enumerate() {
+        dst[k * d..(k + 1) * d].copy_from_slice(&src[i * d..(i + 1) * d]);
+    }
+}
+
+impl FusedHeadOp {
+    fn run(
+        &self,
+        (hs, n, ds): (&[f32], usize, usize),
+        (ws, vs, ws_d): (&[f32], usize, usize),
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let v = self.vocab;
+        if ws_d != ds || v > vs || v == 0 || self.weights.len() != n {
+            candle_core::bail!(
+                "kd head: student hidden [{n}, {ds}], head [{vs}, {ws_d}], vocab {v}, {} mask rows",
+                self.weights.len()
+            );
+        }
+        // The teacher's storages stay read-locked for the whole call.
+        let teacher_guards = self.teacher.as_ref().map(|(h, w)| {
+            let (gh, lh) = h.storage_and_layout();
+            let (gw, lw) = w.storage_and_layout();
+            (gh, lh.clone(), gw, lw.clone())
+        });
+        let teacher = match &teacher_guards {
+            Some((gh, lh, gw, lw)) => {
+                let (Storage::Cpu(sh), Storage::Cpu(sw)) = (&**gh, &**gw) else {
+                    candle_core::bail!("kd head: the teacher must be on the CPU")
+                };
+                let (th, tn, dt) = matrix(sh, lh, "teacher hidden")?;
+                let (tw, tv, tw_d) = matrix(sw, lw, "teacher head")?;
+                if tn != n || tw_d != dt || v > tv {
+                    candle_core::bail!(
+                        "kd head: teacher hidden [{tn}, {dt}] and head [{tv}, {tw_d}] do not fit \
+                         student rows {n} and vocab {v}"
+                    );
+                }
+                Some((th, dt, tw))
+            }
+            None => None,
+        };
+
+        let active: Vec<usize> = (0..n).filter(|&i| self.weights[i] != 0.0).collect();
+        let c = chunk_rows(v, active.len());
+        let mut out = vec![RowLoss::default(); n];
+        let (mut s_logits, mut t_logits) = (vec![0f32; c * v], vec![0f32; c * v]);
+        let mut g = vec![0f32; if self.want_grad { c * v } else { 0 }];
+        let (mut hs_c, mut gh_c) = (vec![0f32; c * ds], vec![0f32; c * ds]);
+        let mut ht_c = vec![0f32; teacher.map_or(0, |(_, dt, _)| c * dt)];
+        let mut grad_h = vec![0f32; if self.want_grad { n * ds } else { 0 }];
+        let mut grad_w = if self.want_grad {
+            gradient_buffer(vs * ds)
+        } else {
+            Vec::new()
+        };
+        let s_head = View::rows(&ws[..v * ds], v, ds, ds);
+        for (ci, rows) in active.chunks(c).enumerate() {
+            let r = rows.len();
+            gather(hs, ds, rows, &mut hs_c);
+            let h_rows = View::rows(&hs_c[..r * ds], r, ds, ds);
+            matmul(h_rows, s_head.t(), &mut s_logits, v, false);
+            let t_rows = match teacher {
+                Some((th, dt, tw)) => {
+                    gather(th, dt, rows, &mut ht_c);
+                    let t_head = View::rows(&tw[..v * dt], v, dt, dt);
+                    matmul(
+                        View::rows(&ht_c[..r * dt], r, dt, dt),
+                        t_head.t(),
+                        &mut t_logits,
+                        v,
+                        false,
+                    );
+                    Some(Rows::contiguous(&t_logits[..r * v], v))
+                }
+                None => None,
+            };
+            let weights: Vec<f32> = rows.iter().map(|&i| self.weights[i]).collect();
+            let labels: Option<Vec<u32>> = self
+                .labels
+                .as_ref()
+                .map(|l| rows.iter().map(|&i| l[i]).collect());
+            let mut out_c = vec![RowLoss::default(); r];
+            let grad = if self.want_grad {
+                g[..r * v].fill(0.0);
+                Some(&mut g[..r * v])
+            } else {
+                None
+            };
+            loss_rows(
+                &self.spec,
+                t_rows,
+                Rows::contiguous(&s_logits[..r * v], v),
+                labels.as_deref(),
+                &weights,
+                grad,
+                &mut out_c,
+            )
+            .map_err(candle_core::Error::wrap)?;
+            for (&i, o) in rows.iter().zip(out_c) {
+                out[i] = o;
+            }
+            if self.want_grad {
+                let g_rows = View::rows(&g[..r * v], r, v, v);
+                matmul(g_rows, s_head, &mut gh_c, ds, false);
+                for (k, &i) in rows.iter().enumerate() {
+                    grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_c[k * ds..(k + 1) * ds]);
+                }
+                matmul(g_rows.t(), h_rows, &mut grad_w[..v * ds], ds, ci > 0);
+            }
+        }
+
+        // Sequential sum over per-row values: deterministic whatever the thread schedule.
+        let (mut ce, mut kd) = (0.0, 0.0);
+        for (r, &wi) in out.iter().zip(&self.weights) {
+            if wi != 0.0 {
+                ce += wi as f64 * r.ce;
+                kd += wi as f64 * r.kd;
+            }
+        }
+        *self.parts.lock().unwrap() = (ce, kd);
+        if self.want_grad {
+            let dev = &candle_core::Device::Cpu;
+            *self.grads.lock().unwrap() = Some((
+                Tensor::from_vec(grad_h, (n, ds), dev)?,
+                Tensor::from_vec(grad_w, (vs, ds), dev)?,
+            ));
+        }
+        let total = self.spec.ce_coef * ce + self.spec.kd_coef * kd;
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+}
+
+impl CustomOp2 for FusedHeadOp {
+    fn name(&self) -> &'static str {
+        "pocl-fused-head-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(
+            matrix(h, lh, "student hidden")?,
+            matrix(w, lw, "student head")?,
+        )
+    }
+
+    fn bwd(
+        &self,
+        _h: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((gh, gw)) = self.grads.lock().unwrap().clone() else {
+            candle_core::bail!(
+                "kd head: backward through a loss computed without gradient tracking"
+            )
+        };
+        let scale = grad_res
+            .to_dtype(candle_core::DType::F32)?
+            .to_scalar::<f32>()?;
+        // The upstream gradient of a loss is exactly 1: skip two model-sized multiplies.
+        if scale == 1.0 {
+            Ok((Some(gh), Some(gw)))
+        } else {
+            Ok((Some((gh * scale as f64)?), Some((gw * scale as f64)?)))
+        }
+    }
+}
+
+/// Hidden states [.., d] as a contiguous [N, d] f32 tensor (free when already so).
+pub(crate) fn flat_hidden(h: &Tensor, who: &str) -> Result<Tensor> {
+    let dims = h.dims();
+    if dims.len() < 2 {
+        bail!("{who} hidden states must be [tokens, d] or [batch, seq, d], got {dims:?}");
+    }
+    let d = dims[dims.len() - 1];
+    Ok(h.to_dtype(candle_core::DType::F32)?
+        .contiguous()?
+        .reshape((h.elem_count() / d.max(1), d))?)
+}

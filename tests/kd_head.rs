@@ -1,0 +1,203 @@
+//! The lm head fused with the loss (`Objective::loss_from_heads`) against the unfused path:
+//! logits by candle's matmul, the loss kernel (itself checked against float64 torch in
+//! kd_reference.rs) and candle's autograd through the matmul. Loss, logged parts and the
+//! gradients w.r.t. the student's hidden states and head must agree, across several row chunks,
+//! masked rows, a narrowed common vocabulary and every kind of objective.
+
+mod kd_common;
+use candle_core::{Device, Tensor, Var};
+use kd_common::Lcg;
+use pocl::kd::{Divergence, Head, Objective};
+
+fn randn(seed: u64, shape: &[usize], scale: f32) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut g = Lcg(seed);
+    Tensor::from_vec(
+        (0..n).map(|_| g.logit() * scale).collect::<Vec<f32>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs() as f64)).max(1e-30);
+    a.iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((*x as f64 - *y as f64).abs()))
+        / scale
+}
+
+struct Case {
+    rows: usize,
+    ds: usize,
+    dt: usize,
+    /// Head widths of student and teacher; the loss compares the first `vocab` logits.
+    vs: usize,
+    vt: usize,
+    vocab: usize,
+    kd_weight: f64,
+    temperature: f64,
+    div: Divergence,
+}
+
+fn check(c: &Case) {
+    let dev = &Device::Cpu;
+    let hs = Var::from_tensor(&randn(1, &[c.rows, c.ds], 1.0)).unwrap();
+    let ws = Var::from_tensor(&randn(2, &[c.vs, c.ds], 0.5)).unwrap();
+    let ht = randn(3, &[c.rows, c.dt], 1.0);
+    let wt = randn(4, &[c.vt, c.dt], 0.5);
+    let mut g = Lcg(5);
+    // A third of the rows masked out (prompt / padding), some weights fractional.
+    let mask: Vec<f32> = (0..c.rows)
+        .map(|i| match i % 3 {
+            0 => 0.0,
+            1 => 1.0,
+            _ => 0.5,
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, c.rows, dev).unwrap();
+    let labels: Vec<u32> = (0..c.rows)
+        .map(|_| (g.next() % c.vocab as u64) as u32)
+        .collect();
+    let labels = Tensor::from_vec(labels, c.rows, dev).unwrap();
+    let obj = Objective::new(c.div);
+    let den = 37.0;
+
+    let fused = obj
+        .loss_from_heads(
+            Some(Head {
+                hidden: &ht,
+                weight: &wt,
+            }),
+            Head {
+                hidden: hs.as_tensor(),
+                weight: ws.as_tensor(),
+            },
+            c.vocab,
+            &labels,
+            &mask,
+            c.kd_weight,
+            c.temperature,
+            den,
+        )
+        .unwrap();
+    let fg = fused.loss.backward().unwrap();
+
+    let s_logits = hs
+        .as_tensor()
+        .matmul(&ws.as_tensor().narrow(0, 0, c.vocab).unwrap().t().unwrap())
+        .unwrap();
+    let t_logits = ht
+        .matmul(&wt.narrow(0, 0, c.vocab).unwrap().t().unwrap())
+        .unwrap();
+    let plain = obj
+        .loss(
+            Some(&t_logits),
+            &s_logits,
+            &labels,
+            &mask,
+            c.kd_weight,
+            c.temperature,
+            den,
+        )
+        .unwrap();
+    let pg = plain.loss.backward().unwrap();
+
+    let (lf, lp) = (
+        fused.loss.to_scalar::<f32>().unwrap(),
+        plain.loss.to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        ((lf - lp) / lp).abs() < 2e-6,
+        "{:?}: loss {lf} vs {lp}",
+        c.div
+    );
+    assert!((fused.ce - plain.ce).abs() <= 2e-6 * plain.ce.abs());
+    assert!((fused.kd - plain.kd).abs() <= 2e-6 * plain.kd.abs().max(1e-9));
+    for (name, var) in [("hidden", &hs), ("head", &ws)] {
+        let a = flat(fg.get(var).expect("fused gradient"));
+        let b = flat(pg.get(var).expect("plain gradient"));
+        assert_eq!(a.len(), b.len());
+        let e = rel_err(&a, &b);
+        assert!(e < 1e-5, "{:?}: d/d{name} relative error {e}", c.div);
+    }
+    // Masked rows get exactly zero gradient, and so do head rows beyond the common vocabulary.
+    let gh = flat(fg.get(&hs).unwrap());
+    assert!(gh[..c.ds].iter().all(|&x| x == 0.0));
+    let gw = flat(fg.get(&ws).unwrap());
+    assert!(gw[c.vocab * c.ds..].iter().all(|&x| x == 0.0));
+}
+
+#[test]
+fn fused_head_matches_unfused_over_several_chunks() {
+    // Vocab 50257: a chunk holds ~125 rows, so 300 rows (200 counted) take two chunks.
+    for div in [
+        Divergence::Fkl,
+        Divergence::Rkl,
+        Divergence::parse("jsd", None, Some(0.3)).unwrap(),
+        Divergence::Tvd,
+        Divergence::parse("skl", Some(0.1), None).unwrap(),
+        Divergence::parse("srkl", Some(0.1), None).unwrap(),
+    ] {
+        check(&Case {
+            rows: 300,
+            ds: 8,
+            dt: 12,
+            vs: 50257,
+            vt: 50257,
+            vocab: 50257,
+            kd_weight: 0.7,
+            temperature: 2.0,
+            div,
+        });
+    }
+}
+
+#[test]
+fn fused_head_narrowed_vocab_pure_kd_and_pure_ce() {
+    for (kd_weight, temperature) in [(1.0, 1.0), (0.0, 1.0), (0.5, 0.7)] {
+        check(&Case {
+            rows: 40,
+            ds: 16,
+            dt: 6,
+            vs: 130,
+            vt: 128,
+            vocab: 120,
+            kd_weight,
+            temperature,
+            div: Divergence::Fkl,
+        });
+    }
+}
+
+#[test]
+fn fused_head_errors_name_the_problem() {
+    let dev = &Device::Cpu;
+    let h = Tensor::zeros((4, 8), candle_core::DType::F32, dev).unwrap();
+    let w = Tensor::zeros((10, 8), candle_core::DType::F32, dev).unwrap();
+    let labels = Tensor::zeros(4, candle_core::DType::U32, dev).unwrap();
+    let mask = Tensor::ones(4, candle_core::DType::F32, dev).unwrap();
+    let head = Head {
+        hidden: &h,
+        weight: &w,
+    };
+    let obj = Objective::new(Divergence::Fkl);
+    let e = obj
+        .loss_from_heads(None, head, 10, &labels, &mask, 0.5, 1.0, 4.0)
+        .unwrap_err();
+    assert!(e.to_string().contains("needs teacher"), "{e}");
+    let e = obj
+        .loss_from_heads(None, head, 11, &labels, &mask, 0.0, 1.0, 4.0)
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("vocab 11"), "{e:#}");
+    let short = Tensor::ones(3, candle_core::DType::F32, dev).unwrap();
+    let e = obj
+        .loss_from_heads(None, head, 10, &labels, &short, 0.0, 1.0, 4.0)
+        .unwrap_err();
+    assert!(e.to_string().contains("mask has 3"), "{e}");
+}
