@@ -6,7 +6,11 @@
 
 pub mod activation;
 pub mod gemm;
+pub mod norm;
 pub mod simd;
+pub mod softmax;
+
+pub use norm::{layer_norm, rms_norm};
 
 use crate::model::config::Activation;
 use candle_core::{DType, Device, Result, Tensor, D};
@@ -18,21 +22,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&s)
-}
-
-/// LayerNorm over the last dimension (biased variance, as torch).
-pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let xc = x.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
-    y.broadcast_mul(weight)?.broadcast_add(bias)
-}
-
-/// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight (Llama, Qwen).
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(weight)
 }
 
 /// y = x · wᵀ + b for x [.., in] and a torch-layout weight w [out, in].
@@ -90,8 +79,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     } else {
         (repeat_kv(k, h / h_kv)?, repeat_kv(v, h / h_kv)?)
     };
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(bias)?;
-    let probs = softmax_last_dim(&scores)?;
+    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
+    let probs = softmax::scaled_masked_softmax(&scores, bias, scale)?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, h, tq, d]
     out.transpose(1, 2)?.reshape((b, tq, h * d))
 }
