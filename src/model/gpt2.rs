@@ -31,12 +31,7 @@ pub struct Gpt2 {
 
 /// Conv1D: x [.., in] · w [in, out] + b.
 fn conv1d(x: &Tensor, (w, b): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let rows: usize = dims[..dims.len() - 1].iter().product();
-    let y = x.reshape((rows, w.dim(0)?))?.matmul(w)?.broadcast_add(b)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(1)?;
-    y.reshape(out)
+    ops::linear_in_out(x, w, Some(b))
 }
 
 impl Gpt2 {

@@ -126,3 +126,199 @@ mod tests {
         assert_eq!(&out[3..5], &[-4.0, 26.0]);
     }
 }
+
+/// Output rows up to which [`skinny`] beats the packed gemm (decoding: one row per sequence).
+pub const SKINNY_ROWS: usize = 16;
+
+/// y[m, n] = x[m, k] · Wᵀ for a few rows m, with W given as a [n, k] view (either layout: rows
+/// contiguous, the torch `nn.Linear` / lm-head layout, or columns contiguous, GPT-2's Conv1D).
+/// Why: for m ≪ 100 a gemm spends its time packing W, which it then uses for only m rows; in
+/// decoding that packing copies every weight of the model once per token. Here W is streamed
+/// once, straight from memory, in parallel blocks of output columns. f32 accumulation.
+pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
+    use rayon::prelude::*;
+    let (n, k) = (w.rows, w.cols);
+    assert!(
+        w.fits() && x.len() >= m * k && y.len() >= m * n,
+        "skinny: bounds"
+    );
+    let rows_contiguous = w.cs == 1;
+    assert!(
+        rows_contiguous || w.rs == 1,
+        "skinny: W needs one unit stride"
+    );
+    let block = if rows_contiguous { 256 } else { 512 };
+    let blocks: Vec<Vec<f32>> = (0..n.div_ceil(block))
+        .into_par_iter()
+        .map(|b| {
+            let (j0, j1) = (b * block, ((b + 1) * block).min(n));
+            let mut out = vec![0f32; m * (j1 - j0)];
+            if rows_contiguous {
+                dot_block_mv(x, m, k, w.data, w.rs, j0, j1, &mut out);
+            } else {
+                axpy_block_mv(x, m, k, w.data, w.cs, j0, j1, &mut out);
+            }
+            out
+        })
+        .collect();
+    for (b, out) in blocks.iter().enumerate() {
+        let (j0, bw) = (b * block, out.len() / m.max(1));
+        for i in 0..m {
+            y[i * n + j0..i * n + j0 + bw].copy_from_slice(&out[i * bw..(i + 1) * bw]);
+        }
+    }
+}
+
+/// Rows j0..j1 of W (row stride `ld`) dotted with each of the m rows of x; out [m, j1 − j0].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dot_block(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ld: usize,
+    j0: usize,
+    j1: usize,
+    out: &mut [f32],
+) {
+    // Two vectors of partial sums; chunks_exact lets the compiler drop the bounds checks and
+    // vectorise the lane loop.
+    const L: usize = 32;
+    let bw = j1 - j0;
+    let full = k / L * L;
+    for j in j0..j1 {
+        let wr = &w[j * ld..j * ld + k];
+        for i in 0..m {
+            let xr = &x[i * k..(i + 1) * k];
+            let mut acc = [0f32; L];
+            for (xc, wc) in xr[..full].chunks_exact(L).zip(wr[..full].chunks_exact(L)) {
+                for l in 0..L {
+                    acc[l] = xc[l].mul_add(wc[l], acc[l]);
+                }
+            }
+            let mut s = acc.iter().sum::<f32>();
+            for l in full..k {
+                s = xr[l].mul_add(wr[l], s);
+            }
+            out[i * bw + (j - j0)] = s;
+        }
+    }
+}
+
+/// Columns j0..j1 of y = x·W for W stored [k, n] (row stride `ld`): rows of W streamed and
+/// added, x[i, l]·W[l, j0..j1], into the m output rows; out [m, j1 − j0].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn axpy_block(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    ld: usize,
+    j0: usize,
+    j1: usize,
+    out: &mut [f32],
+) {
+    let bw = j1 - j0;
+    for l in 0..k {
+        let wr = &w[l * ld + j0..l * ld + j1];
+        for i in 0..m {
+            let a = x[i * k + l];
+            let o = &mut out[i * bw..(i + 1) * bw];
+            for j in 0..bw {
+                o[j] = a.mul_add(wr[j], o[j]);
+            }
+        }
+    }
+}
+
+super::simd::multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn dot_block_mv => dot_block(x: &[f32], m: usize, k: usize, w: &[f32], ld: usize, j0: usize, j1: usize, out: &mut [f32]) -> ()
+}
+
+super::simd::multiversion! {
+    #[allow(clippy::too_many_arguments)]
+    fn axpy_block_mv => axpy_block(x: &[f32], m: usize, k: usize, w: &[f32], ld: usize, j0: usize, j1: usize, out: &mut [f32]) -> ()
+}
+
+/// candle op for [`skinny`]: (x [m, k], W) → [m, n], no backward (used only where nothing is
+/// tracked, i.e. frozen models and generation). `out_in`: W is [n, k]; else [k, n].
+pub(crate) struct Skinny {
+    pub out_in: bool,
+}
+
+impl candle_core::CustomOp2 for Skinny {
+    fn name(&self) -> &'static str {
+        "pocl-skinny-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage::F32;
+        let (F32(x), F32(w)) = (s1, s2) else {
+            candle_core::bail!("skinny matmul: f32 only")
+        };
+        let (Some((xa, xb)), Some((wa, wb))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("skinny matmul: contiguous inputs only")
+        };
+        let (m, k) = l1.shape().dims2()?;
+        let (r, c) = l2.shape().dims2()?;
+        let (n, wk) = if self.out_in { (r, c) } else { (c, r) };
+        if wk != k {
+            candle_core::bail!("skinny matmul: x [{m}, {k}] vs W {:?}", l2.dims());
+        }
+        let view = if self.out_in {
+            View::rows(&w[wa..wb], n, k, k)
+        } else {
+            View::rows(&w[wa..wb], k, n, n).t()
+        };
+        let mut y = vec![0f32; m * n];
+        skinny(&x[xa..xb], m, view, &mut y);
+        Ok((F32(y), candle_core::Shape::from((m, n))))
+    }
+}
+
+#[cfg(test)]
+mod skinny_tests {
+    use super::*;
+
+    #[test]
+    fn skinny_matches_gemm_in_both_layouts() {
+        let (m, k, n) = (3, 37, 600);
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0)
+            .collect();
+        let mut want = vec![0f32; m * n];
+        matmul(
+            View::rows(&x, m, k, k),
+            View::rows(&w, n, k, k).t(),
+            &mut want,
+            n,
+            false,
+        );
+        let mut got = vec![0f32; m * n];
+        skinny(&x, m, View::rows(&w, n, k, k), &mut got);
+        let close = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+        };
+        assert!(close(&got, &want), "rows-contiguous layout");
+        // The same W stored transposed, [k, n].
+        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let mut got = vec![0f32; m * n];
+        skinny(&x, m, View::rows(&wt, k, n, n).t(), &mut got);
+        assert!(close(&got, &want), "columns-contiguous layout");
+    }
+}
