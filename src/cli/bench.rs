@@ -143,9 +143,11 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     denom,
                 )?;
                 lap(2);
-                let grads = out.loss.backward()?;
+                let store = out.loss.backward()?;
+                drop(out); // the graph, with its activations
                 lap(3);
-                let mut grads = flat_grads(&vars, &grads)?;
+                let mut grads = flat_grads(&vars, &store)?;
+                drop(store);
                 clip_grad_norm(&mut grads, 1.0);
                 opt.update(&grads, 1e-4)?;
                 lap(4);

@@ -247,9 +247,11 @@ impl CustomOp2 for FusedHeadOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let Some((gh, gw)) = self.grads.lock().unwrap().clone() else {
+        // Taken, not cloned: the op lives as long as the graph, and dL/dW is model-sized.
+        let Some((gh, gw)) = self.grads.lock().unwrap().take() else {
             candle_core::bail!(
-                "kd head: backward through a loss computed without gradient tracking"
+                "kd head: backward through a loss computed without gradient tracking, or a \
+                 second backward through the same loss"
             )
         };
         let scale = grad_res
