@@ -4,6 +4,7 @@
 //! through them are silently dropped. Everything here is composed of ops that do have one, and
 //! the model tests check that every parameter receives a gradient.
 
+pub mod bf16;
 use crate::model::config::Activation;
 use candle_core::{DType, Device, Result, Tensor, D};
 
