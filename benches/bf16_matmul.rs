@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(if quick { 3 } else { 10 });
     let only = arg("--only");
+    let shape = arg("--shape");
     let threads = rayon::current_num_threads();
     let shapes: &[(&str, usize, usize)] = &[
         ("attn_qkv", 768, 2304),
@@ -80,6 +81,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     for &(name, k, n) in shapes {
+        if shape.as_deref().is_some_and(|s| s != name) {
+            continue;
+        }
         let x = values(m * k, 1 + k as u64);
         let w = values(n * k, 7 + n as u64); // [n, k], nn.Linear layout
         let flops = 2.0 * (m * k * n) as f64;
