@@ -21,18 +21,43 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// CPU time of the whole process (all threads), seconds.
+fn process_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a pointer to a live local.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+struct Timing {
+    median: f64,
+    min: f64,
+    /// Process CPU time over wall time × threads during the timed runs: well below 1 means the
+    /// threads were not all on a CPU (a shared machine), and the wall times are inflated.
+    cpu_util: f64,
+}
+
 /// Median and min seconds of `reps` runs after one warm-up.
-fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
+fn time(reps: usize, threads: usize, mut f: impl FnMut()) -> Timing {
     f();
-    let mut secs: Vec<f64> = (0..reps)
+    let (c0, t0) = (process_cpu(), Instant::now());
+    let mut secs: Vec<f64> = (0..reps.max(1))
         .map(|_| {
             let t0 = Instant::now();
             f();
             t0.elapsed().as_secs_f64()
         })
         .collect();
+    let cpu_util = (process_cpu() - c0) / (t0.elapsed().as_secs_f64() * threads as f64);
     secs.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (secs[secs.len() / 2], secs[0])
+    Timing {
+        median: secs[secs.len() / 2],
+        min: secs[0],
+        cpu_util,
+    }
 }
 
 fn round(x: f64, digits: i32) -> f64 {
@@ -118,20 +143,22 @@ fn main() -> anyhow::Result<()> {
             } else {
                 reps
             };
-            let (med, min, out) = match kernel {
+            let (t, out) = match kernel {
                 Some(kernel) => {
                     let mut out = vec![0f32; m * n];
-                    let (med, min) = time(reps, || packed.matmul_with(kernel, &x, m, &mut out, n));
-                    (med, min, out)
+                    let t = time(reps, threads, || {
+                        packed.matmul_with(kernel, &x, m, &mut out, n)
+                    });
+                    (t, out)
                 }
                 None => {
                     let dev = Device::Cpu;
                     let xt = Tensor::from_slice(&x, (m, k), &dev)?;
                     let wt = Tensor::from_slice(&w, (n, k), &dev)?.t()?;
                     let mut y = None;
-                    let (med, min) = time(reps, || y = Some(xt.matmul(&wt).unwrap()));
+                    let t = time(reps, threads, || y = Some(xt.matmul(&wt).unwrap()));
                     let out = y.unwrap().flatten_all()?.to_vec1::<f32>()?;
-                    (med, min, out)
+                    (t, out)
                 }
             };
             // Cross-check against the first implementation (bf16 rounding: ~1e-2 relative).
@@ -153,8 +180,10 @@ fn main() -> anyhow::Result<()> {
                 serde_json::json!({
                     "bench": "bf16_matmul", "impl": imp, "shape": name, "m": m, "k": k, "n": n,
                     "threads": threads, "reps": reps,
-                    "median_ms": round(med * 1e3, 2), "min_ms": round(min * 1e3, 2),
-                    "gflops": round(flops / med / 1e9, 1),
+                    "median_ms": round(t.median * 1e3, 2), "min_ms": round(t.min * 1e3, 2),
+                    "gflops": round(flops / t.median / 1e9, 1),
+                    "gflops_best": round(flops / t.min / 1e9, 1),
+                    "cpu_util": round(t.cpu_util, 2),
                     "max_rel_diff_vs_first": round(max_rel as f64, 5),
                 })
             );
