@@ -1,10 +1,13 @@
-//! Differentiable building blocks shared by the model families.
+//! Building blocks shared by the model families: fused CPU ops with their backward (norms,
+//! attention softmax, activations), linear layers (f32 gemm, streamed matmul for decoding, bf16
+//! for frozen models), attention.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
-//! through them are silently dropped. Everything here is composed of ops that do have one, and
-//! the model tests check that every parameter receives a gradient.
+//! through them would be silently dropped, so they are not used; ours have one, and the model
+//! tests check that every parameter receives a gradient.
 
 pub mod activation;
+pub mod bf16;
 pub mod gemm;
 pub mod norm;
 pub mod simd;
