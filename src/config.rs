@@ -25,13 +25,26 @@ pub struct Recipe {
     pub checkpoint: CheckpointSection,
 }
 
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelSection {
     /// Teacher directory (HF layout); not needed for SFT (kd_weight 0 everywhere).
     pub teacher: Option<PathBuf>,
     /// Student directory (HF layout): training starts from it, and the measurer scores with it.
     pub student: PathBuf,
+    /// "f32", or "bf16": the teacher's matrices converted once to bf16 (AMX tiles where the CPU
+    /// has them; half the teacher's memory). The student always trains in f32.
+    pub teacher_dtype: String,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection {
+            teacher: None,
+            student: PathBuf::new(),
+            teacher_dtype: "f32".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -307,6 +320,12 @@ impl Recipe {
     pub fn validate(&self) -> Result<()> {
         let c = &self.curriculum;
         let o = &self.optim;
+        if !["f32", "bf16"].contains(&self.model.teacher_dtype.as_str()) {
+            bail!(
+                "model.teacher_dtype: \"{}\" is not one of \"f32\", \"bf16\"",
+                self.model.teacher_dtype
+            );
+        }
         if self.model.student.as_os_str().is_empty() {
             bail!("model.student: required");
         }

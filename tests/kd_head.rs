@@ -8,6 +8,7 @@ mod kd_common;
 use candle_core::{Device, Tensor, Var};
 use kd_common::Lcg;
 use pocl::kd::{Divergence, Head, Objective};
+use pocl::ops::Weight;
 
 fn randn(seed: u64, shape: &[usize], scale: f32) -> Tensor {
     let n: usize = shape.iter().product();
@@ -68,15 +69,19 @@ fn check(c: &Case) {
     let obj = Objective::new(c.div);
     let den = 37.0;
 
+    let (wt_head, ws_head) = (
+        Weight::out_in(wt.clone()),
+        Weight::out_in(ws.as_tensor().clone()),
+    );
     let fused = obj
         .loss_from_heads(
             Some(Head {
                 hidden: &ht,
-                weight: &wt,
+                weight: &wt_head,
             }),
             Head {
                 hidden: hs.as_tensor(),
-                weight: ws.as_tensor(),
+                weight: &ws_head,
             },
             c.vocab,
             &labels,
@@ -182,6 +187,7 @@ fn fused_head_errors_name_the_problem() {
     let w = Tensor::zeros((10, 8), candle_core::DType::F32, dev).unwrap();
     let labels = Tensor::zeros(4, candle_core::DType::U32, dev).unwrap();
     let mask = Tensor::ones(4, candle_core::DType::F32, dev).unwrap();
+    let w = Weight::out_in(w);
     let head = Head {
         hidden: &h,
         weight: &w,

@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Timed repetitions after the warm-up.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
+    /// kd-step: the teacher's matrices in "f32" (as the peer) or "bf16" (recipe key
+    /// model.teacher_dtype). The student is f32 either way.
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub teacher_dtype: String,
 }
 
 fn gpt2(
@@ -40,6 +44,7 @@ fn gpt2(
     heads: usize,
     seed: u64,
     frozen: bool,
+    bf16: bool,
 ) -> Result<Box<dyn CausalLm>> {
     let shape = Shape {
         hidden,
@@ -53,6 +58,7 @@ fn gpt2(
         ModelConfig::from_json(config_json("gpt2", &shape, VOCAB, 50256)?)?,
         seed,
         frozen,
+        bf16,
     )
 }
 
@@ -83,8 +89,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let dev = &Device::Cpu;
     match cmd {
         BenchCommand::KdStep(a) => {
-            let teacher = gpt2(768, 12, 12, 1, true)?;
-            let student = gpt2(512, 6, 8, 2, false)?;
+            let teacher = gpt2(768, 12, 12, 1, true, a.teacher_dtype == "bf16")?;
+            let student = gpt2(512, 6, 8, 2, false, false)?;
             let (b, t) = (4, 128);
             let ids = Tensor::from_vec(random_ids(&mut rng, b * t), (b, t), dev)?;
             let pos = Tensor::from_vec(
@@ -181,13 +187,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
             println!(
                 "{}",
-                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads,
+                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown})
             );
         }
         BenchCommand::Generate(a) => {
-            let student = gpt2(512, 6, 8, 2, true)?;
+            let student = gpt2(512, 6, 8, 2, true, false)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.

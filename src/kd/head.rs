@@ -10,7 +10,9 @@
 //! finished gradients on.
 
 use super::kernel::{gradient_buffer, loss_rows, LossSpec, RowLoss, Rows};
+use crate::ops::bf16::PackedBf16;
 use crate::ops::gemm::{matmul, View};
+use crate::ops::Weight;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
@@ -20,8 +22,9 @@ use std::sync::{Arc, Mutex};
 pub struct Head<'a> {
     /// Hidden states after the final norm, [N, d] or [B, T, d].
     pub hidden: &'a Tensor,
-    /// The lm-head weight [V, d] (the tied token embedding for GPT-2 and small Qwen).
-    pub weight: &'a Tensor,
+    /// The lm-head weight [V, d] (the tied token embedding for GPT-2 and small Qwen); f32 for
+    /// the student, f32 or packed bf16 for the teacher.
+    pub weight: &'a Weight,
 }
 
 /// Token rows per chunk: each chunk buffer ([rows, vocab] f32) stays near 24 MB, below the
@@ -41,8 +44,8 @@ pub(crate) struct FusedHeadOp {
     pub labels: Option<Vec<u32>>,
     /// The vocabulary prefix both models share (the logits' width).
     pub vocab: usize,
-    /// Teacher hidden [N, dt] and head [Vt, dt], contiguous f32.
-    pub teacher: Option<(Tensor, Tensor)>,
+    /// Teacher hidden [N, dt] (contiguous f32) and head [Vt, dt].
+    pub teacher: Option<(Tensor, Weight)>,
     pub want_grad: bool,
     /// dL/dhidden [N, d] and dL/dW [V, d], made in the forward pass.
     grads: Mutex<Option<(Tensor, Tensor)>>,
@@ -56,7 +59,7 @@ impl FusedHeadOp {
         weights: Vec<f32>,
         labels: Option<Vec<u32>>,
         vocab: usize,
-        teacher: Option<(Tensor, Tensor)>,
+        teacher: Option<(Tensor, Weight)>,
         want_grad: bool,
     ) -> Self {
         FusedHeadOp {
@@ -68,6 +71,22 @@ impl FusedHeadOp {
             want_grad,
             grads: Mutex::new(None),
             parts: Arc::new(Mutex::new((0.0, 0.0))),
+        }
+    }
+}
+
+/// The teacher's head as the chunk loop reads it: f32 data [Vt, dt], or packed bf16.
+enum TeacherHead<'a> {
+    F32(&'a [f32], usize, usize),
+    Bf16(std::sync::Arc<PackedBf16>),
+}
+
+impl TeacherHead<'_> {
+    /// (Vt, dt)
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            TeacherHead::F32(_, v, d) => (*v, *d),
+            TeacherHead::Bf16(p) => (p.n_out(), p.k()),
         }
     }
 }
@@ -111,23 +130,39 @@ impl FusedHeadOp {
         // The teacher's storages stay read-locked for the whole call.
         let teacher_guards = self.teacher.as_ref().map(|(h, w)| {
             let (gh, lh) = h.storage_and_layout();
-            let (gw, lw) = w.storage_and_layout();
-            (gh, lh.clone(), gw, lw.clone())
+            let w = match w {
+                Weight::F32 { w, .. } => {
+                    let (gw, lw) = w.storage_and_layout();
+                    Ok((gw, lw.clone()))
+                }
+                Weight::Bf16(p) => Err(p.clone()),
+            };
+            (gh, lh.clone(), w)
         });
         let teacher = match &teacher_guards {
-            Some((gh, lh, gw, lw)) => {
-                let (Storage::Cpu(sh), Storage::Cpu(sw)) = (&**gh, &**gw) else {
+            Some((gh, lh, w)) => {
+                let Storage::Cpu(sh) = &**gh else {
                     candle_core::bail!("kd head: the teacher must be on the CPU")
                 };
                 let (th, tn, dt) = matrix(sh, lh, "teacher hidden")?;
-                let (tw, tv, tw_d) = matrix(sw, lw, "teacher head")?;
+                let head = match w {
+                    Ok((gw, lw)) => {
+                        let Storage::Cpu(sw) = &**gw else {
+                            candle_core::bail!("kd head: the teacher must be on the CPU")
+                        };
+                        let (tw, tv, tw_d) = matrix(sw, lw, "teacher head")?;
+                        TeacherHead::F32(tw, tv, tw_d)
+                    }
+                    Err(p) => TeacherHead::Bf16(p.clone()),
+                };
+                let (tv, tw_d) = head.dims();
                 if tn != n || tw_d != dt || v > tv {
                     candle_core::bail!(
                         "kd head: teacher hidden [{tn}, {dt}] and head [{tv}, {tw_d}] do not fit \
                          student rows {n} and vocab {v}"
                     );
                 }
-                Some((th, dt, tw))
+                Some((th, dt, head))
             }
             None => None,
         };
@@ -135,10 +170,12 @@ impl FusedHeadOp {
         let active: Vec<usize> = (0..n).filter(|&i| self.weights[i] != 0.0).collect();
         let c = chunk_rows(v, active.len());
         let mut out = vec![RowLoss::default(); n];
-        let (mut s_logits, mut t_logits) = (vec![0f32; c * v], vec![0f32; c * v]);
+        // The teacher's chunk logits have its full head width (the bf16 kernel writes all of it).
+        let tv = teacher.as_ref().map_or(0, |(_, _, h)| h.dims().0);
+        let (mut s_logits, mut t_logits) = (vec![0f32; c * v], vec![0f32; c * tv]);
         let mut g = vec![0f32; if self.want_grad { c * v } else { 0 }];
         let (mut hs_c, mut gh_c) = (vec![0f32; c * ds], vec![0f32; c * ds]);
-        let mut ht_c = vec![0f32; teacher.map_or(0, |(_, dt, _)| c * dt)];
+        let mut ht_c = vec![0f32; teacher.as_ref().map_or(0, |(_, dt, _)| c * dt)];
         let mut grad_h = vec![0f32; if self.want_grad { n * ds } else { 0 }];
         let mut grad_w = if self.want_grad {
             gradient_buffer(vs * ds)
@@ -151,18 +188,27 @@ impl FusedHeadOp {
             gather(hs, ds, rows, &mut hs_c);
             let h_rows = View::rows(&hs_c[..r * ds], r, ds, ds);
             matmul(h_rows, s_head.t(), &mut s_logits, v, false);
-            let t_rows = match teacher {
-                Some((th, dt, tw)) => {
+            let t_rows = match &teacher {
+                Some((th, dt, head)) => {
+                    let dt = *dt;
                     gather(th, dt, rows, &mut ht_c);
-                    let t_head = View::rows(&tw[..v * dt], v, dt, dt);
-                    matmul(
-                        View::rows(&ht_c[..r * dt], r, dt, dt),
-                        t_head.t(),
-                        &mut t_logits,
-                        v,
-                        false,
-                    );
-                    Some(Rows::contiguous(&t_logits[..r * v], v))
+                    let h = &ht_c[..r * dt];
+                    match head {
+                        TeacherHead::F32(tw, _, _) => matmul(
+                            View::rows(h, r, dt, dt),
+                            View::rows(&tw[..v * dt], v, dt, dt).t(),
+                            &mut t_logits,
+                            tv,
+                            false,
+                        ),
+                        TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+                    }
+                    Some(Rows {
+                        data: &t_logits[..(r - 1) * tv + v],
+                        rows: r,
+                        width: v,
+                        stride: tv,
+                    })
                 }
                 None => None,
             };

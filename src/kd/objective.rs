@@ -5,6 +5,7 @@
 use super::divergence::Divergence;
 use super::head::{flat_hidden, FusedHeadOp, Head};
 use super::kernel::LossSpec;
+use crate::ops::Weight;
 use super::{
     apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
 };
@@ -92,8 +93,9 @@ impl Objective {
         if !student.hidden.device().is_cpu() {
             // Off the CPU: materialise the logits and take the composed path.
             let logits = |h: Head, who: &str| -> Result<Tensor> {
-                let w = h.weight.narrow(0, 0, vocab)?;
-                Ok(flat_hidden(h.hidden, who)?.matmul(&w.t()?)?)
+                Ok(h.weight
+                    .forward(&flat_hidden(h.hidden, who)?, None)?
+                    .narrow(1, 0, vocab)?)
             };
             let t = teacher
                 .map(|t| logits(t, "teacher").map(|l| l.detach()))
@@ -108,6 +110,9 @@ impl Objective {
                 denominator,
             );
         }
+        let Weight::F32 { w, out_in: true } = student.weight else {
+            bail!("the student's lm head must be an f32 [vocab, d] matrix (a trainable model)")
+        };
         let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
         let h = flat_hidden(student.hidden, "student")?;
         let n = h.dim(0)?;
@@ -116,11 +121,15 @@ impl Objective {
         let t = match teacher {
             Some(t) => Some((
                 flat_hidden(t.hidden, "teacher")?.detach(),
-                t.weight.contiguous()?.detach(),
+                match t.weight {
+                    Weight::F32 { w, out_in: true } => Weight::out_in(w.contiguous()?.detach()),
+                    Weight::Bf16(p) => Weight::Bf16(p.clone()),
+                    Weight::F32 { .. } => bail!("the teacher's lm head must be [vocab, d]"),
+                },
             )),
             None => None,
         };
-        let w = student.weight.contiguous()?;
+        let w = w.contiguous()?;
         let want_grad = h.track_op() || w.track_op();
         let op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad);
         let parts = op.parts.clone();

@@ -7,31 +7,74 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops;
+use crate::ops::{self, Weight};
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
 struct Block {
     ln_1: (Tensor, Tensor),
-    c_attn: (Tensor, Tensor), // [d, 3d], [3d]
-    c_proj: (Tensor, Tensor), // [d, d], [d]
+    c_attn: (Weight, Tensor), // [d, 3d], [3d]
+    c_proj: (Weight, Tensor), // [d, d], [d]
     ln_2: (Tensor, Tensor),
-    c_fc: (Tensor, Tensor),     // [d, inner], [inner]
-    mlp_proj: (Tensor, Tensor), // [inner, d], [d]
+    c_fc: (Weight, Tensor),     // [d, inner], [inner]
+    mlp_proj: (Weight, Tensor), // [inner, d], [d]
 }
 
 pub struct Gpt2 {
     config: ModelConfig,
     params: Params,
-    wte: Tensor, // [vocab, d], also the lm head
+    wte: Weight, // [vocab, d], also the lm head
     wpe: Tensor, // [n_positions, d]
     blocks: Vec<Block>,
     ln_f: (Tensor, Tensor),
 }
 
 /// Conv1D: x [.., in] · w [in, out] + b.
-fn conv1d(x: &Tensor, (w, b): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
-    ops::linear_in_out(x, w, Some(b))
+fn conv1d(x: &Tensor, (w, b): &(Weight, Tensor)) -> candle_core::Result<Tensor> {
+    w.forward(x, Some(b))
+}
+
+/// Takes tensors from the state dict under GPT-2's key names (with or without `transformer.`),
+/// registering them as parameters saved as `transformer.*`.
+struct Loader<'a> {
+    params: Params,
+    sd: &'a mut StateDict,
+    src: &'static str,
+}
+
+impl Loader<'_> {
+    fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let from = format!("{}{name}", self.src);
+        self.params
+            .take(self.sd, &from, &format!("transformer.{name}"), shape)
+    }
+
+    fn matrix(&mut self, name: &str, shape: &[usize], out_in: bool) -> Result<Weight> {
+        let from = format!("{}{name}", self.src);
+        self.params.weight(
+            self.sd,
+            &from,
+            &format!("transformer.{name}"),
+            shape,
+            out_in,
+        )
+    }
+
+    /// LayerNorm (weight, bias).
+    fn norm(&mut self, name: &str, d: usize) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.tensor(&format!("{name}.weight"), &[d])?,
+            self.tensor(&format!("{name}.bias"), &[d])?,
+        ))
+    }
+
+    /// Conv1D (weight [in, out], bias).
+    fn conv(&mut self, name: &str, inp: usize, out: usize) -> Result<(Weight, Tensor)> {
+        Ok((
+            self.matrix(&format!("{name}.weight"), &[inp, out], false)?,
+            self.tensor(&format!("{name}.bias"), &[out])?,
+        ))
+    }
 }
 
 impl Gpt2 {
@@ -47,35 +90,27 @@ impl Gpt2 {
         } else {
             ""
         };
-        let mut params = Params::new(sd.frozen);
-        let mut p = |name: &str, shape: &[usize]| {
-            params.take(
-                sd,
-                &format!("{src}{name}"),
-                &format!("transformer.{name}"),
-                shape,
-            )
+        let mut l = Loader {
+            params: Params::new(sd.frozen),
+            sd,
+            src,
         };
-        let wte = p("wte.weight", &[v, d])?;
-        let wpe = p("wpe.weight", &[config.max_positions, d])?;
+        let wte = l.matrix("wte.weight", &[v, d], true)?;
+        let wpe = l.tensor("wpe.weight", &[config.max_positions, d])?;
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let mut pair = |name: &str, w: &[usize], b: usize| -> Result<(Tensor, Tensor)> {
-                Ok((
-                    p(&format!("h.{i}.{name}.weight"), w)?,
-                    p(&format!("h.{i}.{name}.bias"), &[b])?,
-                ))
-            };
+            let h = format!("h.{i}");
             blocks.push(Block {
-                ln_1: pair("ln_1", &[d], d)?,
-                c_attn: pair("attn.c_attn", &[d, 3 * d], 3 * d)?,
-                c_proj: pair("attn.c_proj", &[d, d], d)?,
-                ln_2: pair("ln_2", &[d], d)?,
-                c_fc: pair("mlp.c_fc", &[d, inner], inner)?,
-                mlp_proj: pair("mlp.c_proj", &[inner, d], d)?,
+                ln_1: l.norm(&format!("{h}.ln_1"), d)?,
+                c_attn: l.conv(&format!("{h}.attn.c_attn"), d, 3 * d)?,
+                c_proj: l.conv(&format!("{h}.attn.c_proj"), d, d)?,
+                ln_2: l.norm(&format!("{h}.ln_2"), d)?,
+                c_fc: l.conv(&format!("{h}.mlp.c_fc"), d, inner)?,
+                mlp_proj: l.conv(&format!("{h}.mlp.c_proj"), inner, d)?,
             });
         }
-        let ln_f = (p("ln_f.weight", &[d])?, p("ln_f.bias", &[d])?);
+        let ln_f = l.norm("ln_f", d)?;
+        let (params, sd) = (l.params, l.sd);
         // The lm head is tied to wte; some files also store a copy, which we drop.
         if sd.contains("lm_head.weight") {
             sd.take("lm_head.weight", &[v, d])?;
@@ -100,7 +135,7 @@ impl CausalLm for Gpt2 {
         &self.params
     }
 
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.wte
     }
 
@@ -113,7 +148,7 @@ impl CausalLm for Gpt2 {
         let (b, t) = input.ids.dims2()?;
         let (h, hd) = (c.num_heads, c.hidden_size / c.num_heads);
         let bias = input.attention_bias()?;
-        let tok = self.wte.index_select(&input.ids.flatten_all()?, 0)?;
+        let tok = self.wte.embed(input.ids)?;
         let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, c.hidden_size))?; // [b, t, d]
         for (i, blk) in self.blocks.iter().enumerate() {

@@ -71,13 +71,20 @@ pub fn config_json(family: &str, shape: &Shape, vocab: usize, eos: u32) -> Resul
 
 /// Builds a freshly initialised model from a config.
 pub fn build(config: ModelConfig, seed: u64) -> Result<Box<dyn CausalLm>> {
-    build_with(config, seed, false)
+    build_with(config, seed, false, false)
 }
 
 /// [`build`], optionally frozen (forward only, see `Params::frozen`).
-pub fn build_with(config: ModelConfig, seed: u64, frozen: bool) -> Result<Box<dyn CausalLm>> {
+/// `frozen`: no autograd graph; `bf16`: also matrices packed to bf16 (see `model::load_frozen_bf16`).
+pub fn build_with(
+    config: ModelConfig,
+    seed: u64,
+    frozen: bool,
+    bf16: bool,
+) -> Result<Box<dyn CausalLm>> {
     let mut sd = StateDict::random(seed);
-    sd.frozen = frozen;
+    sd.frozen = frozen || bf16;
+    sd.bf16 = bf16;
     Ok(match config.family {
         super::config::Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         super::config::Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),

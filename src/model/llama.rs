@@ -8,31 +8,31 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops::{self, linear};
+use crate::ops::{self, Weight};
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
 
 struct Layer {
     input_norm: Tensor,
-    q: (Tensor, Option<Tensor>),
-    k: (Tensor, Option<Tensor>),
-    v: (Tensor, Option<Tensor>),
-    o: (Tensor, Option<Tensor>),
+    q: (Weight, Option<Tensor>),
+    k: (Weight, Option<Tensor>),
+    v: (Weight, Option<Tensor>),
+    o: (Weight, Option<Tensor>),
     q_norm: Option<Tensor>, // [head_dim], Qwen3
     k_norm: Option<Tensor>,
     post_norm: Tensor,
-    gate: (Tensor, Option<Tensor>),
-    up: (Tensor, Option<Tensor>),
-    down: (Tensor, Option<Tensor>),
+    gate: (Weight, Option<Tensor>),
+    up: (Weight, Option<Tensor>),
+    down: (Weight, Option<Tensor>),
 }
 
 pub struct Llama {
     config: ModelConfig,
     params: Params,
-    embed_tokens: Tensor, // [vocab, d]
+    embed_tokens: Weight, // [vocab, d]
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor, // [vocab, d]
+    lm_head: Weight, // [vocab, d]
     inv_freq: Vec<f32>,
 }
 
@@ -42,8 +42,11 @@ impl Llama {
         let (d, v, f, hd) = (c.hidden_size, c.vocab_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
         let mut params = Params::new(sd.frozen);
-        let mut p = |name: &str, shape: &[usize]| params.take(sd, name, name, shape);
-        let embed_tokens = p("model.embed_tokens.weight", &[v, d])?;
+        let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
+            params.take(sd, name, name, shape)
+        };
+        let embed_tokens =
+            params.weight(sd, "model.embed_tokens.weight", "model.embed_tokens.weight", &[v, d], true)?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let pre = format!("model.layers.{i}");
@@ -51,10 +54,11 @@ impl Llama {
                            out: usize,
                            inp: usize,
                            bias: bool|
-             -> Result<(Tensor, Option<Tensor>)> {
-                let w = p(&format!("{pre}.{name}.weight"), &[out, inp])?;
+             -> Result<(Weight, Option<Tensor>)> {
+                let wn = format!("{pre}.{name}.weight");
+                let w = params.weight(sd, &wn, &wn, &[out, inp], true)?;
                 let b = if bias {
-                    Some(p(&format!("{pre}.{name}.bias"), &[out])?)
+                    Some(p(&mut params, sd, &format!("{pre}.{name}.bias"), &[out])?)
                 } else {
                     None
                 };
@@ -67,12 +71,18 @@ impl Llama {
             let gate = lin("mlp.gate_proj", f, d, c.mlp_bias)?;
             let up = lin("mlp.up_proj", f, d, c.mlp_bias)?;
             let down = lin("mlp.down_proj", d, f, c.mlp_bias)?;
-            let input_norm = p(&format!("{pre}.input_layernorm.weight"), &[d])?;
-            let post_norm = p(&format!("{pre}.post_attention_layernorm.weight"), &[d])?;
+            let (params, sd) = (&mut params, &mut *sd);
+            let input_norm = p(params, sd, &format!("{pre}.input_layernorm.weight"), &[d])?;
+            let post_norm = p(
+                params,
+                sd,
+                &format!("{pre}.post_attention_layernorm.weight"),
+                &[d],
+            )?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
-                    Some(p(&format!("{pre}.self_attn.q_norm.weight"), &[hd])?),
-                    Some(p(&format!("{pre}.self_attn.k_norm.weight"), &[hd])?),
+                    Some(p(params, sd, &format!("{pre}.self_attn.q_norm.weight"), &[hd])?),
+                    Some(p(params, sd, &format!("{pre}.self_attn.k_norm.weight"), &[hd])?),
                 )
             } else {
                 (None, None)
@@ -91,14 +101,14 @@ impl Llama {
                 down,
             });
         }
-        let norm = p("model.norm.weight", &[d])?;
+        let norm = p(&mut params, sd, "model.norm.weight", &[d])?;
         let lm_head = if c.tie_word_embeddings {
             if sd.contains("lm_head.weight") {
                 sd.take("lm_head.weight", &[v, d])?;
             }
             embed_tokens.clone()
         } else {
-            params.take(sd, "lm_head.weight", "lm_head.weight", &[v, d])?
+            params.weight(sd, "lm_head.weight", "lm_head.weight", &[v, d], true)?
         };
         // transformers computes the inverse frequencies in f32; so do we, for identical angles.
         let inv_freq = (0..hd / 2)
@@ -152,8 +162,8 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-fn lin(x: &Tensor, (w, b): &(Tensor, Option<Tensor>)) -> candle_core::Result<Tensor> {
-    linear(x, w, b.as_ref())
+fn lin(x: &Tensor, (w, b): &(Weight, Option<Tensor>)) -> candle_core::Result<Tensor> {
+    w.forward(x, b.as_ref())
 }
 
 impl CausalLm for Llama {
@@ -165,7 +175,7 @@ impl CausalLm for Llama {
         &self.params
     }
 
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.lm_head
     }
 
@@ -181,12 +191,12 @@ impl CausalLm for Llama {
         let (cos, sin) = self.rope_tables(input.positions)?;
         let mut x = self
             .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?
+            .embed(input.ids)?
             .reshape((b, t, c.hidden_size))?;
         for (i, l) in self.layers.iter().enumerate() {
             let a = ops::rms_norm(&x, &l.input_norm, eps)?;
             // [b, t, heads·hd] -> [b, heads, t, hd], with Qwen3's per-head norm before rope.
-            let heads = |proj: &(Tensor, Option<Tensor>),
+            let heads = |proj: &(Weight, Option<Tensor>),
                          n: usize,
                          norm: &Option<Tensor>|
              -> candle_core::Result<Tensor> {

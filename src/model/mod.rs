@@ -77,28 +77,36 @@ pub trait CausalLm: Send + Sync {
     /// Final hidden states [b, t, d], ready for the lm head.
     fn hidden(&self, input: &Input, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor>;
     /// The lm-head weight [vocab, d] (the token embedding when tied).
-    fn lm_head(&self) -> &Tensor;
+    fn lm_head(&self) -> &ops::Weight;
 
     /// Logits [b, t, vocab].
     fn logits(&self, input: &Input, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
-        ops::linear(&self.hidden(input, cache)?, self.lm_head(), None)
+        self.lm_head().forward(&self.hidden(input, cache)?, None)
     }
 }
 
 /// Loads the model in `dir` (config.json + safetensors weights, HF layout), computing in f32.
 pub fn load(dir: &Path) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, false)
+    load_with(dir, false, false)
 }
 
 /// Loads a model that is only run forward (a teacher, an evaluated checkpoint): no autograd graph.
 pub fn load_frozen(dir: &Path) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true)
+    load_with(dir, true, false)
 }
 
-fn load_with(dir: &Path, frozen: bool) -> Result<Box<dyn CausalLm>> {
+/// A frozen model whose matrices (linear layers, embeddings, lm head) are converted once to bf16
+/// and packed for the bf16 kernels (`ops::bf16`); norms and biases stay f32. For a teacher that
+/// only runs forward: half its memory, and AMX tiles where the CPU has them.
+pub fn load_frozen_bf16(dir: &Path) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, true, true)
+}
+
+fn load_with(dir: &Path, frozen: bool, bf16: bool) -> Result<Box<dyn CausalLm>> {
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
+    sd.bf16 = bf16;
     let model: Box<dyn CausalLm> = match config.family {
         Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),

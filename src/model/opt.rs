@@ -7,36 +7,37 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops::{self, linear};
+use crate::ops::{self, Weight};
 use anyhow::Result;
 use candle_core::Tensor;
 
 /// Learned position embeddings are indexed by position + 2.
 const POSITION_OFFSET: u32 = 2;
 
-type Lin = (Tensor, Tensor); // torch layout [out, in], bias [out]
+type Lin = (Weight, Tensor); // torch layout [out, in], bias [out]
+type Norm = (Tensor, Tensor); // LayerNorm weight, bias
 
 struct Layer {
     q: Lin,
     k: Lin,
     v: Lin,
     out: Lin,
-    attn_norm: Lin,
+    attn_norm: Norm,
     fc1: Lin,
     fc2: Lin,
-    ffn_norm: Lin,
+    ffn_norm: Norm,
 }
 
 pub struct Opt {
     config: ModelConfig,
     params: Params,
-    embed_tokens: Tensor,        // [vocab, wep]
+    embed_tokens: Weight,        // [vocab, wep]
     embed_positions: Tensor,     // [max_positions + 2, d]
-    project_in: Option<Tensor>,  // [d, wep]
-    project_out: Option<Tensor>, // [wep, d]
+    project_in: Option<Weight>,  // [d, wep]
+    project_out: Option<Weight>, // [wep, d]
     layers: Vec<Layer>,
-    final_norm: Option<Lin>,
-    lm_head: Tensor, // [vocab, wep]
+    final_norm: Option<Norm>,
+    lm_head: Weight, // [vocab, wep]
 }
 
 impl Opt {
@@ -59,54 +60,75 @@ impl Opt {
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false);
         let mut params = Params::new(sd.frozen);
-        let mut p = |name: &str, shape: &[usize]| {
-            params.take(
-                sd,
-                &format!("{src}decoder.{name}"),
-                &format!("model.decoder.{name}"),
-                shape,
-            )
+        let key = |name: &str| (format!("{src}decoder.{name}"), format!("model.decoder.{name}"));
+        let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
+            let (from, to) = key(name);
+            params.take(sd, &from, &to, shape)
         };
-        let embed_tokens = p("embed_tokens.weight", &[v, wep])?;
+        let m = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
+            let (from, to) = key(name);
+            params.weight(sd, &from, &to, shape, true)
+        };
+        let ps = &mut params;
+        let embed_tokens = m(ps, sd, "embed_tokens.weight", &[v, wep])?;
         let embed_positions = p(
+            ps,
+            sd,
             "embed_positions.weight",
             &[config.max_positions + POSITION_OFFSET as usize, d],
         )?;
         let (project_in, project_out) = if wep != d {
             (
-                Some(p("project_in.weight", &[d, wep])?),
-                Some(p("project_out.weight", &[wep, d])?),
+                Some(m(ps, sd, "project_in.weight", &[d, wep])?),
+                Some(m(ps, sd, "project_out.weight", &[wep, d])?),
             )
         } else {
             (None, None)
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {
-            let mut lin = |name: &str, out: usize, inp: Option<usize>| -> Result<Lin> {
-                let w_shape = match inp {
-                    Some(inp) => vec![out, inp],
-                    None => vec![out], // layer norm
-                };
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Lin> {
                 Ok((
-                    p(&format!("layers.{i}.{name}.weight"), &w_shape)?,
-                    p(&format!("layers.{i}.{name}.bias"), &[out])?,
+                    m(ps, sd, &format!("layers.{i}.{name}.weight"), &[out, inp])?,
+                    p(ps, sd, &format!("layers.{i}.{name}.bias"), &[out])?,
                 ))
             };
+            let (q, k, vv, out) = (
+                lin("self_attn.q_proj", d, d)?,
+                lin("self_attn.k_proj", d, d)?,
+                lin("self_attn.v_proj", d, d)?,
+                lin("self_attn.out_proj", d, d)?,
+            );
+            let attn_norm = (
+                p(ps, sd, &format!("layers.{i}.self_attn_layer_norm.weight"), &[d])?,
+                p(ps, sd, &format!("layers.{i}.self_attn_layer_norm.bias"), &[d])?,
+            );
+            let mut lin = |name: &str, out: usize, inp: usize| -> Result<Lin> {
+                Ok((
+                    m(ps, sd, &format!("layers.{i}.{name}.weight"), &[out, inp])?,
+                    p(ps, sd, &format!("layers.{i}.{name}.bias"), &[out])?,
+                ))
+            };
+            let (fc1, fc2) = (lin("fc1", f, d)?, lin("fc2", d, f)?);
+            let ffn_norm = (
+                p(ps, sd, &format!("layers.{i}.final_layer_norm.weight"), &[d])?,
+                p(ps, sd, &format!("layers.{i}.final_layer_norm.bias"), &[d])?,
+            );
             layers.push(Layer {
-                q: lin("self_attn.q_proj", d, Some(d))?,
-                k: lin("self_attn.k_proj", d, Some(d))?,
-                v: lin("self_attn.v_proj", d, Some(d))?,
-                out: lin("self_attn.out_proj", d, Some(d))?,
-                attn_norm: lin("self_attn_layer_norm", d, None)?,
-                fc1: lin("fc1", f, Some(d))?,
-                fc2: lin("fc2", d, Some(f))?,
-                ffn_norm: lin("final_layer_norm", d, None)?,
+                q,
+                k,
+                v: vv,
+                out,
+                attn_norm,
+                fc1,
+                fc2,
+                ffn_norm,
             });
         }
         let final_norm = if has_final_norm {
             Some((
-                p("final_layer_norm.weight", &[d])?,
-                p("final_layer_norm.bias", &[d])?,
+                p(ps, sd, "final_layer_norm.weight", &[d])?,
+                p(ps, sd, "final_layer_norm.bias", &[d])?,
             ))
         } else {
             None
@@ -117,7 +139,7 @@ impl Opt {
             }
             embed_tokens.clone()
         } else {
-            params.take(sd, "lm_head.weight", "lm_head.weight", &[v, wep])?
+            params.weight(sd, "lm_head.weight", "lm_head.weight", &[v, wep], true)?
         };
         Ok(Opt {
             config,
@@ -142,7 +164,7 @@ impl CausalLm for Opt {
         &self.params
     }
 
-    fn lm_head(&self) -> &Tensor {
+    fn lm_head(&self) -> &Weight {
         &self.lm_head
     }
 
@@ -158,13 +180,13 @@ impl CausalLm for Opt {
         let bias = input.attention_bias()?;
         let mut x = self
             .embed_tokens
-            .index_select(&input.ids.flatten_all()?, 0)?;
+            .embed(input.ids)?;
         if let Some(w) = &self.project_in {
-            x = linear(&x, w, None)?;
+            x = w.forward(&x, None)?;
         }
         let pos = (input.positions.flatten_all()? + POSITION_OFFSET as f64)?;
         let mut x = (x + self.embed_positions.index_select(&pos, 0)?)?.reshape((b, t, d))?;
-        let norm = |x: &Tensor, (w, b): &Lin| ops::layer_norm(x, w, b, c.norm_eps);
+        let norm = |x: &Tensor, (w, b): &Norm| ops::layer_norm(x, w, b, c.norm_eps);
         for (i, l) in self.layers.iter().enumerate() {
             let a = if pre_ln {
                 norm(&x, &l.attn_norm)?
@@ -172,7 +194,7 @@ impl CausalLm for Opt {
                 x.clone()
             };
             let heads = |(w, bb): &Lin| {
-                linear(&a, w, Some(bb))?
+                w.forward(&a, Some(bb))?
                     .reshape((b, t, h, hd))?
                     .transpose(1, 2)
             };
@@ -181,7 +203,7 @@ impl CausalLm for Opt {
                 (k, v) = cache.append(i, k, v)?;
             }
             let att = ops::attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
-            x = (x + linear(&att, &l.out.0, Some(&l.out.1))?)?;
+            x = (x + l.out.0.forward(&att, Some(&l.out.1))?)?;
             if !pre_ln {
                 x = norm(&x, &l.attn_norm)?;
             }
@@ -190,8 +212,8 @@ impl CausalLm for Opt {
             } else {
                 x.clone()
             };
-            let m = ops::activate(&linear(&m, &l.fc1.0, Some(&l.fc1.1))?, c.activation)?;
-            x = (x + linear(&m, &l.fc2.0, Some(&l.fc2.1))?)?;
+            let m = ops::activate(&l.fc1.0.forward(&m, Some(&l.fc1.1))?, c.activation)?;
+            x = (x + l.fc2.0.forward(&m, Some(&l.fc2.1))?)?;
             if !pre_ln {
                 x = norm(&x, &l.ffn_norm)?;
             }
@@ -200,7 +222,7 @@ impl CausalLm for Opt {
             x = norm(&x, n)?;
         }
         if let Some(w) = &self.project_out {
-            x = linear(&x, w, None)?;
+            x = w.forward(&x, None)?;
         }
         Ok(x)
     }

@@ -1,6 +1,7 @@
 //! Weights: reading HF safetensors checkpoints (single file or sharded index; f32, f16 or bf16
 //! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
 
+use crate::ops::Weight;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
@@ -13,6 +14,8 @@ pub struct StateDict {
     tensors: HashMap<String, Tensor>,
     /// Build a frozen model (see [`Params::frozen`]).
     pub frozen: bool,
+    /// Frozen, with the matrices converted to packed bf16 (see [`Params::weight`]).
+    pub bf16: bool,
     /// Fresh initialisation instead of a file: `take` draws every tensor (see [`StateDict::random`]).
     random_seed: Option<u64>,
 }
@@ -67,6 +70,7 @@ impl StateDict {
             dir: dir.to_path_buf(),
             tensors,
             frozen: false,
+            bf16: false,
             random_seed: None,
         })
     }
@@ -79,6 +83,7 @@ impl StateDict {
             dir: PathBuf::from("<random init>"),
             tensors: HashMap::new(),
             frozen: false,
+            bf16: false,
             random_seed: Some(seed),
         }
     }
@@ -200,6 +205,29 @@ impl Params {
     ) -> Result<Tensor> {
         let t = sd.take(from, shape)?;
         Ok(self.add(save_as, t)?)
+    }
+
+    /// Like [`Params::take`] for a matrix used by a linear layer (or a tied embedding / lm head):
+    /// `out_in` tells its layout. A bf16 model (`sd.bf16`) gets it packed in bf16 instead, and
+    /// neither the f32 tensor nor a parameter entry is kept (such a model is never trained or
+    /// saved).
+    pub fn weight(
+        &mut self,
+        sd: &mut StateDict,
+        from: &str,
+        save_as: &str,
+        shape: &[usize],
+        out_in: bool,
+    ) -> Result<Weight> {
+        if sd.bf16 {
+            return Ok(Weight::to_bf16(&sd.take(from, shape)?, out_in)?);
+        }
+        let t = self.take(sd, from, save_as, shape)?;
+        Ok(if out_in {
+            Weight::out_in(t)
+        } else {
+            Weight::in_out(t)
+        })
     }
 
     pub fn add(&mut self, save_as: &str, t: Tensor) -> candle_core::Result<Tensor> {

@@ -1089,3 +1089,17 @@ mod tests {
         }
     }
 }
+
+impl PackedBf16 {
+    /// Row j of W ([n_out, k] view) as f32, unpacked: the embedding lookup of a tied embedding
+    /// kept only in packed form.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n_out && out.len() >= self.k, "row: out of range");
+        let (p, t, c) = (j / PANEL, (j % PANEL) / 16, j % 16);
+        let panel = &self.data[p * self.steps * STEP..(p + 1) * self.steps * STEP];
+        for (l, o) in out[..self.k].iter_mut().enumerate() {
+            let (s, r, e) = (l / TK, (l % TK) / 2, l % 2);
+            *o = bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]);
+        }
+    }
+}

@@ -9,10 +9,12 @@
 pub mod activation;
 pub mod bf16;
 pub mod gemm;
+pub mod linear;
 pub mod norm;
 pub mod simd;
 pub mod softmax;
 
+pub use linear::{linear, linear_in_out, Weight};
 pub use norm::{layer_norm, rms_norm};
 
 use crate::model::config::Activation;
@@ -25,47 +27,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let e = x.broadcast_sub(&max)?.exp()?;
     let s = e.sum_keepdim(D::Minus1)?;
     e.broadcast_div(&s)
-}
-
-/// y = x · wᵀ + b for x [.., in] and a torch-layout weight w [out, in].
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    project(x, w, b, true)
-}
-
-/// y = x · w + b for x [.., in] and a GPT-2 `Conv1D` weight w [in, out].
-pub fn linear_in_out(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    project(x, w, b, false)
-}
-
-fn project(x: &Tensor, w: &Tensor, b: Option<&Tensor>, out_in: bool) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let (rows, inp) = (
-        dims[..dims.len() - 1].iter().product::<usize>(),
-        dims[dims.len() - 1],
-    );
-    let x2 = x.reshape((rows, inp))?;
-    // Few rows (decoding) and nothing to differentiate: stream the weight instead of packing it.
-    let skinny = rows <= gemm::SKINNY_ROWS
-        && x.device().is_cpu()
-        && x.dtype() == DType::F32
-        && w.dtype() == DType::F32
-        && !x.track_op()
-        && !w.track_op();
-    let y = if skinny {
-        x2.contiguous()?
-            .apply_op2_no_bwd(&w.contiguous()?, &gemm::Skinny { out_in })?
-    } else if out_in {
-        x2.matmul(&w.t()?)?
-    } else {
-        x2.matmul(w)?
-    };
-    let y = match b {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
-    };
-    let mut out = dims;
-    *out.last_mut().unwrap() = y.dim(1)?;
-    y.reshape(out)
 }
 
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {

@@ -151,7 +151,11 @@ impl Trainer {
         let needs_teacher = recipe.objective.loss != "sft";
         let (teacher, kd_vocab) = if needs_teacher {
             let dir = recipe.model.teacher.as_ref().expect("validated");
-            let t = model::load_frozen(dir)?;
+            let t = if recipe.model.teacher_dtype == "bf16" {
+                model::load_frozen_bf16(dir)?
+            } else {
+                model::load_frozen(dir)?
+            };
             let tt = Tokenizer::from_dir(dir, None)?;
             let v = crate::kd::vocab::common_vocab(
                 &tt,
