@@ -183,6 +183,10 @@ fn avx512bf16_hw() -> bool {
 /// A weight matrix W (logically [n_out, k], y = x·Wᵀ) converted once to bf16 (RNE) and packed
 /// in the tile layout described in the module docs. Half the bytes of the f32 weights (plus
 /// padding of n_out to a multiple of 32 and k to a multiple of 32).
+///
+/// Immutable after construction, `Send + Sync`: share it (e.g. in an `Arc`) and call
+/// [`PackedBf16::matmul`] from any number of threads at once. Each calling thread keeps its own
+/// buffer for the converted x (at most about 1 MiB plus one 32-row block, kept between calls).
 pub struct PackedBf16 {
     n_out: usize,
     k: usize,
@@ -1079,6 +1083,12 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_weights_are_shareable() {
+        fn check<T: Send + Sync>() {}
+        check::<PackedBf16>();
     }
 
     #[test]
