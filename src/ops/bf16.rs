@@ -22,8 +22,8 @@
 //! one 1 KiB tile of 16 rows × 32 bf16 (k = 32s .. 32s + 32). Zero padded in m and k.
 //!
 //! Note on subnormals: AMX and `vdpbf16ps` treat subnormal bf16 inputs and outputs as zero (the
-//! instructions ignore MXCSR). bf16 has the f32 exponent range, so this only affects values below
-//! 1.2e-38 in magnitude.
+//! instructions ignore MXCSR; the portable kernel keeps them). bf16 has the f32 exponent range,
+//! so this only affects values below 1.2e-38 in magnitude.
 
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -39,8 +39,9 @@ const PAIR: usize = 32;
 const TILE: usize = 16;
 /// Lines per k step of a panel or an x block: two tiles.
 const STEP: usize = 2 * TILE;
-/// Target size of one converted x block group: small enough to stay in the per-core L2 (2 MiB
-/// on Sapphire Rapids) while a panel of W streams past it.
+/// Target size of the converted x of one group of rows: it stays in the per-core L2 (2 MiB on
+/// Sapphire Rapids) next to a chunk of W while every panel of W passes over it. Larger x is
+/// done group by group, so the buffer never grows much beyond this.
 const A_BLOCK_BYTES: usize = 1024 << 10;
 
 /// 64 bytes, 64-byte aligned: tile rows never straddle cache lines.
@@ -182,6 +183,10 @@ fn avx512bf16_hw() -> bool {
 /// A weight matrix W (logically [n_out, k], y = x·Wᵀ) converted once to bf16 (RNE) and packed
 /// in the tile layout described in the module docs. Half the bytes of the f32 weights (plus
 /// padding of n_out to a multiple of 32 and k to a multiple of 32).
+///
+/// Immutable after construction, `Send + Sync`: share it (e.g. in an `Arc`) and call
+/// [`PackedBf16::matmul`] from any number of threads at once. Each calling thread keeps its own
+/// buffer for the converted x (at most about 1 MiB plus one 32-row block, kept between calls).
 pub struct PackedBf16 {
     n_out: usize,
     k: usize,
@@ -417,14 +422,14 @@ fn convert_x(x: &[f32], k: usize, steps: usize, a: &mut [Line]) {
     a.par_chunks_mut(steps * STEP)
         .enumerate()
         .for_each(|(q, block)| {
+            // Row rr of the block sits in tile rr / 16, line rr % 16: line rr of each step.
             for rr in 0..PAIR {
-                let off = (rr / TILE) * TILE + rr % TILE;
                 let i = q * PAIR + rr;
                 if i < rows {
-                    convert_row(&x[i * k..(i + 1) * k], block, off, steps);
+                    convert_row(&x[i * k..(i + 1) * k], block, rr, steps);
                 } else {
                     for s in 0..steps {
-                        block[off + s * STEP] = ZERO_LINE;
+                        block[rr + s * STEP] = ZERO_LINE;
                     }
                 }
             }
@@ -779,10 +784,10 @@ mod dp {
         dst: *mut f32,
         ldo: usize,
     ) {
-        let (t, row) = (g / 2, (g % 2) * 8);
         let mut acc = [[_mm512_setzero_ps(); 2]; 8];
         for s in 0..steps {
-            let at = &a[s * STEP + t * TILE + row..][..8];
+            // Rows 8g .. 8g + 8 of the block are lines 8g .. 8g + 8 of each step.
+            let at = &a[s * STEP + 8 * g..][..8];
             let bt = &b[s * STEP..][..STEP];
             for k2 in 0..TILE {
                 let (b0, b1) = (load(&bt[k2]), load(&bt[TILE + k2]));
@@ -862,10 +867,10 @@ mod portable {
 
     #[inline(always)]
     fn rows4(a: &[Line], b: &[Line], steps: usize, g: usize) -> [[f32; PANEL]; 4] {
-        let (t, row) = (g / 4, (g % 4) * 4);
         let mut acc = [[0f32; PANEL]; 4];
         for s in 0..steps {
-            let at = &a[s * STEP + t * TILE + row..][..4];
+            // Rows 4g .. 4g + 4 of the block are lines 4g .. 4g + 4 of each step.
+            let at = &a[s * STEP + 4 * g..][..4];
             let bt = &b[s * STEP..][..STEP];
             for k2 in 0..TILE {
                 let (b0, b1) = (&bt[k2].0, &bt[TILE + k2].0);
@@ -1078,6 +1083,24 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn packed_weights_are_shareable() {
+        fn check<T: Send + Sync>() {}
+        check::<PackedBf16>();
+    }
+
+    #[test]
+    fn matmul_runs_the_best_kernel() {
+        let (m, k, n) = (5, 40, 33);
+        let (x, w) = (values(m * k, 1), values(n * k, 2));
+        let p = PackedBf16::from_out_in(&w, n, k);
+        let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
+        p.matmul(&x, m, &mut a, n);
+        p.matmul_with(Kernel::best(), &x, m, &mut b, n);
+        assert_eq!(a, b);
+        assert_eq!(Kernel::best() == Kernel::Amx, amx_available());
     }
 
     #[test]
