@@ -7,7 +7,7 @@ use crate::model::config::ModelConfig;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::init::{build_with, config_json, Shape};
 use crate::model::{CausalLm, Input};
-use crate::train::optim::{clip_grad_norm, flat_grads, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, grads_of, AdamW, AdamWConfig};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -152,10 +152,10 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let store = out.loss.backward()?;
                 drop(out); // the graph, with its activations
                 lap(3);
-                let mut grads = flat_grads(&vars, &store)?;
+                let grads = grads_of(&vars, &store);
                 drop(store);
-                clip_grad_norm(&mut grads, 1.0);
-                opt.update(&grads, 1e-4)?;
+                let (_, coef) = clip_coef(&grads, 1.0)?;
+                opt.update(&grads, coef, 1e-4)?;
                 lap(4);
                 Ok(())
             };

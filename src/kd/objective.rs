@@ -5,10 +5,10 @@
 use super::divergence::Divergence;
 use super::head::{flat_hidden, FusedHeadOp, Head};
 use super::kernel::LossSpec;
-use crate::ops::Weight;
 use super::{
     apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
 };
+use crate::ops::Weight;
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 

@@ -45,8 +45,13 @@ impl Llama {
         let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
             params.take(sd, name, name, shape)
         };
-        let embed_tokens =
-            params.weight(sd, "model.embed_tokens.weight", "model.embed_tokens.weight", &[v, d], true)?;
+        let embed_tokens = params.weight(
+            sd,
+            "model.embed_tokens.weight",
+            "model.embed_tokens.weight",
+            &[v, d],
+            true,
+        )?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             let pre = format!("model.layers.{i}");
@@ -81,8 +86,18 @@ impl Llama {
             )?;
             let (q_norm, k_norm) = if c.qk_norm {
                 (
-                    Some(p(params, sd, &format!("{pre}.self_attn.q_norm.weight"), &[hd])?),
-                    Some(p(params, sd, &format!("{pre}.self_attn.k_norm.weight"), &[hd])?),
+                    Some(p(
+                        params,
+                        sd,
+                        &format!("{pre}.self_attn.q_norm.weight"),
+                        &[hd],
+                    )?),
+                    Some(p(
+                        params,
+                        sd,
+                        &format!("{pre}.self_attn.k_norm.weight"),
+                        &[hd],
+                    )?),
                 )
             } else {
                 (None, None)

@@ -60,7 +60,12 @@ impl Opt {
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false);
         let mut params = Params::new(sd.frozen);
-        let key = |name: &str| (format!("{src}decoder.{name}"), format!("model.decoder.{name}"));
+        let key = |name: &str| {
+            (
+                format!("{src}decoder.{name}"),
+                format!("model.decoder.{name}"),
+            )
+        };
         let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
             let (from, to) = key(name);
             params.take(sd, &from, &to, shape)
@@ -100,8 +105,18 @@ impl Opt {
                 lin("self_attn.out_proj", d, d)?,
             );
             let attn_norm = (
-                p(ps, sd, &format!("layers.{i}.self_attn_layer_norm.weight"), &[d])?,
-                p(ps, sd, &format!("layers.{i}.self_attn_layer_norm.bias"), &[d])?,
+                p(
+                    ps,
+                    sd,
+                    &format!("layers.{i}.self_attn_layer_norm.weight"),
+                    &[d],
+                )?,
+                p(
+                    ps,
+                    sd,
+                    &format!("layers.{i}.self_attn_layer_norm.bias"),
+                    &[d],
+                )?,
             );
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<Lin> {
                 Ok((
@@ -178,9 +193,7 @@ impl CausalLm for Opt {
         let (h, hd, d) = (c.num_heads, c.hidden_size / c.num_heads, c.hidden_size);
         let pre_ln = c.do_layer_norm_before;
         let bias = input.attention_bias()?;
-        let mut x = self
-            .embed_tokens
-            .embed(input.ids)?;
+        let mut x = self.embed_tokens.embed(input.ids)?;
         if let Some(w) = &self.project_in {
             x = w.forward(&x, None)?;
         }

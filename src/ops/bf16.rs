@@ -890,6 +890,20 @@ mod portable {
     }
 }
 
+impl PackedBf16 {
+    /// Row j of W ([n_out, k] view) as f32, unpacked: the embedding lookup of a tied embedding
+    /// kept only in packed form.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n_out && out.len() >= self.k, "row: out of range");
+        let (p, t, c) = (j / PANEL, (j % PANEL) / 16, j % 16);
+        let panel = &self.data[p * self.steps * STEP..(p + 1) * self.steps * STEP];
+        for (l, o) in out[..self.k].iter_mut().enumerate() {
+            let (s, r, e) = (l / TK, (l % TK) / 2, l % 2);
+            *o = bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1111,18 +1125,22 @@ mod tests {
             eprintln!("note: no AMX here (CPU or OS); AMX kernel not tested");
         }
     }
-}
 
-impl PackedBf16 {
-    /// Row j of W ([n_out, k] view) as f32, unpacked: the embedding lookup of a tied embedding
-    /// kept only in packed form.
-    pub fn row(&self, j: usize, out: &mut [f32]) {
-        assert!(j < self.n_out && out.len() >= self.k, "row: out of range");
-        let (p, t, c) = (j / PANEL, (j % PANEL) / 16, j % 16);
-        let panel = &self.data[p * self.steps * STEP..(p + 1) * self.steps * STEP];
-        for (l, o) in out[..self.k].iter_mut().enumerate() {
-            let (s, r, e) = (l / TK, (l % TK) / 2, l % 2);
-            *o = bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]);
+    #[test]
+    fn rows_unpack_the_rounded_weights() {
+        let (n, k) = (45, 70);
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let p = PackedBf16::from_out_in(&w, n, k);
+        let mut row = vec![0f32; k];
+        for j in [0, 15, 16, 31, 32, 44] {
+            p.row(j, &mut row);
+            for l in 0..k {
+                assert_eq!(
+                    row[l],
+                    bf16_bits_to_f32(f32_to_bf16_bits(w[j * k + l])),
+                    "({j}, {l})"
+                );
+            }
         }
     }
 }

@@ -77,20 +77,27 @@ impl Weight {
                     && !x.track_op()
                     && !w.track_op();
                 if skinny {
-                    x2.contiguous()?.apply_op2_no_bwd(
-                        &w.contiguous()?,
-                        &gemm::Skinny { out_in: *out_in },
-                    )?
+                    x2.contiguous()?
+                        .apply_op2_no_bwd(&w.contiguous()?, &gemm::Skinny { out_in: *out_in })?
                 } else if *out_in {
                     x2.matmul(&w.t()?)?
                 } else {
                     x2.matmul(w)?
                 }
             }
-            Weight::Bf16(p) => x2
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1_no_bwd(&Bf16Matmul(p.clone()))?,
+            Weight::Bf16(p) => {
+                // The bias is added inside the op (one pass over the output instead of two).
+                let bias = b
+                    .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
+                    .transpose()?;
+                let y = x2
+                    .to_dtype(DType::F32)?
+                    .contiguous()?
+                    .apply_op1_no_bwd(&Bf16Matmul(p.clone(), bias))?;
+                let mut out = dims;
+                *out.last_mut().unwrap() = y.dim(1)?;
+                return y.reshape(out);
+            }
         };
         let y = match b {
             Some(b) => y.broadcast_add(b)?,
@@ -114,7 +121,10 @@ impl Weight {
                 let mut out = vec![0f32; ids.len() * k];
                 for (row, &j) in out.chunks_mut(k.max(1)).zip(&ids) {
                     if j as usize >= p.n_out() {
-                        candle_core::bail!("token id {j} is outside the embedding ({} rows)", p.n_out());
+                        candle_core::bail!(
+                            "token id {j} is outside the embedding ({} rows)",
+                            p.n_out()
+                        );
                     }
                     p.row(j as usize, row);
                 }
@@ -134,8 +144,8 @@ pub fn linear_in_out(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     Weight::in_out(w.clone()).forward(x, b)
 }
 
-/// x [m, k] f32 → x·Wᵀ [m, n] with the packed bf16 W (forward only: frozen models).
-struct Bf16Matmul(Arc<PackedBf16>);
+/// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with the packed bf16 W (forward only: frozen models).
+struct Bf16Matmul(Arc<PackedBf16>, Option<Vec<f32>>);
 
 impl CustomOp1 for Bf16Matmul {
     fn name(&self) -> &'static str {
@@ -152,11 +162,23 @@ impl CustomOp1 for Bf16Matmul {
         let (m, k) = l.shape().dims2()?;
         let p = &self.0;
         if k != p.k() {
-            candle_core::bail!("bf16 matmul: input [{m}, {k}] vs weight [{}, {}]", p.n_out(), p.k());
+            candle_core::bail!(
+                "bf16 matmul: input [{m}, {k}] vs weight [{}, {}]",
+                p.n_out(),
+                p.k()
+            );
         }
         let n = p.n_out();
         let mut y = vec![0f32; m * n];
         p.matmul(&x[a..b], m, &mut y, n);
+        if let Some(bias) = &self.1 {
+            if bias.len() != n {
+                candle_core::bail!("bf16 matmul: bias of {} for {n} outputs", bias.len());
+            }
+            for row in y.chunks_mut(n.max(1)) {
+                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }
 }

@@ -3,9 +3,9 @@
 //! The weight-decay rule lives here, once: parameters with one dimension (biases and norm
 //! weights) are not decayed; matrices and embeddings are.
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use candle_core::backprop::GradStore;
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 
 #[derive(Clone, Debug)]
 pub struct AdamWConfig {
@@ -70,11 +70,13 @@ impl AdamW {
         }
     }
 
-    /// Applies one update with learning rate `lr` from the (already clipped) gradients `grads`,
-    /// given as flat f32 vectors in slot order (a missing gradient counts as zero). Parameters are
-    /// updated in place in their own storage, in parallel chunks; the arithmetic (f64, torch's
-    /// formula) is the same element by element whatever the thread count.
-    pub fn update(&mut self, grads: &[Option<Vec<f32>>], lr: f64) -> Result<()> {
+    /// Applies one update with learning rate `lr` from the gradients `grads` (slot order; a
+    /// missing gradient counts as zero), each multiplied by `grad_scale` first (the clip
+    /// coefficient of [`clip_coef`]; 1 = unclipped), rounded to f32 as torch's in-place clip
+    /// does. Parameters are updated in place in their own storage, reading the gradients where
+    /// they lie, in parallel chunks; the arithmetic (f64, torch's formula) is the same element by
+    /// element whatever the thread count.
+    pub fn update(&mut self, grads: &[Option<Tensor>], grad_scale: f64, lr: f64) -> Result<()> {
         self.step += 1;
         let c = &self.config;
         let hyper = Hyper {
@@ -85,8 +87,15 @@ impl AdamW {
             eps: c.eps,
             lr,
             decay: 1.0,
+            scale: grad_scale,
         };
         for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let g = g.as_ref().map(|g| g.contiguous()).transpose()?;
+            let guard = g.as_ref().map(|g| g.storage_and_layout());
+            let grad = match &guard {
+                Some((storage, layout)) => Some(f32_data(storage, layout)?),
+                None => None,
+            };
             let op = AdamWStep {
                 hyper: Hyper {
                     decay: if slot.decay {
@@ -96,13 +105,27 @@ impl AdamW {
                     },
                     ..hyper
                 },
-                grad: g.as_deref(),
+                grad,
                 moments: std::sync::Mutex::new((&mut slot.m, &mut slot.v)),
             };
             slot.var.as_tensor().inplace_op1(&op)?;
         }
         Ok(())
     }
+}
+
+/// The contiguous f32 data of a CPU storage.
+fn f32_data<'a>(
+    s: &'a candle_core::Storage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<&'a [f32]> {
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = s else {
+        candle_core::bail!("optimizer: gradients must be f32 on the CPU")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("optimizer: gradients must be contiguous")
+    };
+    Ok(&v[a..b])
 }
 
 #[derive(Clone, Copy)]
@@ -115,6 +138,8 @@ struct Hyper {
     lr: f64,
     /// 1 − lr·weight_decay, or 1 for parameters that are not decayed.
     decay: f64,
+    /// The gradients' clip coefficient (1 = unclipped).
+    scale: f64,
 }
 
 /// One parameter's AdamW update as a candle in-place op: writes the parameter's own storage, so
@@ -160,6 +185,9 @@ impl candle_core::InplaceOp1 for AdamWStep<'_> {
             .for_each(|(k, ((p, m), v))| {
                 let g = self.grad.map(|g| &g[k * CHUNK..k * CHUNK + p.len()]);
                 match g {
+                    Some(g) if h.scale < 1.0 => {
+                        adamw_chunk(p, m, v, |i| (g[i] as f64 * h.scale) as f32 as f64, &h)
+                    }
                     Some(g) => adamw_chunk(p, m, v, |i| g[i] as f64, &h),
                     None => adamw_chunk(p, m, v, |_| 0.0, &h),
                 }
@@ -181,41 +209,42 @@ fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: impl Fn(usize) ->
     }
 }
 
-/// Flat gradients of `vars` from a backward pass, in order.
-pub fn flat_grads(vars: &[Var], grads: &GradStore) -> Result<Vec<Option<Vec<f32>>>> {
+/// The gradients of `vars` from a backward pass, in order (shared tensors, no copies).
+pub fn grads_of(vars: &[Var], store: &GradStore) -> Vec<Option<Tensor>> {
     vars.iter()
-        .map(|v| {
-            grads
-                .get(v.as_tensor())
-                .map(|g| g.flatten_all()?.to_vec1::<f32>().map_err(|e| anyhow!(e)))
-                .transpose()
-        })
+        .map(|v| store.get(v.as_tensor()).cloned())
         .collect()
 }
 
-/// Scales gradients in place so their global L2 norm is at most `max_norm` (torch's
-/// clip_grad_norm_: coefficient max_norm / (norm + 1e-6), never above 1). Returns the norm
-/// before clipping.
-pub fn clip_grad_norm(grads: &mut [Option<Vec<f32>>], max_norm: f64) -> f64 {
+/// Adds a micro-batch's gradients to the step's (in micro-batch order: deterministic).
+pub fn accumulate(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
+    for (a, g) in acc.iter_mut().zip(grads) {
+        *a = match (a.take(), g) {
+            (Some(a), Some(g)) => Some((a + g)?),
+            (a, g) => a.or(g),
+        };
+    }
+    Ok(())
+}
+
+/// The global L2 norm of the gradients and torch's clip_grad_norm_ coefficient for `max_norm`:
+/// max_norm / (norm + 1e-6), never above 1 (pass it to [`AdamW::update`]).
+pub fn clip_coef(grads: &[Option<Tensor>], max_norm: f64) -> Result<(f64, f64)> {
     use rayon::prelude::*;
     // Partial sums over fixed chunks, added in order: deterministic whatever the thread count.
-    let partial: Vec<f64> = grads
-        .iter()
-        .flatten()
-        .flat_map(|g| g.chunks(CHUNK))
-        .collect::<Vec<_>>()
-        .par_iter()
-        .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
-        .collect();
-    let norm = partial.iter().sum::<f64>().sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for g in grads.iter_mut().flatten() {
-            g.par_chunks_mut(CHUNK)
-                .for_each(|c| c.iter_mut().for_each(|x| *x = (*x as f64 * coef) as f32));
-        }
+    let mut sq = 0.0;
+    for g in grads.iter().flatten() {
+        let g = g.contiguous()?;
+        let (storage, layout) = g.storage_and_layout();
+        let data = f32_data(&storage, layout)?;
+        let partial: Vec<f64> = data
+            .par_chunks(CHUNK)
+            .map(|c| c.iter().map(|&x| x as f64 * x as f64).sum::<f64>())
+            .collect();
+        sq += partial.iter().sum::<f64>();
     }
-    norm
+    let norm = sq.sqrt();
+    Ok((norm, (max_norm / (norm + 1e-6)).min(1.0)))
 }
 
 /// Linear warmup then cosine annealing from `lr` to `lr_min` over `total` steps
@@ -265,20 +294,12 @@ mod tests {
     }
 
     #[test]
-    fn clip_scales_to_max_norm() {
-        let mut g = vec![Some(vec![3.0f32, 0.0]), None, Some(vec![4.0f32])];
-        let n = clip_grad_norm(&mut g, 1.0);
+    fn clip_coefficient_is_torchs() -> Result<()> {
+        let t = |v: &[f32]| Some(Tensor::new(v, &candle_core::Device::Cpu).unwrap());
+        let (n, coef) = clip_coef(&[t(&[3.0, 0.0]), None, t(&[4.0])], 1.0)?;
         assert!((n - 5.0).abs() < 1e-9);
-        let after: f64 = g
-            .iter()
-            .flatten()
-            .flatten()
-            .map(|x| (*x as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        assert!((after - 1.0).abs() < 1e-5);
-        let mut small = vec![Some(vec![0.1f32])];
-        clip_grad_norm(&mut small, 1.0);
-        assert_eq!(small[0].as_ref().unwrap()[0], 0.1);
+        assert!((coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
+        assert_eq!(clip_coef(&[t(&[0.1])], 1.0)?.1, 1.0, "never above 1");
+        Ok(())
     }
 }

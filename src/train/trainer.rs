@@ -8,7 +8,7 @@
 //! `curriculum::schedule`; the optimiser and cosine schedule restart unless told otherwise.
 
 use super::checkpoint::{self, RngState};
-use super::optim::{clip_grad_norm, flat_grads, AdamW, AdamWConfig, LrSchedule};
+use super::optim::{accumulate, clip_coef, grads_of, AdamW, AdamWConfig, LrSchedule};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::{collate, Example};
@@ -30,7 +30,7 @@ struct MicroResult {
     loss: f64,
     ce: f64,
     kd: f64,
-    grads: Vec<Option<Vec<f32>>>,
+    grads: Vec<Option<candle_core::Tensor>>,
 }
 
 /// Where training stands; saved in every checkpoint so `--resume` continues exactly.
@@ -378,34 +378,24 @@ impl Trainer {
         let per_micro = micro
             .iter()
             .map(|b| self.micro_step(b, &vars, kd_weight, temperature, tokens));
-        let mut grads: Vec<Option<Vec<f32>>> = vec![None; vars.len()];
+        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; vars.len()];
         let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
         for r in per_micro {
             let r = r?;
             loss += r.loss;
             ce += r.ce;
             kd += r.kd;
-            for (acc, g) in grads.iter_mut().zip(r.grads) {
-                match (acc.as_mut(), g) {
-                    (Some(a), Some(g)) => a.iter_mut().zip(g).for_each(|(a, g)| *a += g),
-                    (None, Some(g)) => *acc = Some(g),
-                    _ => {}
-                }
-            }
+            accumulate(&mut grads, r.grads)?;
         }
         let clip = self.recipe.optim.clip;
-        let grad_norm = if clip > 0.0 {
-            clip_grad_norm(&mut grads, clip)
-        } else {
-            clip_grad_norm(&mut grads, f64::INFINITY)
-        };
+        let (grad_norm, coef) = clip_coef(&grads, if clip > 0.0 { clip } else { f64::INFINITY })?;
         if !grad_norm.is_finite() {
             bail!(
                 "non-finite gradient norm at step {} (loss {loss})",
                 self.state.global_step + 1
             );
         }
-        self.opt.update(&grads, lr)?;
+        self.opt.update(&grads, coef, lr)?;
         Ok(
             serde_json::json!({"loss": loss, "ce": ce, "kd": kd, "grad_norm": grad_norm, "tokens": tokens,
             "samples": batch.len(), "on_policy": on_policy}),
@@ -453,7 +443,7 @@ impl Trainer {
             temperature,
             tokens,
         )?;
-        let grads = flat_grads(vars, &out.loss.backward()?)?;
+        let grads = grads_of(vars, &out.loss.backward()?);
         Ok(MicroResult {
             loss: out.loss.to_scalar::<f32>()? as f64,
             ce: out.ce,
