@@ -45,6 +45,29 @@ impl<'a> View<'a> {
 /// dst[m, n] (row-major, row stride `ldd`) = lhs[m, k] · rhs[k, n], or += when `accumulate`.
 /// Multi-threaded on the global rayon pool.
 pub fn matmul(lhs: View, rhs: View, dst: &mut [f32], ldd: usize, accumulate: bool) {
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    matmul_with(lhs, rhs, dst, ldd, accumulate, par)
+}
+
+/// [`matmul`] on the calling thread only: for many small products that are themselves the
+/// parallel tasks (attention heads).
+pub fn matmul_serial(lhs: View, rhs: View, dst: &mut [f32], ldd: usize, accumulate: bool) {
+    matmul_with(lhs, rhs, dst, ldd, accumulate, gemm::Parallelism::None)
+}
+
+fn matmul_with(
+    lhs: View,
+    rhs: View,
+    dst: &mut [f32],
+    ldd: usize,
+    accumulate: bool,
+    par: gemm::Parallelism,
+) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
     assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
     assert!(lhs.fits() && rhs.fits(), "gemm: operand view out of bounds");
@@ -61,12 +84,6 @@ pub fn matmul(lhs: View, rhs: View, dst: &mut [f32], ldd: usize, accumulate: boo
         }
         return;
     }
-    let threads = rayon::current_num_threads();
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: every index the gemm touches lies inside the three slices (checked above: the last
     // element of each view and of the destination is in bounds, and strides are non-negative),
     // and `dst` is borrowed mutably, so it cannot alias the read-only operands.

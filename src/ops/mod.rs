@@ -7,6 +7,7 @@
 //! tests check that every parameter receives a gradient.
 
 pub mod activation;
+pub mod attention;
 pub mod bf16;
 pub mod gemm;
 pub mod linear;
@@ -59,7 +60,23 @@ pub fn attention_bias(key_mask: &Tensor, q: usize) -> Result<Tensor> {
 
 /// Scaled dot-product attention. q [b, h, tq, d]; k, v [b, h_kv, tk, d] (grouped-query attention
 /// shares each kv head among h / h_kv query heads); bias [b, 1, tq, tk]. Returns [b, tq, h·d].
+/// On the CPU in f32 the fused op of [`attention`](mod@attention), elsewhere the composition.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) && f32_cpu(bias) {
+        return attention::attention(q, k, v, bias, scale);
+    }
+    attention_composed(q, k, v, bias, scale)
+}
+
+/// [`attention`] composed of candle ops (other devices; the tests' reference).
+pub fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, h, tq, d) = q.dims4()?;
     let h_kv = k.dim(1)?;
     let (k, v) = if h_kv == h {

@@ -6,9 +6,9 @@
 /// that instruction set. (A generic closure-taking wrapper does not work: the closure is too big
 /// to be inlined and stays baseline code.)
 macro_rules! multiversion {
-    ($(#[$m:meta])* fn $name:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $imp:ident($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         $(#[$m])*
-        fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512dq,avx512vl,avx2,fma")]

@@ -62,6 +62,51 @@ fn backward_impl(p: &[f32], dp: &[f32], scale: f32, ds: &mut [f32]) {
     }
 }
 
+/// In place: row ← softmax(row·scale + bias) (the attention op's rows).
+#[inline(always)]
+fn forward_inplace_impl(row: &mut [f32], bias: &[f32], scale: f32) {
+    let k = row.len();
+    let bias = &bias[..k];
+    let mut max = f32::NEG_INFINITY;
+    for j in 0..k {
+        let v = row[j] * scale + bias[j];
+        row[j] = v;
+        max = max.max(v);
+    }
+    let mut sum = 0f64;
+    for v in row.iter_mut() {
+        let e = crate::kd::fastmath::exp((*v - max) as f64);
+        *v = e as f32;
+        sum += e;
+    }
+    let inv = (1.0 / sum) as f32;
+    row.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// In place: dp ← scale · p · (dp − Σ p·dp).
+#[inline(always)]
+fn backward_inplace_impl(p: &[f32], dp: &mut [f32], scale: f32) {
+    let k = dp.len();
+    let p = &p[..k];
+    let dot: f64 = p
+        .iter()
+        .zip(dp.iter())
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
+    let dot = dot as f32;
+    for j in 0..k {
+        dp[j] = scale * p[j] * (dp[j] - dot);
+    }
+}
+
+multiversion! {
+    pub(crate) fn softmax_forward_row => forward_inplace_impl(row: &mut [f32], bias: &[f32], scale: f32) -> ()
+}
+
+multiversion! {
+    pub(crate) fn softmax_backward_row => backward_inplace_impl(p: &[f32], dp: &mut [f32], scale: f32) -> ()
+}
+
 multiversion! {
     fn forward_mv => forward_impl(s: &[f32], bias: &[f32], scale: f32, p: &mut [f32]) -> ()
 }

@@ -1,0 +1,368 @@
+//! Scaled dot-product attention as one op with its backward. Why: composed from candle ops it
+//! copied q, k and v to contiguous tensors, ran two batched matmuls as b·h small gemms that each
+//! fan out over the thread pool, and copied the output back to [b, t, h·d]; its backward was as
+//! many ops again. Here each (batch, head) is one task on the pool: its gemms read the heads in
+//! place through strides and write the output straight into [b, t, h·d]. The probabilities are
+//! kept for the backward pass only when something will differentiate.
+//!
+//! Grouped-query attention (h query heads sharing h_kv key/value heads) is handled by indexing,
+//! without repeating k and v; in the backward the gradients of a shared kv head are summed over
+//! its query heads in order (deterministic).
+
+use super::gemm::{matmul_serial, View};
+use super::softmax::{softmax_backward_row, softmax_forward_row};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::Mutex;
+
+/// q [b, h, tq, d]; k, v [b, h_kv, tk, d]; bias [b, 1, tq, tk]. Returns [b, tq, h·d].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let track = q.track_op() || k.track_op() || v.track_op();
+    let op = Attention {
+        bias: bias.contiguous()?.detach(),
+        scale: scale as f32,
+        keep: track,
+        probs: Mutex::new(None),
+    };
+    q.apply_op3(k, v, op)
+}
+
+struct Attention {
+    bias: Tensor,
+    scale: f32,
+    /// Keep the probabilities for the backward pass.
+    keep: bool,
+    probs: Mutex<Option<Vec<f32>>>,
+}
+
+/// A [b, h, t, d] operand read in place: element (b, h, i, j) at off + b·sb + h·sh + i·st + j.
+#[derive(Clone, Copy)]
+struct Heads<'a> {
+    data: &'a [f32],
+    off: usize,
+    sb: usize,
+    sh: usize,
+    st: usize,
+    dims: [usize; 4],
+}
+
+impl<'a> Heads<'a> {
+    fn new(s: &'a CpuStorage, l: &Layout, who: &str) -> Result<Self> {
+        let CpuStorage::F32(data) = s else {
+            candle_core::bail!("attention: {who} must be f32")
+        };
+        let dims: [usize; 4] = l
+            .dims()
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg(format!("attention: {who} must be 4-D")))?;
+        let st = l.stride();
+        if dims[3] > 1 && st[3] != 1 {
+            candle_core::bail!("attention: {who} needs unit stride along the head dimension");
+        }
+        Ok(Heads {
+            data,
+            off: l.start_offset(),
+            sb: st[0],
+            sh: st[1],
+            st: st[2],
+            dims,
+        })
+    }
+
+    /// The [t, d] matrix of (batch b, head h).
+    fn at(&self, b: usize, h: usize) -> View<'a> {
+        let [_, _, t, d] = self.dims;
+        let start = self.off + b * self.sb + h * self.sh;
+        let len = if t == 0 { 0 } else { (t - 1) * self.st + d };
+        View::rows(&self.data[start..start + len], t, d, self.st)
+    }
+}
+
+fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("attention: CPU only"),
+    }
+}
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, who: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("attention: {who} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("attention: {who} must be contiguous"),
+    }
+}
+
+/// (b, h, h_kv, tq, tk, d), checked.
+fn shapes(q: &Heads, k: &Heads, v: &Heads) -> Result<(usize, usize, usize, usize, usize, usize)> {
+    let [b, h, tq, d] = q.dims;
+    let [kb, h_kv, tk, kd] = k.dims;
+    if kb != b || kd != d || v.dims != k.dims || h_kv == 0 || h % h_kv != 0 {
+        candle_core::bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit",
+            q.dims,
+            k.dims,
+            v.dims
+        );
+    }
+    Ok((b, h, h_kv, tq, tk, d))
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "pocl-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, k, v) = (
+            Heads::new(sq, lq, "q")?,
+            Heads::new(sk, lk, "k")?,
+            Heads::new(sv, lv, "v")?,
+        );
+        let (b, h, h_kv, tq, tk, d) = shapes(&q, &k, &v)?;
+        let (bias_guard, bias_layout) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cpu(bias_storage) = &*bias_guard else {
+            candle_core::bail!("attention: the bias must be on the CPU")
+        };
+        let bias = f32s(bias_storage, bias_layout, "bias")?;
+        if self.bias.dims() != [b, 1, tq, tk] {
+            candle_core::bail!(
+                "attention: bias {:?} for scores [{b}, {h}, {tq}, {tk}]",
+                self.bias.dims()
+            );
+        }
+        let group = h / h_kv;
+        let mut out = vec![0f32; b * tq * h * d];
+        let mut probs = vec![0f32; b * h * tq * tk];
+        // One task per (batch, head): its probabilities, then its slice of the output columns.
+        let out_cols: Vec<Vec<f32>> = probs
+            .par_chunks_mut(tq * tk)
+            .enumerate()
+            .map(|(bh, p)| {
+                let (bi, hi) = (bh / h, bh % h);
+                let (qm, km, vm) = (q.at(bi, hi), k.at(bi, hi / group), v.at(bi, hi / group));
+                matmul_serial(qm, km.t(), p, tk, false);
+                let bias = &bias[bi * tq * tk..(bi + 1) * tq * tk];
+                for (row, brow) in p.chunks_mut(tk).zip(bias.chunks(tk)) {
+                    softmax_forward_row(row, brow, self.scale);
+                }
+                let mut o = vec![0f32; tq * d];
+                matmul_serial(View::rows(p, tq, tk, tk), vm, &mut o, d, false);
+                o
+            })
+            .collect();
+        for (bh, o) in out_cols.iter().enumerate() {
+            let (bi, hi) = (bh / h, bh % h);
+            for i in 0..tq {
+                let dst = (bi * tq + i) * h * d + hi * d;
+                out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            }
+        }
+        if self.keep {
+            *self.probs.lock().unwrap() = Some(probs);
+        }
+        Ok((CpuStorage::F32(out), Shape::from((b, tq, h * d))))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some(probs) = self.probs.lock().unwrap().take() else {
+            candle_core::bail!("attention: backward without saved probabilities")
+        };
+        let grad = grad.contiguous()?;
+        let (gq, lq) = q.storage_and_layout();
+        let (gk, lk) = k.storage_and_layout();
+        let (gv, lv) = v.storage_and_layout();
+        let (gg, lg) = grad.storage_and_layout();
+        let (qh, kh, vh) = (
+            Heads::new(cpu(&gq)?, lq, "q")?,
+            Heads::new(cpu(&gk)?, lk, "k")?,
+            Heads::new(cpu(&gv)?, lv, "v")?,
+        );
+        let dout = f32s(cpu(&gg)?, lg, "gradient")?;
+        let (b, h, h_kv, tq, tk, d) = shapes(&qh, &kh, &vh)?;
+        let group = h / h_kv;
+        let mut dq = vec![0f32; b * h * tq * d];
+        let mut dk = vec![0f32; b * h_kv * tk * d];
+        let mut dv = vec![0f32; b * h_kv * tk * d];
+        // One task per (batch, kv head); its query heads in order, so the sums into the shared
+        // dK and dV are deterministic.
+        dq.par_chunks_mut(group * tq * d)
+            .zip(dk.par_chunks_mut(tk * d).zip(dv.par_chunks_mut(tk * d)))
+            .enumerate()
+            .for_each(|(bg, (dq, (dk, dv)))| {
+                let (bi, gi) = (bg / h_kv, bg % h_kv);
+                let (km, vm) = (kh.at(bi, gi), vh.at(bi, gi));
+                let mut dp = vec![0f32; tq * tk];
+                for j in 0..group {
+                    let hi = gi * group + j;
+                    let p = &probs[(bi * h + hi) * tq * tk..(bi * h + hi + 1) * tq * tk];
+                    let p = View::rows(p, tq, tk, tk);
+                    let qm = qh.at(bi, hi);
+                    // dO of this head: columns hi·d.. of [b, tq, h·d].
+                    let start = bi * tq * h * d + hi * d;
+                    let len = if tq == 0 { 0 } else { (tq - 1) * h * d + d };
+                    let dom = View::rows(&dout[start..start + len], tq, d, h * d);
+                    matmul_serial(p.t(), dom, dv, d, true); // dV += Pᵀ·dO
+                    matmul_serial(dom, vm.t(), &mut dp, tk, false); // dP = dO·Vᵀ
+                    for (dpr, pr) in dp.chunks_mut(tk).zip(p.data.chunks(tk)) {
+                        softmax_backward_row(pr, dpr, self.scale); // dS, in place
+                    }
+                    let ds = View::rows(&dp, tq, tk, tk);
+                    matmul_serial(ds, km, &mut dq[j * tq * d..(j + 1) * tq * d], d, false); // dQ = dS·K
+                    matmul_serial(ds.t(), qm, dk, d, true); // dK += dSᵀ·Q
+                }
+            });
+        let dev = &candle_core::Device::Cpu;
+        Ok((
+            Some(Tensor::from_vec(dq, (b, h, tq, d), dev)?),
+            Some(Tensor::from_vec(dk, (b, h_kv, tk, d), dev)?),
+            Some(Tensor::from_vec(dv, (b, h_kv, tk, d), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Naive f64 attention over plain arrays: q [b, h, tq, d], k / v [b, h_kv, tk, d] (contiguous),
+    /// bias [b, tq, tk] → o [b, tq, h·d].
+    #[allow(clippy::too_many_arguments)]
+    fn naive(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        bias: &[f64],
+        (b, h, h_kv, tq, tk, d): (usize, usize, usize, usize, usize, usize),
+        scale: f64,
+    ) -> Vec<f64> {
+        let mut o = vec![0.0; b * tq * h * d];
+        for bi in 0..b {
+            for hi in 0..h {
+                let g = hi / (h / h_kv);
+                for i in 0..tq {
+                    let s: Vec<f64> = (0..tk)
+                        .map(|j| {
+                            let dot: f64 = (0..d)
+                                .map(|x| {
+                                    q[((bi * h + hi) * tq + i) * d + x]
+                                        * k[((bi * h_kv + g) * tk + j) * d + x]
+                                })
+                                .sum();
+                            dot * scale + bias[(bi * tq + i) * tk + j]
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for x in 0..d {
+                        o[(bi * tq + i) * h * d + hi * d + x] = (0..tk)
+                            .map(|j| e[j] / z * v[((bi * h_kv + g) * tk + j) * d + x])
+                            .sum();
+                    }
+                }
+            }
+        }
+        o
+    }
+
+    /// Output against the naive f64 attention, gradients against its central differences; with
+    /// padding, a KV-cache shape (tk > tq), grouped-query heads and transposed (strided) inputs.
+    #[test]
+    fn matches_naive_f64_attention_and_its_differences() -> Result<()> {
+        let dev = &Device::Cpu;
+        for (h, h_kv, tq, tk) in [(4, 4, 6, 6), (4, 2, 3, 7), (6, 1, 5, 5)] {
+            let (b, d, scale) = (2, 8, 0.35);
+            let dims = (b, h, h_kv, tq, tk, d);
+            // Heads as transposed views of [b, t, heads, d], as the models make them.
+            let mk = |heads: usize, t: usize| -> Result<Var> {
+                Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, heads, d), dev)?)
+            };
+            let (q, k, v) = (mk(h, tq)?, mk(h_kv, tk)?, mk(h_kv, tk)?);
+            let tr = |x: &Var| x.as_tensor().transpose(1, 2);
+            // Batch 1 has key 1 masked out.
+            let mask = Tensor::from_vec(
+                (0..b * tk)
+                    .map(|i| u32::from(!(i / tk == 1 && i % tk == 1)))
+                    .collect::<Vec<_>>(),
+                (b, tk),
+                dev,
+            )?;
+            let bias = super::super::attention_bias(&mask, tq)?;
+            let dy = Tensor::randn(0f32, 1.0, (b, tq, h * d), dev)?;
+            let out = attention(&tr(&q)?, &tr(&k)?, &tr(&v)?, &bias, scale)?;
+            let g = (out.clone() * &dy)?.sum_all()?.backward()?;
+
+            let flat64 = |t: &Tensor| -> Result<Vec<f64>> {
+                Ok(t.flatten_all()?
+                    .to_vec1::<f32>()?
+                    .into_iter()
+                    .map(f64::from)
+                    .collect())
+            };
+            let (qn, kn, vn) = (
+                flat64(&tr(&q)?.contiguous()?)?,
+                flat64(&tr(&k)?.contiguous()?)?,
+                flat64(&tr(&v)?.contiguous()?)?,
+            );
+            let bn = flat64(&bias)?;
+            let dyn_ = flat64(&dy)?;
+            let want = naive(&qn, &kn, &vn, &bn, dims, scale);
+            let got = flat64(&out)?;
+            let top = want.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, e)| m.max((a - e).abs()));
+            assert!(err < 1e-5 * top, "{dims:?}: output error {err}");
+
+            let loss = |q: &[f64], k: &[f64], v: &[f64]| -> f64 {
+                naive(q, k, v, &bn, dims, scale)
+                    .iter()
+                    .zip(&dyn_)
+                    .map(|(o, w)| o * w)
+                    .sum()
+            };
+            for (which, var) in [(0, &q), (1, &k), (2, &v)] {
+                let grad = flat64(&g.get(var).unwrap().transpose(1, 2)?.contiguous()?)?;
+                let base = [&qn, &kn, &vn][which];
+                let gtop = grad.iter().fold(1e-9f64, |m, x| m.max(x.abs()));
+                for idx in (0..base.len()).step_by(7) {
+                    let e = 1e-5;
+                    let mut plus = [qn.clone(), kn.clone(), vn.clone()];
+                    let mut minus = plus.clone();
+                    plus[which][idx] += e;
+                    minus[which][idx] -= e;
+                    let fd = (loss(&plus[0], &plus[1], &plus[2])
+                        - loss(&minus[0], &minus[1], &minus[2]))
+                        / (2.0 * e);
+                    assert!(
+                        (grad[idx] - fd).abs() < 1e-4 * gtop,
+                        "{dims:?}: d{} [{idx}] {} vs {fd}",
+                        ["q", "k", "v"][which],
+                        grad[idx]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
