@@ -31,7 +31,7 @@ pub struct Head<'a> {
 /// allocator's mmap threshold, so the buffers are recycled from the heap instead of paying
 /// page faults on every call, and large enough that the head matmuls run near full speed.
 fn chunk_rows(vocab: usize, active: usize) -> usize {
-    let max = ((24 << 20) / (4 * vocab.max(1))).clamp(16, 4096);
+    let max = ((31 << 20) / (4 * vocab.max(1))).clamp(16, 4096);
     let chunks = active.div_ceil(max).max(1);
     active.div_ceil(chunks).max(1)
 }
