@@ -361,7 +361,7 @@ impl Demo {
             return Ok(t.seconds);
         }
         let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
-        let (model, tok, eos) = crate::cli::eval::load_model(student)?;
+        let (model, tok, eos) = crate::cli::eval::load_model(student, false)?;
         let data = crate::train::splits::Splits::load(&r, &tok)?;
         let (_, seconds) =
             crate::cli::train::measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
@@ -397,7 +397,7 @@ impl Demo {
         if !self.fresh && results.is_file() {
             return Ok(serde_json::from_str(&std::fs::read_to_string(&results)?)?);
         }
-        let (model, tok, eos) = crate::cli::eval::load_model(model_dir)?;
+        let (model, tok, eos) = crate::cli::eval::load_model(model_dir, false)?;
         let mut decoding = Decoding::paper();
         decoding.max_new_tokens = self.plan.max_new_tokens;
         decoding.max_prompt_len = 96;

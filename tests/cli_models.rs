@@ -215,4 +215,28 @@ fn tokenize_and_generate_print_json() {
         "{ids:?} vs {want:?}"
     );
     assert!(v["text"].is_string());
+
+    // --dtype bf16 decodes with the packed bf16 matrices; greedy answers of this random
+    // fixture may differ from f32 after a few tokens, but the first tokens agree.
+    let bf16 = |dtype: &str| {
+        pocl(&[
+            "generate",
+            "--model",
+            g.to_str().unwrap(),
+            "--ids",
+            &prompt,
+            "--max-new-tokens",
+            "4",
+            "--greedy",
+            "--json",
+            "--dtype",
+            dtype,
+        ])
+    };
+    let (code, out, err) = bf16("bf16");
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ids"][0].as_i64(), Some(want[0]), "{out}");
+    let (code, _, err) = bf16("f16");
+    assert!(code != 0 && err.contains("f16"), "{err}");
 }

@@ -36,6 +36,9 @@ pub struct BenchArgs {
     /// model.teacher_dtype). The student is f32 either way.
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
     pub teacher_dtype: String,
+    /// generate: the decoded model's matrices in "f32" (as the peer) or "bf16" (frozen, packed).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
 }
 
 fn gpt2(
@@ -193,7 +196,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             );
         }
         BenchCommand::Generate(a) => {
-            let student = gpt2(512, 6, 8, 2, true, false)?;
+            let student = gpt2(512, 6, 8, 2, true, a.dtype == "bf16")?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.
@@ -206,7 +209,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
                 println!(
                     "{}",
-                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs,
+                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype,
                         "threads": threads, "new_tokens_per_second": ((bs * 96) as f64 / dt * 10.0).round() / 10.0,
                         "max_rss_mib": max_rss_mib().round()})
                 );

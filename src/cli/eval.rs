@@ -55,9 +55,17 @@ pub fn load_samples(
     Ok(samples)
 }
 
-/// The model (frozen), its tokenizer, and its EOS ids (config.json + generation_config.json).
-pub fn load_model(dir: &Path) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
-    let model = crate::model::load_frozen(dir)?;
+/// The model (frozen; matrices in bf16 when `bf16`), its tokenizer, and its EOS ids
+/// (config.json + generation_config.json).
+pub fn load_model(
+    dir: &Path,
+    bf16: bool,
+) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
+    let model = if bf16 {
+        crate::model::load_frozen_bf16(dir)?
+    } else {
+        crate::model::load_frozen(dir)?
+    };
     let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
     let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
     crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
@@ -79,7 +87,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("{}: not a file name", path.display()))?;
         sets.push((name, load_samples(path, a.prompts.format, a.prompts.limit)?));
     }
-    let (model, tok, eos_ids) = load_model(&a.model)?;
+    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype == "bf16")?;
     let cfg = EvalConfig {
         seeds: a.seeds,
         decoding: Decoding {

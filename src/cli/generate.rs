@@ -32,7 +32,11 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model)?;
+    let model = if a.sampling.dtype == "bf16" {
+        crate::model::load_frozen_bf16(&a.model)?
+    } else {
+        crate::model::load_frozen(&a.model)?
+    };
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);
     let tok = if a.prompt.is_some() || a.json || a.ids.is_none() {

@@ -19,6 +19,10 @@ pub struct SamplingArgs {
     /// 1 disables top-p (default 1).
     #[arg(long)]
     pub top_p: Option<f64>,
+    /// The model's matrices in "f32" (exact; the default) or "bf16" (converted once: ~2.5x
+    /// faster decoding on CPUs with AMX, at bf16's precision, so answers can differ slightly).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    pub dtype: String,
 }
 
 impl SamplingArgs {
