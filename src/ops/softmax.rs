@@ -4,6 +4,7 @@
 //! and about twice as many backward, per layer.
 
 use super::simd::multiversion;
+use crate::kd::fastmath::exp_f32;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -62,9 +63,11 @@ fn backward_impl(p: &[f32], dp: &[f32], scale: f32, ds: &mut [f32]) {
     }
 }
 
-/// In place: row ← softmax(row·scale + bias) (the attention op's rows).
+/// In place: row ← softmax(row·scale + bias) (the attention op's rows). f32 with the
+/// vectorised `exp_f32` (masked scores give exactly 0) and 16 lanes of partial sums.
 #[inline(always)]
 fn forward_inplace_impl(row: &mut [f32], bias: &[f32], scale: f32) {
+    const L: usize = 16;
     let k = row.len();
     let bias = &bias[..k];
     let mut max = f32::NEG_INFINITY;
@@ -73,13 +76,21 @@ fn forward_inplace_impl(row: &mut [f32], bias: &[f32], scale: f32) {
         row[j] = v;
         max = max.max(v);
     }
-    let mut sum = 0f64;
-    for v in row.iter_mut() {
-        let e = crate::kd::fastmath::exp((*v - max) as f64);
-        *v = e as f32;
-        sum += e;
+    let mut acc = [0f32; L];
+    let full = k / L * L;
+    for c in row[..full].chunks_exact_mut(L) {
+        for l in 0..L {
+            let e = exp_f32(c[l] - max);
+            c[l] = e;
+            acc[l] += e;
+        }
     }
-    let inv = (1.0 / sum) as f32;
+    let mut sum = acc.iter().sum::<f32>();
+    for v in &mut row[full..] {
+        *v = exp_f32(*v - max);
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
     row.iter_mut().for_each(|v| *v *= inv);
 }
 
