@@ -184,16 +184,29 @@ impl candle_core::InplaceOp1 for AdamWStep<'_> {
             .enumerate()
             .for_each(|(k, ((p, m), v))| {
                 let g = self.grad.map(|g| &g[k * CHUNK..k * CHUNK + p.len()]);
-                match g {
-                    Some(g) if h.scale < 1.0 => {
-                        adamw_chunk(p, m, v, |i| (g[i] as f64 * h.scale) as f32 as f64, &h)
-                    }
-                    Some(g) => adamw_chunk(p, m, v, |i| g[i] as f64, &h),
-                    None => adamw_chunk(p, m, v, |_| 0.0, &h),
-                }
+                adamw_mv(p, m, v, g, h)
             });
         Ok(())
     }
+}
+
+/// One chunk of the update, for whichever gradient form; compiled per instruction set (the
+/// baseline build would run this f64 arithmetic two lanes wide).
+#[inline(always)]
+fn adamw_impl(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Option<&[f32]>, h: Hyper) {
+    let n = p.len();
+    let (m, v) = (&mut m[..n], &mut v[..n]);
+    match g.map(|g| &g[..n]) {
+        Some(g) if h.scale < 1.0 => {
+            adamw_chunk(p, m, v, |i| (g[i] as f64 * h.scale) as f32 as f64, &h)
+        }
+        Some(g) => adamw_chunk(p, m, v, |i| g[i] as f64, &h),
+        None => adamw_chunk(p, m, v, |_| 0.0, &h),
+    }
+}
+
+crate::ops::simd::multiversion! {
+    fn adamw_mv => adamw_impl(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: Option<&[f32]>, h: Hyper) -> ()
 }
 
 #[inline(always)]
