@@ -97,14 +97,12 @@ fn matrix<'a>(
     l: &Layout,
     who: &str,
 ) -> candle_core::Result<(&'a [f32], usize, usize)> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("kd head: {who} must be f32")
-    };
     let (r, c) = l.shape().dims2()?;
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("kd head: {who} must be contiguous")
-    };
-    Ok((&data[start..end], r, c))
+    Ok((
+        crate::ops::contiguous_f32(s, l, &format!("kd head: {who}"))?,
+        r,
+        c,
+    ))
 }
 
 /// Copies rows `rows` of the row-major [_, d] matrix `src` into the front of `dst`.

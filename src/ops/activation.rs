@@ -94,17 +94,6 @@ multiversion! {
     fn backward_mv => backward_impl(kind: Kind, x: &[f32], dy: &[f32], dx: &mut [f32]) -> ()
 }
 
-/// A contiguous f32 CPU tensor's data.
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("activation: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&d[a..b]),
-        None => candle_core::bail!("activation: input must be contiguous"),
-    }
-}
-
 struct Forward(Kind);
 
 impl CustomOp1 for Forward {
@@ -113,7 +102,7 @@ impl CustomOp1 for Forward {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = data(s, l)?;
+        let x = super::contiguous_f32(s, l, "activation input")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
@@ -144,7 +133,10 @@ impl CustomOp2 for Backward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, dy) = (data(s1, l1)?, data(s2, l2)?);
+        let (x, dy) = (
+            super::contiguous_f32(s1, l1, "activation input")?,
+            super::contiguous_f32(s2, l2, "activation gradient")?,
+        );
         if x.len() != dy.len() {
             candle_core::bail!(
                 "activation backward: {} inputs, {} gradients",

@@ -78,23 +78,6 @@ impl<'a> Heads<'a> {
     }
 }
 
-fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
-    match s {
-        candle_core::Storage::Cpu(c) => Ok(c),
-        _ => candle_core::bail!("attention: CPU only"),
-    }
-}
-
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, who: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("attention: {who} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("attention: {who} must be contiguous"),
-    }
-}
-
 /// (b, h, h_kv, tq, tk, d), checked.
 fn shapes(q: &Heads, k: &Heads, v: &Heads) -> Result<(usize, usize, usize, usize, usize, usize)> {
     let [b, h, tq, d] = q.dims;
@@ -131,10 +114,8 @@ impl CustomOp3 for Attention {
         );
         let (b, h, h_kv, tq, tk, d) = shapes(&q, &k, &v)?;
         let (bias_guard, bias_layout) = self.bias.storage_and_layout();
-        let candle_core::Storage::Cpu(bias_storage) = &*bias_guard else {
-            candle_core::bail!("attention: the bias must be on the CPU")
-        };
-        let bias = f32s(bias_storage, bias_layout, "bias")?;
+        let bias_storage = super::cpu_storage(&bias_guard, "attention bias")?;
+        let bias = super::contiguous_f32(bias_storage, bias_layout, "attention bias")?;
         if self.bias.dims() != [b, 1, tq, tk] {
             candle_core::bail!(
                 "attention: bias {:?} for scores [{b}, {h}, {tq}, {tk}]",
@@ -191,11 +172,15 @@ impl CustomOp3 for Attention {
         let (gv, lv) = v.storage_and_layout();
         let (gg, lg) = grad.storage_and_layout();
         let (qh, kh, vh) = (
-            Heads::new(cpu(&gq)?, lq, "q")?,
-            Heads::new(cpu(&gk)?, lk, "k")?,
-            Heads::new(cpu(&gv)?, lv, "v")?,
+            Heads::new(super::cpu_storage(&gq, "attention input")?, lq, "q")?,
+            Heads::new(super::cpu_storage(&gk, "attention input")?, lk, "k")?,
+            Heads::new(super::cpu_storage(&gv, "attention input")?, lv, "v")?,
         );
-        let dout = f32s(cpu(&gg)?, lg, "gradient")?;
+        let dout = super::contiguous_f32(
+            super::cpu_storage(&gg, "attention input")?,
+            lg,
+            "attention gradient",
+        )?;
         let (b, h, h_kv, tq, tk, d) = shapes(&qh, &kh, &vh)?;
         let group = h / h_kv;
         let mut dq = vec![0f32; b * h * tq * d];

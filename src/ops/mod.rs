@@ -30,6 +30,32 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     e.broadcast_div(&s)
 }
 
+/// The data of a contiguous f32 CPU tensor, for the fused ops; `who` names it in errors.
+pub(crate) fn contiguous_f32<'a>(
+    s: &'a candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    who: &str,
+) -> Result<&'a [f32]> {
+    let candle_core::CpuStorage::F32(v) = s else {
+        candle_core::bail!("{who} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{who} must be contiguous"),
+    }
+}
+
+/// The CPU storage behind a tensor's storage guard.
+pub(crate) fn cpu_storage<'a>(
+    s: &'a candle_core::Storage,
+    who: &str,
+) -> Result<&'a candle_core::CpuStorage> {
+    match s {
+        candle_core::Storage::Cpu(c) => Ok(c),
+        _ => candle_core::bail!("{who} must be on the CPU"),
+    }
+}
+
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
         Activation::GeluTanh => activation::apply(x, activation::Kind::GeluTanh),

@@ -129,16 +129,6 @@ multiversion! {
     fn backward_mv => backward_impl(n: Norm, x: &[f32], w: &[f32], dy: &[f32], dx: &mut [f32], dw: &mut [f64], db: &mut [f64]) -> ()
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout, who: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("norm: {who} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("norm: {who} must be contiguous"),
-    }
-}
-
 impl Norm {
     fn forward(
         &self,
@@ -188,8 +178,11 @@ impl CustomOp3 for Norm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (w, b) = (data(s2, l2, "weight")?, data(s3, l3, "bias")?);
-        self.forward(data(s1, l1, "input")?, l1, w, Some(b))
+        let (w, b) = (
+            super::contiguous_f32(s2, l2, "norm weight")?,
+            super::contiguous_f32(s3, l3, "norm bias")?,
+        );
+        self.forward(super::contiguous_f32(s1, l1, "norm input")?, l1, w, Some(b))
     }
     fn bwd(
         &self,
@@ -215,7 +208,12 @@ impl CustomOp2 for Norm {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        self.forward(data(s1, l1, "input")?, l1, data(s2, l2, "weight")?, None)
+        self.forward(
+            super::contiguous_f32(s1, l1, "norm input")?,
+            l1,
+            super::contiguous_f32(s2, l2, "norm weight")?,
+            None,
+        )
     }
     fn bwd(
         &self,
@@ -245,9 +243,9 @@ impl CustomOp3 for Backward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, dy) = (
-            data(s1, l1, "input")?,
-            data(s2, l2, "weight")?,
-            data(s3, l3, "gradient")?,
+            super::contiguous_f32(s1, l1, "norm input")?,
+            super::contiguous_f32(s2, l2, "norm weight")?,
+            super::contiguous_f32(s3, l3, "norm gradient")?,
         );
         let d = w.len();
         if d == 0 || x.len() != dy.len() || x.len() % d != 0 {

@@ -126,16 +126,6 @@ multiversion! {
     fn backward_mv => backward_impl(p: &[f32], dp: &[f32], scale: f32, ds: &mut [f32]) -> ()
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("attention softmax: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("attention softmax: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp2 for Softmax {
     fn name(&self) -> &'static str {
         "pocl-attention-softmax"
@@ -148,7 +138,10 @@ impl CustomOp2 for Softmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (s, bias) = (data(s1, l1)?, data(s2, l2)?);
+        let (s, bias) = (
+            super::contiguous_f32(s1, l1, "attention scores")?,
+            super::contiguous_f32(s2, l2, "attention bias/gradient")?,
+        );
         let (_, h, q, k) = l1.shape().dims4()?;
         let mut p = vec![0f32; s.len()];
         // One task per (batch, head) matrix of q rows; the bias matrix is the batch's.
@@ -192,7 +185,10 @@ impl CustomOp2 for Backward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (p, dp) = (data(s1, l1)?, data(s2, l2)?);
+        let (p, dp) = (
+            super::contiguous_f32(s1, l1, "attention scores")?,
+            super::contiguous_f32(s2, l2, "attention bias/gradient")?,
+        );
         let k = *l1.dims().last().unwrap_or(&1);
         let mut ds = vec![0f32; p.len()];
         ds.par_chunks_mut(64 * k)

@@ -119,13 +119,8 @@ fn f32_data<'a>(
     s: &'a candle_core::Storage,
     l: &candle_core::Layout,
 ) -> candle_core::Result<&'a [f32]> {
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) = s else {
-        candle_core::bail!("optimizer: gradients must be f32 on the CPU")
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("optimizer: gradients must be contiguous")
-    };
-    Ok(&v[a..b])
+    let who = "optimizer: a gradient";
+    crate::ops::contiguous_f32(crate::ops::cpu_storage(s, who)?, l, who)
 }
 
 #[derive(Clone, Copy)]
