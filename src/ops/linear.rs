@@ -134,16 +134,6 @@ impl Weight {
     }
 }
 
-/// y = x · wᵀ + b for x [.., in] and a torch-layout f32 weight w [out, in].
-pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    Weight::out_in(w.clone()).forward(x, b)
-}
-
-/// y = x · w + b for x [.., in] and a GPT-2 `Conv1D` f32 weight w [in, out].
-pub fn linear_in_out(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    Weight::in_out(w.clone()).forward(x, b)
-}
-
 /// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with the packed bf16 W (forward only: frozen models).
 struct Bf16Matmul(Arc<PackedBf16>, Option<Vec<f32>>);
 

@@ -15,7 +15,7 @@ pub mod norm;
 pub mod simd;
 pub mod softmax;
 
-pub use linear::{linear, linear_in_out, Weight};
+pub use linear::Weight;
 pub use norm::{layer_norm, rms_norm};
 
 use crate::model::config::Activation;
@@ -95,8 +95,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     attention_composed(q, k, v, bias, scale)
 }
 
-/// [`attention`] composed of candle ops (other devices; the tests' reference).
-pub fn attention_composed(
+/// [`attention`] composed of candle ops, for other devices and dtypes.
+fn attention_composed(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -111,7 +111,7 @@ pub fn attention_composed(
         (repeat_kv(k, h / h_kv)?, repeat_kv(v, h / h_kv)?)
     };
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let probs = softmax::scaled_masked_softmax(&scores, bias, scale)?;
+    let probs = softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, h, tq, d]
     out.transpose(1, 2)?.reshape((b, tq, h * d))
 }
