@@ -207,3 +207,99 @@ fn fused_head_errors_name_the_problem() {
         .unwrap_err();
     assert!(e.to_string().contains("mask has 3"), "{e}");
 }
+
+/// A tied embedding + head whose gradient is written in place (`ops::grad`): the embedding's
+/// rows and the head's dL/dW land in one buffer, and must equal what candle's autograd builds
+/// for the same graph with a plain weight — to the bit for one backward pass (same order of
+/// additions). Also: micro-batches add up, the next step overwrites (rows beyond the compared
+/// vocabulary and a step with no counted row leave no stale values), and a forward pass whose
+/// backward never runs is caught instead of leaking into the gradient.
+#[test]
+fn tied_gradient_buffer_equals_candles_accumulation() {
+    use pocl::ops::grad::GradBuffer;
+    use std::sync::Arc;
+    let dev = &Device::Cpu;
+    let (rows, d, vs, vocab) = (40, 24, 150, 131);
+    let w = Var::from_tensor(&randn(11, &[vs, d], 0.5)).unwrap();
+    let x = randn(12, &[rows, d], 1.0);
+    let mut g = Lcg(13);
+    let ids: Vec<u32> = (0..rows).map(|_| (g.next() % vs as u64) as u32).collect();
+    let ids = Tensor::from_vec(ids, rows, dev).unwrap();
+    let labels: Vec<u32> = (0..rows)
+        .map(|_| (g.next() % vocab as u64) as u32)
+        .collect();
+    let labels = Tensor::from_vec(labels, rows, dev).unwrap();
+    let some = Tensor::from_vec(
+        (0..rows)
+            .map(|i| (i % 3) as f32 * 0.5)
+            .collect::<Vec<f32>>(),
+        rows,
+        dev,
+    )
+    .unwrap();
+    let none = Tensor::zeros(rows, candle_core::DType::F32, dev).unwrap();
+    let obj = Objective::new(Divergence::Fkl);
+    // hidden = tanh(embedding rows + x): the embedding's gradient is dense in its rows.
+    let loss = |weight: &Weight, mask: &Tensor| {
+        let h = (weight.embed(&ids).unwrap() + &x).unwrap().tanh().unwrap();
+        obj.loss_from_heads(
+            None,
+            Head { hidden: &h, weight },
+            vocab,
+            &labels,
+            mask,
+            0.0,
+            1.0,
+            17.0,
+        )
+        .unwrap()
+        .loss
+    };
+    let plain = Weight::out_in(w.as_tensor().clone());
+    let reference = |mask: &Tensor| {
+        flat(
+            loss(&plain, mask)
+                .backward()
+                .unwrap()
+                .get(w.as_tensor())
+                .unwrap(),
+        )
+    };
+    let buffer = Arc::new(GradBuffer::new(w.shape()));
+    let tied = Weight::trainable(w.as_tensor().clone(), true, buffer.clone());
+
+    let store = loss(&tied, &some).backward().unwrap();
+    assert!(store.get(w.as_tensor()).is_none(), "candle got no copy");
+    let one = flat(&buffer.grad().unwrap().unwrap());
+    assert_eq!(one, reference(&some), "one backward pass: bitwise equal");
+
+    // A second micro-batch adds to the buffer.
+    loss(&tied, &some).backward().unwrap();
+    let two = flat(&buffer.grad().unwrap().unwrap());
+    let doubled: Vec<f32> = one.iter().map(|a| 2.0 * a).collect();
+    assert!(rel_err(&two, &doubled) < 1e-6);
+
+    // The next step overwrites: with no counted row only the embedding's rows remain.
+    buffer.zero();
+    loss(&tied, &none).backward().unwrap();
+    assert_eq!(flat(&buffer.grad().unwrap().unwrap()), reference(&none));
+
+    // A differentiable forward pass that is never back-propagated is caught.
+    buffer.zero();
+    let _unused = loss(&tied, &some);
+    assert!(buffer.grad().is_err());
+    let err = obj.loss_from_heads(
+        None,
+        Head {
+            hidden: &x,
+            weight: &tied,
+        },
+        vocab,
+        &labels,
+        &some,
+        0.0,
+        1.0,
+        17.0,
+    );
+    assert!(err.is_err(), "a second pending write is refused");
+}

@@ -7,7 +7,7 @@ use crate::model::config::ModelConfig;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::init::{build_with, config_json, Shape};
 use crate::model::{CausalLm, Input};
-use crate::train::optim::{clip_coef, grads_of, AdamW, AdamWConfig};
+use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
@@ -116,7 +116,6 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     ..Default::default()
                 },
             );
-            let vars = student.params().vars();
             let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
@@ -126,6 +125,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     phases[i] += clock.elapsed().as_secs_f64();
                     clock = Instant::now();
                 };
+                student.params().zero_grad();
                 let input = Input {
                     ids: &ids,
                     positions: &pos,
@@ -155,7 +155,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let store = out.loss.backward()?;
                 drop(out); // the graph, with its activations
                 lap(3);
-                let grads = grads_of(&vars, &store);
+                let grads = student.params().grads(&store)?;
                 drop(store);
                 let (_, coef) = clip_coef(&grads, 1.0)?;
                 opt.update(&grads, coef, 1e-4)?;

@@ -7,11 +7,13 @@
 //! logits): student logits = h·Wᵀ, teacher logits likewise, the fused divergence kernel writes
 //! dL/dlogits into a chunk buffer, and that gradient goes straight back through the head:
 //! dL/dh = g·W for the chunk's rows and dL/dW += gᵀ·h. candle's backward then only hands the two
-//! finished gradients on.
+//! finished gradients on; a trainable student's dL/dW goes straight into the weight's in-place
+//! gradient buffer (`ops::grad`) instead, confirmed by the backward pass.
 
 use super::kernel::{gradient_buffer, loss_rows, LossSpec, RowLoss, Rows};
 use crate::ops::bf16::PackedBf16;
 use crate::ops::gemm::{matmul, View};
+use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
@@ -47,8 +49,12 @@ pub(crate) struct FusedHeadOp {
     /// Teacher hidden [N, dt] (contiguous f32) and head [Vt, dt].
     pub teacher: Option<(Tensor, Weight)>,
     pub want_grad: bool,
-    /// dL/dhidden [N, d] and dL/dW [V, d], made in the forward pass.
-    grads: Mutex<Option<(Tensor, Tensor)>>,
+    /// The student head's in-place gradient buffer: dL/dW is written there (pending until the
+    /// backward pass) instead of into a fresh tensor for candle.
+    pub grad_buffer: Option<Arc<GradBuffer>>,
+    /// dL/dhidden [N, d] and dL/dW [V, d] (None when it went to `grad_buffer`), made in the
+    /// forward pass.
+    grads: Mutex<Option<(Tensor, Option<Tensor>)>>,
     /// (Σ w·CE, Σ w·D) for logging.
     pub parts: Arc<Mutex<(f64, f64)>>,
 }
@@ -61,6 +67,7 @@ impl FusedHeadOp {
         vocab: usize,
         teacher: Option<(Tensor, Weight)>,
         want_grad: bool,
+        grad_buffer: Option<Arc<GradBuffer>>,
     ) -> Self {
         FusedHeadOp {
             spec,
@@ -69,6 +76,7 @@ impl FusedHeadOp {
             vocab,
             teacher,
             want_grad,
+            grad_buffer,
             grads: Mutex::new(None),
             parts: Arc::new(Mutex::new((0.0, 0.0))),
         }
@@ -175,75 +183,102 @@ impl FusedHeadOp {
         let (mut hs_c, mut gh_c) = (vec![0f32; c * ds], vec![0f32; c * ds]);
         let mut ht_c = vec![0f32; teacher.as_ref().map_or(0, |(_, dt, _)| c * dt)];
         let mut grad_h = vec![0f32; if self.want_grad { n * ds } else { 0 }];
-        let mut grad_w = if self.want_grad {
-            gradient_buffer(vs * ds)
-        } else {
-            Vec::new()
-        };
         let s_head = View::rows(&ws[..v * ds], v, ds, ds);
-        for (ci, rows) in active.chunks(c).enumerate() {
-            let r = rows.len();
-            gather(hs, ds, rows, &mut hs_c);
-            let h_rows = View::rows(&hs_c[..r * ds], r, ds, ds);
-            matmul(h_rows, s_head.t(), &mut s_logits, v, false);
-            let t_rows = match &teacher {
-                Some((th, dt, head)) => {
-                    let dt = *dt;
-                    gather(th, dt, rows, &mut ht_c);
-                    let h = &ht_c[..r * dt];
-                    match head {
-                        TeacherHead::F32(tw, _, _) => matmul(
-                            View::rows(h, r, dt, dt),
-                            View::rows(&tw[..v * dt], v, dt, dt).t(),
-                            &mut t_logits,
-                            tv,
-                            false,
-                        ),
-                        TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+        // The chunk loop; dL/dW goes to `grad_w` ([Vs, d]), added to what it holds unless
+        // `overwrite_w`.
+        let mut chunks = |grad_w: &mut [f32], overwrite_w: bool| -> candle_core::Result<()> {
+            if overwrite_w {
+                // Rows beyond the compared vocabulary get no gradient, and nothing at all when no
+                // row is counted.
+                let from = if active.is_empty() { 0 } else { v * ds };
+                grad_w[from..].fill(0.0);
+            }
+            for (ci, rows) in active.chunks(c).enumerate() {
+                let r = rows.len();
+                gather(hs, ds, rows, &mut hs_c);
+                let h_rows = View::rows(&hs_c[..r * ds], r, ds, ds);
+                matmul(h_rows, s_head.t(), &mut s_logits, v, false);
+                let t_rows = match &teacher {
+                    Some((th, dt, head)) => {
+                        let dt = *dt;
+                        gather(th, dt, rows, &mut ht_c);
+                        let h = &ht_c[..r * dt];
+                        match head {
+                            TeacherHead::F32(tw, _, _) => matmul(
+                                View::rows(h, r, dt, dt),
+                                View::rows(&tw[..v * dt], v, dt, dt).t(),
+                                &mut t_logits,
+                                tv,
+                                false,
+                            ),
+                            TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+                        }
+                        Some(Rows {
+                            data: &t_logits[..(r - 1) * tv + v],
+                            rows: r,
+                            width: v,
+                            stride: tv,
+                        })
                     }
-                    Some(Rows {
-                        data: &t_logits[..(r - 1) * tv + v],
-                        rows: r,
-                        width: v,
-                        stride: tv,
-                    })
+                    None => None,
+                };
+                let weights: Vec<f32> = rows.iter().map(|&i| self.weights[i]).collect();
+                let labels: Option<Vec<u32>> = self
+                    .labels
+                    .as_ref()
+                    .map(|l| rows.iter().map(|&i| l[i]).collect());
+                let mut out_c = vec![RowLoss::default(); r];
+                let grad = if self.want_grad {
+                    g[..r * v].fill(0.0);
+                    Some(&mut g[..r * v])
+                } else {
+                    None
+                };
+                loss_rows(
+                    &self.spec,
+                    t_rows,
+                    Rows::contiguous(&s_logits[..r * v], v),
+                    labels.as_deref(),
+                    &weights,
+                    grad,
+                    &mut out_c,
+                )
+                .map_err(candle_core::Error::wrap)?;
+                for (&i, o) in rows.iter().zip(out_c) {
+                    out[i] = o;
                 }
-                None => None,
-            };
-            let weights: Vec<f32> = rows.iter().map(|&i| self.weights[i]).collect();
-            let labels: Option<Vec<u32>> = self
-                .labels
-                .as_ref()
-                .map(|l| rows.iter().map(|&i| l[i]).collect());
-            let mut out_c = vec![RowLoss::default(); r];
-            let grad = if self.want_grad {
-                g[..r * v].fill(0.0);
-                Some(&mut g[..r * v])
-            } else {
+                if self.want_grad {
+                    let g_rows = View::rows(&g[..r * v], r, v, v);
+                    matmul(g_rows, s_head, &mut gh_c, ds, false);
+                    for (k, &i) in rows.iter().enumerate() {
+                        grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_c[k * ds..(k + 1) * ds]);
+                    }
+                    matmul(
+                        g_rows.t(),
+                        h_rows,
+                        &mut grad_w[..v * ds],
+                        ds,
+                        ci > 0 || !overwrite_w,
+                    );
+                }
+            }
+            Ok(())
+        };
+        let grad_w = match (&self.grad_buffer, self.want_grad) {
+            (Some(buffer), true) => {
+                buffer.write_pending(|buf, overwrite| chunks(buf, overwrite))?;
                 None
-            };
-            loss_rows(
-                &self.spec,
-                t_rows,
-                Rows::contiguous(&s_logits[..r * v], v),
-                labels.as_deref(),
-                &weights,
-                grad,
-                &mut out_c,
-            )
-            .map_err(candle_core::Error::wrap)?;
-            for (&i, o) in rows.iter().zip(out_c) {
-                out[i] = o;
             }
-            if self.want_grad {
-                let g_rows = View::rows(&g[..r * v], r, v, v);
-                matmul(g_rows, s_head, &mut gh_c, ds, false);
-                for (k, &i) in rows.iter().enumerate() {
-                    grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_c[k * ds..(k + 1) * ds]);
-                }
-                matmul(g_rows.t(), h_rows, &mut grad_w[..v * ds], ds, ci > 0);
+            (None, true) => {
+                let mut grad_w = gradient_buffer(vs * ds);
+                chunks(&mut grad_w, true)?;
+                Some(grad_w)
             }
-        }
+            (_, false) => {
+                chunks(&mut [], false)?;
+                None
+            }
+        };
 
         // Sequential sum over per-row values: deterministic whatever the thread schedule.
         let (mut ce, mut kd) = (0.0, 0.0);
@@ -258,7 +293,9 @@ impl FusedHeadOp {
             let dev = &candle_core::Device::Cpu;
             *self.grads.lock().unwrap() = Some((
                 Tensor::from_vec(grad_h, (n, ds), dev)?,
-                Tensor::from_vec(grad_w, (vs, ds), dev)?,
+                grad_w
+                    .map(|g| Tensor::from_vec(g, (vs, ds), dev))
+                    .transpose()?,
             ));
         }
         let total = self.spec.ce_coef * ce + self.spec.kd_coef * kd;
@@ -301,11 +338,23 @@ impl CustomOp2 for FusedHeadOp {
         let scale = grad_res
             .to_dtype(candle_core::DType::F32)?
             .to_scalar::<f32>()?;
+        if let Some(buffer) = &self.grad_buffer {
+            if scale != 1.0 {
+                candle_core::bail!(
+                    "kd head: a trainable head's gradient is written in place, so the loss must \
+                     be back-propagated as it is (not scaled, got upstream gradient {scale})"
+                )
+            }
+            buffer.confirm();
+        }
         // The upstream gradient of a loss is exactly 1: skip two model-sized multiplies.
         if scale == 1.0 {
-            Ok((Some(gh), Some(gw)))
+            Ok((Some(gh), gw))
         } else {
-            Ok((Some((gh * scale as f64)?), Some((gw * scale as f64)?)))
+            Ok((
+                Some((gh * scale as f64)?),
+                gw.map(|g| g * scale as f64).transpose()?,
+            ))
         }
     }
 }

@@ -110,7 +110,10 @@ impl Objective {
                 denominator,
             );
         }
-        let Weight::F32 { w, out_in: true } = student.weight else {
+        let Weight::F32 {
+            w, out_in: true, ..
+        } = student.weight
+        else {
             bail!("the student's lm head must be an f32 [vocab, d] matrix (a trainable model)")
         };
         let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
@@ -122,7 +125,9 @@ impl Objective {
             Some(t) => Some((
                 flat_hidden(t.hidden, "teacher")?.detach(),
                 match t.weight {
-                    Weight::F32 { w, out_in: true } => Weight::out_in(w.contiguous()?.detach()),
+                    Weight::F32 {
+                        w, out_in: true, ..
+                    } => Weight::out_in(w.contiguous()?.detach()),
                     Weight::Bf16(p) => Weight::Bf16(p.clone()),
                     Weight::F32 { .. } => bail!("the teacher's lm head must be [vocab, d]"),
                 },
@@ -131,7 +136,9 @@ impl Objective {
         };
         let w = w.contiguous()?;
         let want_grad = h.track_op() || w.track_op();
-        let op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad);
+        // A trainable head's dL/dW goes into its gradient buffer; only when w itself is tracked.
+        let buffer = student.weight.grad_buffer().cloned();
+        let op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad, buffer);
         let parts = op.parts.clone();
         let loss = h.apply_op2(&w, op)?;
         let p = *parts.lock().unwrap();

@@ -1,11 +1,14 @@
 //! Weights: reading HF safetensors checkpoints (single file or sharded index; f32, f16 or bf16
 //! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
 
+use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// Every tensor of a checkpoint, upcast to f32, by key name; keys are consumed by the model
 /// builders so that leftovers (unknown tensors) can be reported.
@@ -181,6 +184,8 @@ fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
 #[derive(Default)]
 pub struct Params {
     entries: Vec<(String, Var)>,
+    /// In-place gradient buffers of the matrices (`ops::grad`), by entry index.
+    buffers: Vec<(usize, Arc<GradBuffer>)>,
     /// Frozen models (teachers, evaluation) compute with detached tensors: candle then records
     /// no graph for them, which saves the memory and time of tracking ops nobody differentiates.
     pub frozen: bool,
@@ -190,6 +195,7 @@ impl Params {
     pub fn new(frozen: bool) -> Self {
         Params {
             entries: Vec::new(),
+            buffers: Vec::new(),
             frozen,
         }
     }
@@ -223,11 +229,44 @@ impl Params {
             return Ok(Weight::to_bf16(&sd.take(from, shape)?, out_in)?);
         }
         let t = self.take(sd, from, save_as, shape)?;
-        Ok(if out_in {
-            Weight::out_in(t)
-        } else {
-            Weight::in_out(t)
-        })
+        if self.frozen {
+            return Ok(if out_in {
+                Weight::out_in(t)
+            } else {
+                Weight::in_out(t)
+            });
+        }
+        let buffer = Arc::new(GradBuffer::new(t.shape()));
+        self.buffers.push((self.entries.len() - 1, buffer.clone()));
+        Ok(Weight::trainable(t, out_in, buffer))
+    }
+
+    /// The gradient of every parameter after a backward pass, in `vars()` order (shared
+    /// tensors, no copies): the in-place buffer where a fused op wrote one, candle's store
+    /// otherwise (and their sum if both hold a part).
+    pub fn grads(&self, store: &GradStore) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let mut grads: Vec<Option<Tensor>> = self
+            .entries
+            .iter()
+            .map(|(_, v)| store.get(v.as_tensor()).cloned())
+            .collect();
+        for (i, buffer) in &self.buffers {
+            if let Some(b) = buffer.grad()? {
+                grads[*i] = Some(match grads[*i].take() {
+                    Some(g) => (b + g)?,
+                    None => b,
+                });
+            }
+        }
+        Ok(grads)
+    }
+
+    /// Ends an optimiser step: the in-place gradient buffers start over (torch's `zero_grad`;
+    /// the next write overwrites, so no memory is touched here).
+    pub fn zero_grad(&self) {
+        for (_, b) in &self.buffers {
+            b.zero();
+        }
     }
 
     pub fn add(&mut self, save_as: &str, t: Tensor) -> candle_core::Result<Tensor> {

@@ -10,6 +10,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod gemm;
+pub mod grad;
 pub mod linear;
 pub mod norm;
 pub mod simd;

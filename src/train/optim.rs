@@ -4,7 +4,6 @@
 //! weights) are not decayed; matrices and embeddings are.
 
 use anyhow::Result;
-use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 #[derive(Clone, Debug)]
@@ -217,17 +216,13 @@ fn adamw_chunk(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: impl Fn(usize) ->
     }
 }
 
-/// The gradients of `vars` from a backward pass, in order (shared tensors, no copies).
-pub fn grads_of(vars: &[Var], store: &GradStore) -> Vec<Option<Tensor>> {
-    vars.iter()
-        .map(|v| store.get(v.as_tensor()).cloned())
-        .collect()
-}
-
-/// Adds a micro-batch's gradients to the step's (in micro-batch order: deterministic).
+/// Adds a micro-batch's gradients to the step's (in micro-batch order: deterministic). An
+/// in-place gradient buffer (`ops::grad`) is handed out as the same tensor each time and has
+/// already summed the micro-batches itself, so it is kept, not added to itself.
 pub fn accumulate(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Result<()> {
     for (a, g) in acc.iter_mut().zip(grads) {
         *a = match (a.take(), g) {
+            (Some(a), Some(g)) if a.id() == g.id() => Some(a),
             (Some(a), Some(g)) => Some((a + g)?),
             (a, g) => a.or(g),
         };

@@ -8,7 +8,7 @@
 //! `curriculum::schedule`; the optimiser and cosine schedule restart unless told otherwise.
 
 use super::checkpoint::{self, RngState};
-use super::optim::{accumulate, clip_coef, grads_of, AdamW, AdamWConfig, LrSchedule};
+use super::optim::{accumulate, clip_coef, AdamW, AdamWConfig, LrSchedule};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::{collate, Example};
@@ -372,13 +372,15 @@ impl Trainer {
             .collect::<Result<_>>()?;
         let masks: Vec<candle_core::Tensor> = micro.iter().map(|b| b.loss_mask.clone()).collect();
         let tokens = crate::kd::step_denominator(&masks)?;
-        let vars = self.student.params().vars();
+        let n_params = self.student.params().len();
+        // The in-place gradient buffers start the step empty (torch's zero_grad).
+        self.student.params().zero_grad();
         // Gradients are added in micro-batch order (deterministic, so resumed runs are exact).
         // Running micro-batches on parallel threads was measured slower here (PERFORMANCE.md).
         let per_micro = micro
             .iter()
-            .map(|b| self.micro_step(b, &vars, kd_weight, temperature, tokens));
-        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; vars.len()];
+            .map(|b| self.micro_step(b, kd_weight, temperature, tokens));
+        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; n_params];
         let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
         for r in per_micro {
             let r = r?;
@@ -406,7 +408,6 @@ impl Trainer {
     fn micro_step(
         &self,
         b: &crate::data::Batch,
-        vars: &[candle_core::Var],
         kd_weight: f64,
         temperature: f64,
         tokens: f64,
@@ -443,7 +444,7 @@ impl Trainer {
             temperature,
             tokens,
         )?;
-        let grads = grads_of(vars, &out.loss.backward()?);
+        let grads = self.student.params().grads(&out.loss.backward()?)?;
         Ok(MicroResult {
             loss: out.loss.to_scalar::<f32>()? as f64,
             ce: out.ce,
@@ -563,9 +564,11 @@ impl Trainer {
                 key_mask: &b.attention_mask,
             };
             let hidden = self.student.hidden(&input, None)?.detach();
+            // Detached: this loss is never differentiated, so the head computes no gradient.
+            let head = self.student.lm_head().detach();
             let student = Head {
                 hidden: &hidden,
-                weight: self.student.lm_head(),
+                weight: &head,
             };
             let out = self.objective.loss_from_heads(
                 None,
