@@ -118,7 +118,7 @@ impl Weight {
         );
         let x2 = x.reshape((rows, inp))?;
         let y = match self {
-            Weight::F32 { w, out_in, .. } => {
+            Weight::F32 { w, out_in, grad } => {
                 // Few rows (decoding) and nothing to differentiate: stream the weight instead of
                 // having the gemm pack all of it for a handful of rows.
                 let skinny = rows <= gemm::SKINNY_ROWS
@@ -127,9 +127,26 @@ impl Weight {
                     && w.dtype() == DType::F32
                     && !x.track_op()
                     && !w.track_op();
+                let fused = x.device().is_cpu()
+                    && x.dtype() == DType::F32
+                    && w.dtype() == DType::F32
+                    && b.is_none_or(|b| b.dtype() == DType::F32);
                 if skinny {
                     x2.contiguous()?
                         .apply_op2_no_bwd(&w.contiguous()?, &gemm::Skinny { out_in: *out_in })?
+                } else if fused {
+                    let op = Linear {
+                        out_in: *out_in,
+                        grad: grad.clone(),
+                    };
+                    let (x2, w) = (x2.contiguous()?, w.contiguous()?);
+                    let y = match b {
+                        Some(b) => x2.apply_op3(&w, &b.contiguous()?, op)?,
+                        None => x2.apply_op2(&w, op)?,
+                    };
+                    let mut out = dims;
+                    *out.last_mut().unwrap() = y.dim(1)?;
+                    return y.reshape(out);
                 } else if *out_in {
                     x2.matmul(&w.t()?)?
                 } else {
@@ -197,6 +214,192 @@ impl Weight {
                 Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
             }
         }
+    }
+}
+
+/// y = x·Wᵀ + b on the CPU as one op with its backward: the bias initialises the output that
+/// the gemm adds into, and the backward makes dx = g·W, dW (into the weight's gradient buffer
+/// when it has one) and db = Σ rows of g in one call, where candle's composition records a
+/// matmul, a broadcast, an add and two reshapes, each with its own zeros + add of a gradient.
+struct Linear {
+    out_in: bool,
+    grad: Option<Arc<GradBuffer>>,
+}
+
+/// (data, rows, cols) of a contiguous 2-D f32 operand.
+fn operand<'a>(s: &'a CpuStorage, l: &Layout, who: &str) -> Result<(&'a [f32], usize, usize)> {
+    let (r, c) = l.shape().dims2()?;
+    Ok((super::contiguous_f32(s, l, who)?, r, c))
+}
+
+impl Linear {
+    /// W as the right operand [k, n] of x·W.
+    fn rhs<'a>(&self, w: &'a [f32], k: usize, n: usize) -> gemm::View<'a> {
+        if self.out_in {
+            gemm::View::rows(w, n, k, k).t()
+        } else {
+            gemm::View::rows(w, k, n, n)
+        }
+    }
+
+    fn fwd(
+        &self,
+        (x, m, k): (&[f32], usize, usize),
+        (w, wr, wc): (&[f32], usize, usize),
+        b: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, wk) = if self.out_in { (wr, wc) } else { (wc, wr) };
+        if wk != k || b.is_some_and(|b| b.len() != n) {
+            candle_core::bail!(
+                "linear: input [{m}, {k}] does not fit weight [{wr}, {wc}] (bias {:?})",
+                b.map(|b| b.len())
+            );
+        }
+        let mut y = vec![0f32; m * n];
+        if let Some(b) = b {
+            y.chunks_mut(n.max(1)).for_each(|r| r.copy_from_slice(b));
+        }
+        gemm::matmul(
+            gemm::View::rows(x, m, k, k),
+            self.rhs(w, k, n),
+            &mut y,
+            n,
+            b.is_some(),
+        );
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    /// (dx, dW, db) for the tracked operands; dW goes into the gradient buffer when there is one.
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: Option<&Tensor>,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dev = &candle_core::Device::Cpu;
+        let g = g.to_dtype(DType::F32)?.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (g, m, n) = operand(super::cpu_storage(&gs, "linear")?, gl, "linear gradient")?;
+        let (xs, xl) = x.storage_and_layout();
+        let (xd, _, k) = operand(super::cpu_storage(&xs, "linear")?, xl, "linear input")?;
+        let (ws, wl) = w.storage_and_layout();
+        let (wd, wr, wc) = operand(super::cpu_storage(&ws, "linear")?, wl, "linear weight")?;
+        let g_rows = gemm::View::rows(g, m, n, n);
+        let x_rows = gemm::View::rows(xd, m, k, k);
+        let dx = if x.track_op() {
+            let mut dx = vec![0f32; m * k];
+            gemm::matmul(g_rows, self.rhs(wd, k, n).t(), &mut dx, k, false);
+            Some(Tensor::from_vec(dx, (m, k), dev)?)
+        } else {
+            None
+        };
+        // dW = gᵀ·x in [out, in] layout, xᵀ·g in [in, out].
+        let dw_into = |dst: &mut [f32], accumulate: bool| {
+            if self.out_in {
+                gemm::matmul(g_rows.t(), x_rows, dst, k, accumulate)
+            } else {
+                gemm::matmul(x_rows.t(), g_rows, dst, n, accumulate)
+            }
+        };
+        let dw = match (&self.grad, w.track_op()) {
+            (Some(buffer), true) => {
+                buffer.write_now(|buf, overwrite| {
+                    dw_into(buf, !overwrite);
+                    Ok(())
+                })?;
+                None
+            }
+            (None, true) => {
+                let mut dw = vec![0f32; wr * wc];
+                dw_into(&mut dw, false);
+                Some(Tensor::from_vec(dw, (wr, wc), dev)?)
+            }
+            (_, false) => None,
+        };
+        let db = match b {
+            Some(b) if b.track_op() => {
+                let mut db = vec![0f32; n];
+                // Rows added in order, columns in parallel blocks: the same sums whatever the
+                // thread count.
+                use rayon::prelude::*;
+                db.par_chunks_mut(256).enumerate().for_each(|(c, out)| {
+                    let j0 = c * 256;
+                    for row in g.chunks(n.max(1)) {
+                        for (o, &v) in out.iter_mut().zip(&row[j0..]) {
+                            *o += v;
+                        }
+                    }
+                });
+                Some(Tensor::from_vec(db, n, dev)?)
+            }
+            _ => None,
+        };
+        Ok((dx, dw, db))
+    }
+}
+
+impl candle_core::CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "pocl-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd(
+            operand(xs, xl, "linear input")?,
+            operand(ws, wl, "linear weight")?,
+            None,
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = self.backward(x, w, None, g)?;
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "pocl-linear-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd(
+            operand(xs, xl, "linear input")?,
+            operand(ws, wl, "linear weight")?,
+            Some(super::contiguous_f32(bs, bl, "linear bias")?),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward(x, w, Some(b), g)
     }
 }
 
@@ -287,5 +490,108 @@ impl CustomOp1 for Bf16Matmul {
             }
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(seed: u64, shape: &[usize]) -> Tensor {
+        let n: usize = shape.iter().product();
+        let mut s = seed;
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+        let scale = b.abs().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max(0).unwrap();
+        diff.to_scalar::<f64>().unwrap() / scale.max(1e-300)
+    }
+
+    /// The fused linear op (forward and dx, dW, db) against candle's composition evaluated in
+    /// f64 with its own autograd, in both weight layouts, with and without a bias and a
+    /// gradient buffer, for a 3-D input.
+    #[test]
+    fn fused_linear_matches_an_f64_composition() -> Result<()> {
+        let (b, t, k, n) = (3, 17, 40, 56);
+        for out_in in [true, false] {
+            for with_bias in [true, false] {
+                for with_buffer in [true, false] {
+                    let x = Var::from_tensor(&rand(1, &[b, t, k]))?;
+                    let wshape = if out_in { [n, k] } else { [k, n] };
+                    let w = Var::from_tensor(&rand(2, &wshape))?;
+                    let bias = Var::from_tensor(&rand(3, &[n]))?;
+                    let r = rand(4, &[b, t, n]);
+                    let buffer = Arc::new(GradBuffer::new(w.shape()));
+                    let weight = match (with_buffer, out_in) {
+                        (true, _) => {
+                            Weight::trainable(w.as_tensor().clone(), out_in, buffer.clone())
+                        }
+                        (false, true) => Weight::out_in(w.as_tensor().clone()),
+                        (false, false) => Weight::in_out(w.as_tensor().clone()),
+                    };
+                    let y = weight.forward(x.as_tensor(), with_bias.then(|| bias.as_tensor()))?;
+                    let store = (&y * &r)?.sum_all()?.backward()?;
+
+                    // The reference: f64 copies, candle's matmul / broadcast add and autograd.
+                    let x64 = Var::from_tensor(&x.to_dtype(DType::F64)?)?;
+                    let w64 = Var::from_tensor(&w.to_dtype(DType::F64)?)?;
+                    let b64 = Var::from_tensor(&bias.to_dtype(DType::F64)?)?;
+                    let wt = if out_in {
+                        w64.t()?
+                    } else {
+                        w64.as_tensor().clone()
+                    };
+                    let mut y64 = x64.broadcast_matmul(&wt)?;
+                    if with_bias {
+                        y64 = y64.broadcast_add(&b64)?;
+                    }
+                    let ref_store = (&y64 * r.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+
+                    let case = format!("out_in {out_in}, bias {with_bias}, buffer {with_buffer}");
+                    assert!(max_rel(&y, &y64) < 1e-6, "{case}: forward");
+                    let dx = store.get(x.as_tensor()).unwrap();
+                    assert!(
+                        max_rel(dx, ref_store.get(&x64).unwrap()) < 1e-6,
+                        "{case}: dx"
+                    );
+                    let dw = if with_buffer {
+                        assert!(
+                            store.get(w.as_tensor()).is_none(),
+                            "{case}: dW went to candle"
+                        );
+                        buffer.grad()?.unwrap()
+                    } else {
+                        store.get(w.as_tensor()).unwrap().clone()
+                    };
+                    assert!(
+                        max_rel(&dw, ref_store.get(&w64).unwrap()) < 1e-6,
+                        "{case}: dW"
+                    );
+                    let db = store.get(bias.as_tensor());
+                    if with_bias {
+                        assert!(
+                            max_rel(db.unwrap(), ref_store.get(&b64).unwrap()) < 1e-6,
+                            "{case}: db"
+                        );
+                    } else {
+                        assert!(db.is_none(), "{case}: no bias, no gradient");
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
