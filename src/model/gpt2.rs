@@ -154,20 +154,23 @@ impl CausalLm for Gpt2 {
         for (i, blk) in self.blocks.iter().enumerate() {
             let a = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, c.norm_eps)?;
             let qkv = conv1d(&a, &blk.c_attn)?; // [b, t, 3d]
-            let heads = |j: usize| {
-                qkv.narrow(D::Minus1, j * c.hidden_size, c.hidden_size)?
-                    .reshape((b, t, h, hd))?
-                    .transpose(1, 2)
-            };
-            let (q, mut k, mut v) = (heads(0)?, heads(1)?, heads(2)?); // [b, h, t, hd]
-            if let Some(cache) = cache.as_deref_mut() {
-                (k, v) = cache.append(i, k, v)?;
-            }
             let mut scale = 1.0 / (hd as f64).sqrt();
             if c.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
-            let att = ops::attention(&q, &k, &v, &bias, scale)?;
+            let att = match cache.as_deref_mut() {
+                // q, k and v read in place from the fused projection.
+                None => ops::attention_qkv(&qkv, h, &bias, scale)?,
+                Some(cache) => {
+                    let heads = |j: usize| {
+                        qkv.narrow(D::Minus1, j * c.hidden_size, c.hidden_size)?
+                            .reshape((b, t, h, hd))?
+                            .transpose(1, 2)
+                    };
+                    let (k, v) = cache.append(i, heads(1)?, heads(2)?)?; // [b, h, t, hd]
+                    ops::attention(&heads(0)?, &k, &v, &bias, scale)?
+                }
+            };
             x = (x + conv1d(&att, &blk.c_proj)?)?;
             let m = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, c.norm_eps)?;
             let m = ops::activate(&conv1d(&m, &blk.c_fc)?, c.activation)?;

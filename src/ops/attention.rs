@@ -11,20 +11,23 @@
 
 use super::gemm::{matmul_serial, View};
 use super::softmax::{softmax_backward_row, softmax_forward_row};
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Mutex;
 
 /// q [b, h, tq, d]; k, v [b, h_kv, tk, d]; bias [b, 1, tq, tk]. Returns [b, tq, h·d].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let track = q.track_op() || k.track_op() || v.track_op();
-    let op = Attention {
-        bias: bias.contiguous()?.detach(),
-        scale: scale as f32,
-        keep: track,
-        probs: Mutex::new(None),
-    };
-    q.apply_op3(k, v, op)
+    q.apply_op3(k, v, Attention::new(bias, scale, track, 0)?)
+}
+
+/// Self-attention straight from a fused projection qkv [b, t, 3·h·d] (GPT-2's `c_attn`: q, k
+/// and v side by side, `heads` heads each). Returns [b, t, h·d]. The heads are read in place and
+/// the backward pass returns one [b, t, 3·h·d] gradient; narrowing the three parts with candle
+/// instead copies each one forward and builds a zero-padded [b, t, 3·h·d] gradient for each
+/// backward.
+pub fn attention_qkv(qkv: &Tensor, heads: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    qkv.apply_op1(Attention::new(bias, scale, qkv.track_op(), heads)?)
 }
 
 struct Attention {
@@ -33,6 +36,8 @@ struct Attention {
     /// Keep the probabilities for the backward pass.
     keep: bool,
     probs: Mutex<Option<Vec<f32>>>,
+    /// Heads of the fused-projection form (0 for separate q, k, v).
+    packed_heads: usize,
 }
 
 /// A [b, h, t, d] operand read in place: element (b, h, i, j) at off + b·sb + h·sh + i·st + j.
@@ -69,6 +74,24 @@ impl<'a> Heads<'a> {
         })
     }
 
+    /// Part `part` (0 q, 1 k, 2 v) of a contiguous fused projection [b, t, 3·h·d].
+    fn packed(s: &'a CpuStorage, l: &Layout, h: usize, part: usize) -> Result<Self> {
+        let data = super::contiguous_f32(s, l, "attention qkv")?;
+        let (b, t, w) = l.shape().dims3()?;
+        if h == 0 || w % (3 * h) != 0 {
+            candle_core::bail!("attention: qkv [{b}, {t}, {w}] does not split into 3·{h} heads");
+        }
+        let d = w / (3 * h);
+        Ok(Heads {
+            data,
+            off: part * h * d,
+            sb: t * w,
+            sh: d,
+            st: w,
+            dims: [b, h, t, d],
+        })
+    }
+
     /// The [t, d] matrix of (batch b, head h).
     fn at(&self, b: usize, h: usize) -> View<'a> {
         let [_, _, t, d] = self.dims;
@@ -93,25 +116,19 @@ fn shapes(q: &Heads, k: &Heads, v: &Heads) -> Result<(usize, usize, usize, usize
     Ok((b, h, h_kv, tq, tk, d))
 }
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "pocl-attention"
+impl Attention {
+    fn new(bias: &Tensor, scale: f64, keep: bool, packed_heads: usize) -> Result<Self> {
+        Ok(Attention {
+            bias: bias.contiguous()?.detach(),
+            scale: scale as f32,
+            keep,
+            probs: Mutex::new(None),
+            packed_heads,
+        })
     }
 
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        sk: &CpuStorage,
-        lk: &Layout,
-        sv: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (
-            Heads::new(sq, lq, "q")?,
-            Heads::new(sk, lk, "k")?,
-            Heads::new(sv, lv, "v")?,
-        );
+    /// The output [b, tq, h·d].
+    fn forward(&self, q: Heads, k: Heads, v: Heads) -> Result<(CpuStorage, Shape)> {
         let (b, h, h_kv, tq, tk, d) = shapes(&q, &k, &v)?;
         let (bias_guard, bias_layout) = self.bias.storage_and_layout();
         let bias_storage = super::cpu_storage(&bias_guard, "attention bias")?;
@@ -123,64 +140,58 @@ impl CustomOp3 for Attention {
             );
         }
         let group = h / h_kv;
-        let mut out = vec![0f32; b * tq * h * d];
-        let mut probs = vec![0f32; b * h * tq * tk];
-        // One task per (batch, head): its probabilities, then its slice of the output columns.
-        let out_cols: Vec<Vec<f32>> = probs
-            .par_chunks_mut(tq * tk)
-            .enumerate()
-            .map(|(bh, p)| {
-                let (bi, hi) = (bh / h, bh % h);
-                let (qm, km, vm) = (q.at(bi, hi), k.at(bi, hi / group), v.at(bi, hi / group));
-                matmul_serial(qm, km.t(), p, tk, false);
-                let bias = &bias[bi * tq * tk..(bi + 1) * tq * tk];
-                for (row, brow) in p.chunks_mut(tk).zip(bias.chunks(tk)) {
-                    softmax_forward_row(row, brow, self.scale);
-                }
-                let mut o = vec![0f32; tq * d];
-                matmul_serial(View::rows(p, tq, tk, tk), vm, &mut o, d, false);
-                o
-            })
-            .collect();
-        for (bh, o) in out_cols.iter().enumerate() {
+        // One task per (batch, head): its probabilities p, then its output [tq, d].
+        let head = |bh: usize, p: &mut [f32]| {
             let (bi, hi) = (bh / h, bh % h);
-            for i in 0..tq {
-                let dst = (bi * tq + i) * h * d + hi * d;
-                out[dst..dst + d].copy_from_slice(&o[i * d..(i + 1) * d]);
+            let (qm, km, vm) = (q.at(bi, hi), k.at(bi, hi / group), v.at(bi, hi / group));
+            matmul_serial(qm, km.t(), p, tk, false);
+            let bias = &bias[bi * tq * tk..(bi + 1) * tq * tk];
+            for (row, brow) in p.chunks_mut(tk).zip(bias.chunks(tk)) {
+                softmax_forward_row(row, brow, self.scale);
             }
-        }
-        if self.keep {
+            let mut o = vec![0f32; tq * d];
+            matmul_serial(View::rows(p, tq, tk, tk), vm, &mut o, d, false);
+            o
+        };
+        let heads_out: Vec<Vec<f32>> = if self.keep {
+            let mut probs = vec![0f32; b * h * tq * tk];
+            let o = probs
+                .par_chunks_mut(tq * tk)
+                .enumerate()
+                .map(|(bh, p)| head(bh, p))
+                .collect();
             *self.probs.lock().unwrap() = Some(probs);
-        }
+            o
+        } else {
+            (0..b * h)
+                .into_par_iter()
+                .map(|bh| head(bh, &mut vec![0f32; tq * tk]))
+                .collect()
+        };
+        // Rows of [b, tq, h·d] gathered from the heads, in parallel.
+        let mut out = vec![0f32; b * tq * h * d];
+        out.par_chunks_mut((h * d).max(1))
+            .enumerate()
+            .for_each(|(row, dst)| {
+                let (bi, i) = (row / tq, row % tq);
+                for (hi, dst) in dst.chunks_mut(d.max(1)).enumerate() {
+                    dst.copy_from_slice(&heads_out[bi * h + hi][i * d..(i + 1) * d]);
+                }
+            });
         Ok((CpuStorage::F32(out), Shape::from((b, tq, h * d))))
     }
 
-    fn bwd(
+    /// (dq [b, h, tq, d], dk, dv [b, h_kv, tk, d]), contiguous, from dout [b, tq, h·d].
+    fn backward(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        qh: Heads,
+        kh: Heads,
+        vh: Heads,
+        dout: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let Some(probs) = self.probs.lock().unwrap().take() else {
             candle_core::bail!("attention: backward without saved probabilities")
         };
-        let grad = grad.contiguous()?;
-        let (gq, lq) = q.storage_and_layout();
-        let (gk, lk) = k.storage_and_layout();
-        let (gv, lv) = v.storage_and_layout();
-        let (gg, lg) = grad.storage_and_layout();
-        let (qh, kh, vh) = (
-            Heads::new(super::cpu_storage(&gq, "attention input")?, lq, "q")?,
-            Heads::new(super::cpu_storage(&gk, "attention input")?, lk, "k")?,
-            Heads::new(super::cpu_storage(&gv, "attention input")?, lv, "v")?,
-        );
-        let dout = super::contiguous_f32(
-            super::cpu_storage(&gg, "attention input")?,
-            lg,
-            "attention gradient",
-        )?;
         let (b, h, h_kv, tq, tk, d) = shapes(&qh, &kh, &vh)?;
         let group = h / h_kv;
         let mut dq = vec![0f32; b * h * tq * d];
@@ -214,12 +225,114 @@ impl CustomOp3 for Attention {
                     matmul_serial(ds.t(), qm, dk, d, true); // dK += dSᵀ·Q
                 }
             });
+        Ok((dq, dk, dv))
+    }
+}
+
+/// Runs `f` on the contiguous data of an upstream gradient.
+fn with_gradient<R>(g: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let g = g.contiguous()?;
+    let (guard, layout) = g.storage_and_layout();
+    let who = "attention gradient";
+    f(super::contiguous_f32(
+        super::cpu_storage(&guard, who)?,
+        layout,
+        who,
+    )?)
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "pocl-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.forward(
+            Heads::new(sq, lq, "q")?,
+            Heads::new(sk, lk, "k")?,
+            Heads::new(sv, lv, "v")?,
+        )
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (gq, lq) = q.storage_and_layout();
+        let (gk, lk) = k.storage_and_layout();
+        let (gv, lv) = v.storage_and_layout();
+        let who = "attention input";
+        let (qh, kh, vh) = (
+            Heads::new(super::cpu_storage(&gq, who)?, lq, "q")?,
+            Heads::new(super::cpu_storage(&gk, who)?, lk, "k")?,
+            Heads::new(super::cpu_storage(&gv, who)?, lv, "v")?,
+        );
+        let (dq, dk, dv) = with_gradient(grad, |dout| self.backward(qh, kh, vh, dout))?;
         let dev = &candle_core::Device::Cpu;
         Ok((
-            Some(Tensor::from_vec(dq, (b, h, tq, d), dev)?),
-            Some(Tensor::from_vec(dk, (b, h_kv, tk, d), dev)?),
-            Some(Tensor::from_vec(dv, (b, h_kv, tk, d), dev)?),
+            Some(Tensor::from_vec(dq, qh.dims.to_vec(), dev)?),
+            Some(Tensor::from_vec(dk, kh.dims.to_vec(), dev)?),
+            Some(Tensor::from_vec(dv, vh.dims.to_vec(), dev)?),
         ))
+    }
+}
+
+impl CustomOp1 for Attention {
+    fn name(&self) -> &'static str {
+        "pocl-attention-qkv"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let h = self.packed_heads;
+        self.forward(
+            Heads::packed(s, l, h, 0)?,
+            Heads::packed(s, l, h, 1)?,
+            Heads::packed(s, l, h, 2)?,
+        )
+    }
+
+    fn bwd(&self, qkv: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (guard, layout) = qkv.storage_and_layout();
+        let s = super::cpu_storage(&guard, "attention qkv")?;
+        let h = self.packed_heads;
+        let (qh, kh, vh) = (
+            Heads::packed(s, layout, h, 0)?,
+            Heads::packed(s, layout, h, 1)?,
+            Heads::packed(s, layout, h, 2)?,
+        );
+        let [b, _, t, d] = qh.dims;
+        with_gradient(grad, |dout| {
+            let parts = self.backward(qh, kh, vh, dout)?;
+            // Rows of [b, t, 3·h·d] gathered from the three [b, h, t, d] gradients, in parallel.
+            let w = 3 * h * d;
+            let mut dqkv = vec![0f32; b * t * w];
+            dqkv.par_chunks_mut(w.max(1))
+                .enumerate()
+                .for_each(|(row, dst)| {
+                    let (bi, i) = (row / t, row % t);
+                    for (part, src) in [&parts.0, &parts.1, &parts.2].into_iter().enumerate() {
+                        for hi in 0..h {
+                            let from = ((bi * h + hi) * t + i) * d;
+                            let to = part * h * d + hi * d;
+                            dst[to..to + d].copy_from_slice(&src[from..from + d]);
+                        }
+                    }
+                });
+            Tensor::from_vec(dqkv, (b, t, w), &candle_core::Device::Cpu)
+        })
+        .map(Some)
     }
 }
 
@@ -348,6 +461,40 @@ mod tests {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// The fused-projection form equals the three-tensor form on narrowed views of the same
+    /// [b, t, 3·h·d] projection, output and gradient, to the bit (the same kernel, and the
+    /// narrowed gradients only land in their columns).
+    #[test]
+    fn packed_qkv_equals_separate_heads() -> Result<()> {
+        let dev = &Device::Cpu;
+        let (b, t, h, d, scale) = (2, 5, 3, 4, 0.4);
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * h * d), dev)?)?;
+        let mask = Tensor::from_vec(
+            (0..b * t).map(|i| u32::from(i != 1)).collect::<Vec<_>>(),
+            (b, t),
+            dev,
+        )?;
+        let bias = super::super::attention_bias(&mask, t)?;
+        let dy = Tensor::randn(0f32, 1.0, (b, t, h * d), dev)?;
+        let packed = attention_qkv(qkv.as_tensor(), h, &bias, scale)?;
+        let g_packed = (packed.clone() * &dy)?.sum_all()?.backward()?;
+        let part = |j: usize| {
+            qkv.as_tensor()
+                .narrow(2, j * h * d, h * d)?
+                .reshape((b, t, h, d))?
+                .transpose(1, 2)
+        };
+        let separate = attention(&part(0)?, &part(1)?, &part(2)?, &bias, scale)?;
+        let g_separate = (separate.clone() * &dy)?.sum_all()?.backward()?;
+        let flat = |x: &Tensor| -> Result<Vec<f32>> { x.flatten_all()?.to_vec1::<f32>() };
+        assert_eq!(flat(&packed)?, flat(&separate)?);
+        assert_eq!(
+            flat(g_packed.get(&qkv).unwrap())?,
+            flat(g_separate.get(&qkv).unwrap())?
+        );
         Ok(())
     }
 }

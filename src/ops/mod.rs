@@ -96,6 +96,22 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
     attention_composed(q, k, v, bias, scale)
 }
 
+/// Self-attention from a fused projection qkv [b, t, 3·h·d] (q, k and v side by side, `heads`
+/// heads each, as GPT-2's `c_attn`); bias [b, 1, t, t]. Returns [b, t, h·d]. On the CPU in f32
+/// the fused op reads the heads in place ([`attention::attention_qkv`]).
+pub fn attention_qkv(qkv: &Tensor, heads: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && bias.dtype() == DType::F32 {
+        return attention::attention_qkv(&qkv.contiguous()?, heads, bias, scale);
+    }
+    let (b, t, w) = qkv.dims3()?;
+    let part = |j: usize| {
+        qkv.narrow(D::Minus1, j * w / 3, w / 3)?
+            .reshape((b, t, heads, w / 3 / heads))?
+            .transpose(1, 2)
+    };
+    attention_composed(&part(0)?, &part(1)?, &part(2)?, bias, scale)
+}
+
 /// [`attention`] composed of candle ops, for other devices and dtypes.
 fn attention_composed(
     q: &Tensor,
