@@ -1,16 +1,17 @@
 //! The lm head fused with the loss: teacher and student logits are made, consumed by
-//! [`loss_rows`] and differentiated chunk by chunk of token rows, so no [tokens, vocab] tensor of
-//! logits, nor of their gradient, ever exists (for GPT-2 with 512 tokens each is 103 MB, and
-//! the unfused step held six of them).
+//! [`loss_rows`] and differentiated pass by pass of token rows, so no [tokens, vocab] tensor of
+//! logits, nor of their gradient, ever exists for all tokens at once (for GPT-2 with 512 tokens
+//! each is 103 MB, and the unfused step held six of them).
 //!
-//! Per chunk of counted rows (mask ≠ 0; prompt and padding rows cost nothing, not even their
-//! logits): student logits = h·Wᵀ, teacher logits likewise, the fused divergence kernel writes
-//! dL/dlogits into a chunk buffer, and that gradient goes straight back through the head:
-//! dL/dh = g·W for the chunk's rows and dL/dW += gᵀ·h. candle's backward then only hands the two
-//! finished gradients on; a trainable student's dL/dW goes straight into the weight's in-place
-//! gradient buffer (`ops::grad`) instead, confirmed by the backward pass.
+//! Only counted rows (mask ≠ 0) are computed; prompt and padding rows cost nothing, not even
+//! their logits. Per pass of up to ~96 MB of logits: student logits = h·Wᵀ in one product, then
+//! per chunk of up to ~31 MB the teacher's logits and the fused divergence kernel, which writes
+//! dL/dlogits over the student's logits; the gradient then goes straight back through the head:
+//! dL/dh = g·W for the pass's rows and dL/dW += gᵀ·h chunk by chunk. candle's backward only
+//! hands the finished gradients on; a trainable student's dL/dW goes straight into the weight's
+//! in-place gradient buffer (`ops::grad`) instead, confirmed by the backward pass.
 
-use super::kernel::{gradient_buffer, loss_rows, LossSpec, RowLoss, Rows};
+use super::kernel::{gradient_buffer, loss_rows, loss_rows_in_place, LossSpec, RowLoss, Rows};
 use crate::ops::bf16::PackedBf16;
 use crate::ops::gemm::{matmul, View};
 use crate::ops::grad::GradBuffer;
@@ -29,14 +30,27 @@ pub struct Head<'a> {
     pub weight: &'a Weight,
 }
 
-/// Token rows per chunk: each chunk buffer ([rows, vocab] f32) stays near 24 MB, below the
-/// allocator's mmap threshold, so the buffers are recycled from the heap instead of paying
-/// page faults on every call, and large enough that the head matmuls run near full speed.
-fn chunk_rows(vocab: usize, active: usize) -> usize {
-    let max = ((31 << 20) / (4 * vocab.max(1))).clamp(16, 4096);
-    let chunks = active.div_ceil(max).max(1);
-    active.div_ceil(chunks).max(1)
+/// Counted rows per pass over the student head: the pass buffer ([rows, vocab] f32, the logits
+/// and then their gradient in place) holds up to ~96 MB. Why large: the gemm repacks the whole
+/// [vocab, d] head weight for every logits product, so one pass of 384 rows instead of three
+/// of 128 saves two repacks of 103 MB for GPT-2 (and runs the dL/dh product at its best).
+const PASS_BYTES: usize = 96 << 20;
+
+/// Rows per sub-chunk of a pass (the teacher's logits, the dL/dW product): each chunk buffer
+/// stays under ~31 MB, below the allocator's mmap threshold, so it is recycled from the heap
+/// instead of paying page faults on every call; dL/dW is also fastest in chunks of this size.
+const CHUNK_BYTES: usize = 31 << 20;
+
+/// Rows per part when `n` rows of `vocab` f32 logits are split into equal parts of at most
+/// `bytes` (at least 16 rows, or `min_rows` in tests).
+fn split_rows(n: usize, vocab: usize, bytes: usize, min_rows: usize) -> usize {
+    let max = (bytes / (4 * vocab.max(1))).clamp(min_rows, 4096);
+    n.div_ceil(n.div_ceil(max).max(1)).max(1)
 }
+
+/// The pass buffer, kept across calls: at ~77 MB for GPT-2 it is above the allocator's mmap
+/// threshold, so a fresh one would be new pages (19k page faults) on every step.
+static PASS_BUFFER: Mutex<Vec<f32>> = Mutex::new(Vec::new());
 
 /// The candle op on (student hidden [N, d], student head [V, d]); the teacher's hidden states
 /// and head are captured (they get no gradient).
@@ -57,6 +71,8 @@ pub(crate) struct FusedHeadOp {
     grads: Mutex<Option<(Tensor, Option<Tensor>)>>,
     /// (Σ w·CE, Σ w·D) for logging.
     pub parts: Arc<Mutex<(f64, f64)>>,
+    /// (pass, chunk) budgets in bytes and the smallest part in rows; tests shrink them.
+    budgets: (usize, usize, usize),
 }
 
 impl FusedHeadOp {
@@ -79,6 +95,7 @@ impl FusedHeadOp {
             grad_buffer,
             grads: Mutex::new(None),
             parts: Arc::new(Mutex::new((0.0, 0.0))),
+            budgets: (PASS_BYTES, CHUNK_BYTES, 16),
         }
     }
 }
@@ -174,108 +191,122 @@ impl FusedHeadOp {
         };
 
         let active: Vec<usize> = (0..n).filter(|&i| self.weights[i] != 0.0).collect();
-        let c = chunk_rows(v, active.len());
+        let (pass_bytes, chunk_bytes, min_rows) = self.budgets;
+        let p = split_rows(active.len(), v, pass_bytes, min_rows);
+        let c = split_rows(p, v, chunk_bytes, min_rows);
         let mut out = vec![RowLoss::default(); n];
         // The teacher's chunk logits have its full head width (the bf16 kernel writes all of it).
         let tv = teacher.as_ref().map_or(0, |(_, _, h)| h.dims().0);
-        let (mut s_logits, mut t_logits) = (vec![0f32; c * v], vec![0f32; c * tv]);
-        let mut g = vec![0f32; if self.want_grad { c * v } else { 0 }];
-        let (mut hs_c, mut gh_c) = (vec![0f32; c * ds], vec![0f32; c * ds]);
+        let mut t_logits = vec![0f32; c * tv];
+        let (mut hs_p, mut gh_p) = (vec![0f32; p * ds], vec![0f32; p * ds]);
         let mut ht_c = vec![0f32; teacher.as_ref().map_or(0, |(_, dt, _)| c * dt)];
         let mut grad_h = vec![0f32; if self.want_grad { n * ds } else { 0 }];
+        // Another thread in the middle of a call (tests run in parallel) gets its own buffer.
+        let mut shared = PASS_BUFFER.try_lock().ok();
+        let mut own = Vec::new();
+        let sg: &mut Vec<f32> = match shared.as_deref_mut() {
+            Some(b) => b,
+            None => &mut own,
+        };
+        if sg.len() < p * v {
+            sg.resize(p * v, 0.0);
+        }
         let s_head = View::rows(&ws[..v * ds], v, ds, ds);
-        // The chunk loop; dL/dW goes to `grad_w` ([Vs, d]), added to what it holds unless
+        // The passes; dL/dW goes to `grad_w` ([Vs, d]), added to what it holds unless
         // `overwrite_w`.
-        let mut chunks = |grad_w: &mut [f32], overwrite_w: bool| -> candle_core::Result<()> {
+        let mut passes = |grad_w: &mut [f32], overwrite_w: bool| -> candle_core::Result<()> {
             if overwrite_w {
                 // Rows beyond the compared vocabulary get no gradient, and nothing at all when no
                 // row is counted.
                 let from = if active.is_empty() { 0 } else { v * ds };
                 grad_w[from..].fill(0.0);
             }
-            for (ci, rows) in active.chunks(c).enumerate() {
-                let r = rows.len();
-                gather(hs, ds, rows, &mut hs_c);
-                let h_rows = View::rows(&hs_c[..r * ds], r, ds, ds);
-                matmul(h_rows, s_head.t(), &mut s_logits, v, false);
-                let t_rows = match &teacher {
-                    Some((th, dt, head)) => {
-                        let dt = *dt;
-                        gather(th, dt, rows, &mut ht_c);
-                        let h = &ht_c[..r * dt];
-                        match head {
-                            TeacherHead::F32(tw, _, _) => matmul(
-                                View::rows(h, r, dt, dt),
-                                View::rows(&tw[..v * dt], v, dt, dt).t(),
-                                &mut t_logits,
-                                tv,
-                                false,
-                            ),
-                            TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+            let mut first_w = overwrite_w;
+            for pass in active.chunks(p) {
+                let rp = pass.len();
+                gather(hs, ds, pass, &mut hs_p);
+                matmul(
+                    View::rows(&hs_p[..rp * ds], rp, ds, ds),
+                    s_head.t(),
+                    &mut sg[..rp * v],
+                    v,
+                    false,
+                );
+                for (ci, rows) in pass.chunks(c).enumerate() {
+                    let (r, o) = (rows.len(), ci * c);
+                    let t_rows = match &teacher {
+                        Some((th, dt, head)) => {
+                            let dt = *dt;
+                            gather(th, dt, rows, &mut ht_c);
+                            let h = &ht_c[..r * dt];
+                            match head {
+                                TeacherHead::F32(tw, _, _) => matmul(
+                                    View::rows(h, r, dt, dt),
+                                    View::rows(&tw[..v * dt], v, dt, dt).t(),
+                                    &mut t_logits,
+                                    tv,
+                                    false,
+                                ),
+                                TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+                            }
+                            Some(Rows {
+                                data: &t_logits[..(r - 1) * tv + v],
+                                rows: r,
+                                width: v,
+                                stride: tv,
+                            })
                         }
-                        Some(Rows {
-                            data: &t_logits[..(r - 1) * tv + v],
-                            rows: r,
-                            width: v,
-                            stride: tv,
-                        })
+                        None => None,
+                    };
+                    let weights: Vec<f32> = rows.iter().map(|&i| self.weights[i]).collect();
+                    let labels: Option<Vec<u32>> = self
+                        .labels
+                        .as_ref()
+                        .map(|l| rows.iter().map(|&i| l[i]).collect());
+                    let mut out_c = vec![RowLoss::default(); r];
+                    let logits = &mut sg[o * v..(o + r) * v];
+                    let (spec, labels) = (&self.spec, labels.as_deref());
+                    if self.want_grad {
+                        // The gradient replaces the logits.
+                        loss_rows_in_place(spec, t_rows, logits, v, labels, &weights, &mut out_c)
+                    } else {
+                        let s_rows = Rows::contiguous(logits, v);
+                        loss_rows(spec, t_rows, s_rows, labels, &weights, None, &mut out_c)
                     }
-                    None => None,
-                };
-                let weights: Vec<f32> = rows.iter().map(|&i| self.weights[i]).collect();
-                let labels: Option<Vec<u32>> = self
-                    .labels
-                    .as_ref()
-                    .map(|l| rows.iter().map(|&i| l[i]).collect());
-                let mut out_c = vec![RowLoss::default(); r];
-                let grad = if self.want_grad {
-                    g[..r * v].fill(0.0);
-                    Some(&mut g[..r * v])
-                } else {
-                    None
-                };
-                loss_rows(
-                    &self.spec,
-                    t_rows,
-                    Rows::contiguous(&s_logits[..r * v], v),
-                    labels.as_deref(),
-                    &weights,
-                    grad,
-                    &mut out_c,
-                )
-                .map_err(candle_core::Error::wrap)?;
-                for (&i, o) in rows.iter().zip(out_c) {
-                    out[i] = o;
+                    .map_err(candle_core::Error::wrap)?;
+                    for (&i, o) in rows.iter().zip(out_c) {
+                        out[i] = o;
+                    }
                 }
                 if self.want_grad {
-                    let g_rows = View::rows(&g[..r * v], r, v, v);
-                    matmul(g_rows, s_head, &mut gh_c, ds, false);
-                    for (k, &i) in rows.iter().enumerate() {
-                        grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_c[k * ds..(k + 1) * ds]);
+                    let g_pass = View::rows(&sg[..rp * v], rp, v, v);
+                    matmul(g_pass, s_head, &mut gh_p, ds, false);
+                    for (k, &i) in pass.iter().enumerate() {
+                        grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_p[k * ds..(k + 1) * ds]);
                     }
-                    matmul(
-                        g_rows.t(),
-                        h_rows,
-                        &mut grad_w[..v * ds],
-                        ds,
-                        ci > 0 || !overwrite_w,
-                    );
+                    for (ci, rows) in pass.chunks(c).enumerate() {
+                        let (r, o) = (rows.len(), ci * c);
+                        let g_rows = View::rows(&sg[o * v..(o + r) * v], r, v, v);
+                        let h_rows = View::rows(&hs_p[o * ds..(o + r) * ds], r, ds, ds);
+                        matmul(g_rows.t(), h_rows, &mut grad_w[..v * ds], ds, !first_w);
+                        first_w = false;
+                    }
                 }
             }
             Ok(())
         };
         let grad_w = match (&self.grad_buffer, self.want_grad) {
             (Some(buffer), true) => {
-                buffer.write_pending(|buf, overwrite| chunks(buf, overwrite))?;
+                buffer.write_pending(|buf, overwrite| passes(buf, overwrite))?;
                 None
             }
             (None, true) => {
                 let mut grad_w = gradient_buffer(vs * ds);
-                chunks(&mut grad_w, true)?;
+                passes(&mut grad_w, true)?;
                 Some(grad_w)
             }
             (_, false) => {
-                chunks(&mut [], false)?;
+                passes(&mut [], false)?;
                 None
             }
         };
@@ -369,4 +400,138 @@ pub(crate) fn flat_hidden(h: &Tensor, who: &str) -> Result<Tensor> {
     Ok(h.to_dtype(candle_core::DType::F32)?
         .contiguous()?
         .reshape((h.elem_count() / d.max(1), d))?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Several passes of several chunks (tiny budgets) against one pass of one chunk: loss,
+    /// parts and both gradients, with a teacher, masked rows, the in-place buffer overwritten
+    /// and then accumulated into.
+    #[test]
+    fn passes_and_chunks_split_the_same_sums() -> candle_core::Result<()> {
+        let dev = &Device::Cpu;
+        let (n, ds, dt, v) = (23, 6, 5, 41);
+        let rnd = |seed: u64, len: usize| -> Vec<f32> {
+            let mut x = seed;
+            (0..len)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                })
+                .collect()
+        };
+        let (hs, ws) = (rnd(1, n * ds), rnd(2, v * ds));
+        let th = Tensor::from_vec(rnd(3, n * dt), (n, dt), dev)?;
+        let tw = Tensor::from_vec(rnd(4, v * dt), (v, dt), dev)?;
+        let weights: Vec<f32> = (0..n).map(|i| [0.0, 1.0, 0.5][i % 3]).collect();
+        let labels: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let spec = LossSpec {
+            divergence: Some(super::super::Divergence::Fkl),
+            inv_temperature: 0.5,
+            ce_coef: 0.3,
+            kd_coef: 0.7,
+        };
+        let run = |budgets: (usize, usize, usize), buffer: &Arc<GradBuffer>| {
+            let mut op = FusedHeadOp::new(
+                spec,
+                weights.clone(),
+                Some(labels.clone()),
+                v,
+                Some((th.clone(), Weight::out_in(tw.clone()))),
+                true,
+                Some(buffer.clone()),
+            );
+            op.budgets = budgets;
+            let (loss, _) = op.run((&hs, n, ds), (&ws, v, ds)).unwrap();
+            buffer.confirm();
+            let CpuStorage::F32(loss) = loss else {
+                panic!()
+            };
+            let (gh, _) = op.grads.lock().unwrap().take().unwrap();
+            let parts = *op.parts.lock().unwrap();
+            (
+                loss[0],
+                parts,
+                gh.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            )
+        };
+        let shape = Shape::from((v, ds));
+        let (one, many) = (
+            Arc::new(GradBuffer::new(&shape)),
+            Arc::new(GradBuffer::new(&shape)),
+        );
+        let wide = (usize::MAX / 2, usize::MAX / 2, 1);
+        // 4·41 bytes per row: passes of 4 rows (16 counted rows: 4 passes), chunks of 3.
+        let tiny = (4 * 4 * v, 3 * 4 * v, 1);
+        let mut first = Vec::new();
+        for step in 0..3 {
+            if step == 1 {
+                // A new step: the stale sums must be overwritten, not added to.
+                one.zero();
+                many.zero();
+            }
+            let (a, b) = (run(wide, &one), run(tiny, &many));
+            assert!(
+                (a.0 - b.0).abs() <= 1e-6 * a.0.abs(),
+                "loss {} vs {}",
+                a.0,
+                b.0
+            );
+            // The gemm may round a row's logits differently for another number of rows.
+            let close = |x: f64, y: f64| (x - y).abs() <= 1e-6 * x.abs().max(1.0);
+            assert!(
+                close(a.1 .0, b.1 .0) && close(a.1 .1, b.1 .1),
+                "{:?} vs {:?}",
+                a.1,
+                b.1
+            );
+            let top = a.2.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err =
+                a.2.iter()
+                    .zip(&b.2)
+                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 1e-5 * top,
+                "step {step}: dL/dh differs by {err} (top {top})"
+            );
+            let (ga, gb) = (one.grad()?.unwrap(), many.grad()?.unwrap());
+            let (ga, gb) = (
+                ga.flatten_all()?.to_vec1::<f32>()?,
+                gb.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let top = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = ga
+                .iter()
+                .zip(&gb)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 1e-5 * top,
+                "step {step}: dL/dW differs by {err} (top {top})"
+            );
+            // Same inputs every step: step 1 (after zero) repeats step 0, step 2 (a second
+            // micro-batch, no zeroing) doubles it.
+            let want: Vec<f32> = match step {
+                0 => {
+                    first = ga.clone();
+                    ga.clone()
+                }
+                1 => first.clone(),
+                _ => first.iter().map(|x| 2.0 * x).collect(),
+            };
+            let err = ga
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 1e-6 * top,
+                "step {step}: dL/dW is not the step's sum"
+            );
+        }
+        Ok(())
+    }
 }

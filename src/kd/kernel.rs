@@ -79,62 +79,9 @@ pub fn loss_rows(
     if n == 0 {
         return Ok(());
     }
-    if weights.len() != n || out.len() != n {
-        bail!(
-            "kd kernel: {} weights / {} outputs for {n} rows",
-            weights.len(),
-            out.len()
-        );
-    }
-    if let Some(t) = teacher {
-        if t.rows != n || t.width != w {
-            bail!(
-                "kd kernel: teacher is [{}, {}] but student is [{n}, {w}]",
-                t.rows,
-                t.width
-            );
-        }
-    }
-    if w == 0 {
-        bail!("kd kernel: the vocabulary is empty");
-    }
-    if spec.divergence.is_some() && teacher.is_none() {
-        bail!("kd kernel: a divergence needs teacher logits");
-    }
-    if spec.ce_coef != 0.0 && labels.is_none() {
-        bail!("kd kernel: the CE term needs labels");
-    }
-    if let Some(l) = labels {
-        if l.len() != n {
-            bail!("kd kernel: {} labels for {n} rows", l.len());
-        }
-    }
-    let row = |i: usize, sc: &mut RowScratch, mut g: Option<&mut [f32]>| -> Result<RowLoss> {
-        let wi = weights[i] as f64;
-        let mut res = RowLoss::default();
-        if wi == 0.0 {
-            return Ok(res);
-        }
-        let s = student.row(i);
-        if let (Some(div), Some(t)) = (spec.divergence, teacher) {
-            if spec.kd_coef != 0.0 {
-                // d(kd_coef·D(a, b))/ds = kd_coef · (1/T) · dD/db: the chain factor of b = s/T.
-                let c = wi * spec.kd_coef * spec.inv_temperature;
-                let gk = g.as_deref_mut().map(|g| (g, c));
-                res.kd = divergence_row(div, t.row(i), s, spec.inv_temperature, sc, gk)
-                    .map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
-            }
-        }
-        // CE is evaluated whenever labels are given (for logging even at weight 0, e.g. a = 1);
-        // its gradient only when it is weighted.
-        if let Some(l) = labels {
-            let gc = g
-                .filter(|_| spec.ce_coef != 0.0)
-                .map(|g| (g, wi * spec.ce_coef));
-            res.ce = cross_entropy_row(s, l[i] as usize, sc, gc)
-                .map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
-        }
-        Ok(res)
+    check(spec, teacher, n, w, labels, weights, out)?;
+    let row = |i: usize, sc: &mut RowScratch, g: Option<&mut [f32]>| -> Result<RowLoss> {
+        row_loss(spec, teacher, labels, weights, i, student.row(i), sc, g)
     };
     match grad {
         Some(grad) => {
@@ -169,6 +116,127 @@ pub fn loss_rows(
                 })
             }),
     }
+}
+
+/// [`loss_rows`] with the gradient written over the student's logits: `logits` [n, width] holds
+/// them on entry and dL/dlogits on return (each row is copied to a per-thread row first). The
+/// fused head uses it so that a chunk needs one [rows, vocab] buffer instead of two.
+pub fn loss_rows_in_place(
+    spec: &LossSpec,
+    teacher: Option<Rows>,
+    logits: &mut [f32],
+    width: usize,
+    labels: Option<&[u32]>,
+    weights: &[f32],
+    out: &mut [RowLoss],
+) -> Result<()> {
+    let w = width.max(1);
+    check(spec, teacher, logits.len() / w, width, labels, weights, out)?;
+    logits
+        .par_chunks_mut(ROWS_PER_TASK * w)
+        .zip(out.par_chunks_mut(ROWS_PER_TASK))
+        .enumerate()
+        .try_for_each(|(blk, (g, o))| {
+            with_scratch(w, |sc| {
+                ROW.with(|r| {
+                    let mut s = r.borrow_mut();
+                    s.resize(w, 0.0);
+                    for (k, (gr, or)) in g.chunks_mut(w).zip(o.iter_mut()).enumerate() {
+                        s.copy_from_slice(gr);
+                        gr.fill(0.0);
+                        let i = blk * ROWS_PER_TASK + k;
+                        *or = row_loss(spec, teacher, labels, weights, i, &s, sc, Some(gr))?;
+                    }
+                    Ok(())
+                })
+            })
+        })
+}
+
+thread_local! {
+    /// The student row [`loss_rows_in_place`] reads while it writes the gradient over it.
+    static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Shapes and operands of a loss over `n` rows of `w` logits, checked.
+fn check(
+    spec: &LossSpec,
+    teacher: Option<Rows>,
+    n: usize,
+    w: usize,
+    labels: Option<&[u32]>,
+    weights: &[f32],
+    out: &[RowLoss],
+) -> Result<()> {
+    if weights.len() != n || out.len() != n {
+        bail!(
+            "kd kernel: {} weights / {} outputs for {n} rows",
+            weights.len(),
+            out.len()
+        );
+    }
+    if let Some(t) = teacher {
+        if t.rows != n || t.width != w {
+            bail!(
+                "kd kernel: teacher is [{}, {}] but student is [{n}, {w}]",
+                t.rows,
+                t.width
+            );
+        }
+    }
+    if w == 0 {
+        bail!("kd kernel: the vocabulary is empty");
+    }
+    if spec.divergence.is_some() && teacher.is_none() {
+        bail!("kd kernel: a divergence needs teacher logits");
+    }
+    if spec.ce_coef != 0.0 && labels.is_none() {
+        bail!("kd kernel: the CE term needs labels");
+    }
+    if let Some(l) = labels {
+        if l.len() != n {
+            bail!("kd kernel: {} labels for {n} rows", l.len());
+        }
+    }
+    Ok(())
+}
+
+/// One row's loss (and, with `g`, its gradient added into `g`) from student logits `s`.
+#[allow(clippy::too_many_arguments)]
+fn row_loss(
+    spec: &LossSpec,
+    teacher: Option<Rows>,
+    labels: Option<&[u32]>,
+    weights: &[f32],
+    i: usize,
+    s: &[f32],
+    sc: &mut RowScratch,
+    mut g: Option<&mut [f32]>,
+) -> Result<RowLoss> {
+    let wi = weights[i] as f64;
+    let mut res = RowLoss::default();
+    if wi == 0.0 {
+        return Ok(res);
+    }
+    if let (Some(div), Some(t)) = (spec.divergence, teacher) {
+        if spec.kd_coef != 0.0 {
+            // d(kd_coef·D(a, b))/ds = kd_coef · (1/T) · dD/db: the chain factor of b = s/T.
+            let c = wi * spec.kd_coef * spec.inv_temperature;
+            let gk = g.as_deref_mut().map(|g| (g, c));
+            res.kd = divergence_row(div, t.row(i), s, spec.inv_temperature, sc, gk)
+                .map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
+        }
+    }
+    // CE is evaluated whenever labels are given (for logging even at weight 0, e.g. a = 1);
+    // its gradient only when it is weighted.
+    if let Some(l) = labels {
+        let gc = g
+            .filter(|_| spec.ce_coef != 0.0)
+            .map(|g| (g, wi * spec.ce_coef));
+        res.ce = cross_entropy_row(s, l[i] as usize, sc, gc)
+            .map_err(|e| anyhow::anyhow!("row {i}: {e}"))?;
+    }
+    Ok(res)
 }
 
 thread_local! {
