@@ -103,7 +103,7 @@ impl CustomOp1 for Forward {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::contiguous_f32(s, l, "activation input")?;
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros_par(x.len());
         y.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK))
             .for_each(|(y, x)| forward_mv(self.0, x, y));
@@ -144,7 +144,7 @@ impl CustomOp2 for Backward {
                 dy.len()
             );
         }
-        let mut dx = vec![0f32; x.len()];
+        let mut dx = super::zeros_par(x.len());
         dx.par_chunks_mut(CHUNK)
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(dx, (x, dy))| backward_mv(self.0, x, dy, dx));

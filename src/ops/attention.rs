@@ -154,7 +154,7 @@ impl Attention {
             o
         };
         let heads_out: Vec<Vec<f32>> = if self.keep {
-            let mut probs = vec![0f32; b * h * tq * tk];
+            let mut probs = super::zeros_par(b * h * tq * tk);
             let o = probs
                 .par_chunks_mut(tq * tk)
                 .enumerate()
@@ -169,7 +169,7 @@ impl Attention {
                 .collect()
         };
         // Rows of [b, tq, h·d] gathered from the heads, in parallel.
-        let mut out = vec![0f32; b * tq * h * d];
+        let mut out = super::zeros_par(b * tq * h * d);
         out.par_chunks_mut((h * d).max(1))
             .enumerate()
             .for_each(|(row, dst)| {
@@ -194,9 +194,9 @@ impl Attention {
         };
         let (b, h, h_kv, tq, tk, d) = shapes(&qh, &kh, &vh)?;
         let group = h / h_kv;
-        let mut dq = vec![0f32; b * h * tq * d];
-        let mut dk = vec![0f32; b * h_kv * tk * d];
-        let mut dv = vec![0f32; b * h_kv * tk * d];
+        let mut dq = super::zeros_par(b * h * tq * d);
+        let mut dk = super::zeros_par(b * h_kv * tk * d);
+        let mut dv = super::zeros_par(b * h_kv * tk * d);
         // One task per (batch, kv head); its query heads in order, so the sums into the shared
         // dK and dV are deterministic.
         dq.par_chunks_mut(group * tq * d)
@@ -317,7 +317,7 @@ impl CustomOp1 for Attention {
             let parts = self.backward(qh, kh, vh, dout)?;
             // Rows of [b, t, 3·h·d] gathered from the three [b, h, t, d] gradients, in parallel.
             let w = 3 * h * d;
-            let mut dqkv = vec![0f32; b * t * w];
+            let mut dqkv = super::zeros_par(b * t * w);
             dqkv.par_chunks_mut(w.max(1))
                 .enumerate()
                 .for_each(|(row, dst)| {

@@ -269,8 +269,27 @@ impl PackedBf16 {
         self.matmul_with(Kernel::best(), x, m, out, ldo)
     }
 
+    /// [`PackedBf16::matmul`] plus `bias` [n_out] on every row, added by each task to the
+    /// columns it just computed (in parallel, while they are in cache).
+    pub fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, bias: &[f32]) {
+        assert_eq!(bias.len(), self.n_out, "matmul: bias length");
+        self.matmul_impl(Kernel::best(), x, m, out, ldo, Some(bias))
+    }
+
     /// [`PackedBf16::matmul`] with an explicit kernel. Panics if the CPU cannot run it.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
+        self.matmul_impl(kernel, x, m, out, ldo, None)
+    }
+
+    fn matmul_impl(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        ldo: usize,
+        bias: Option<&[f32]>,
+    ) {
         assert!(
             kernel.is_supported(),
             "bf16 kernel {kernel:?} unsupported here"
@@ -288,7 +307,11 @@ impl PackedBf16 {
         if block_lines == 0 {
             // k == 0: the empty sum.
             for i in 0..m {
-                out[i * ldo..i * ldo + self.n_out].fill(0.0);
+                let row = &mut out[i * ldo..i * ldo + self.n_out];
+                match bias {
+                    Some(b) => row.copy_from_slice(b),
+                    None => row.fill(0.0),
+                }
             }
             return;
         }
@@ -313,7 +336,7 @@ impl PackedBf16 {
                     self.steps,
                     a,
                 );
-                self.compute(kernel, a, rows, row0, out_ptr, ldo);
+                self.compute(kernel, a, rows, row0, out_ptr, ldo, bias);
             }
         };
         // The converted x lives in a buffer owned by the calling thread and reused across calls;
@@ -326,6 +349,7 @@ impl PackedBf16 {
 
     /// One group of x rows (converted in `a`, `rows` valid rows starting at output row `row0`)
     /// against all panels, split over rayon tasks by panel ranges.
+    #[allow(clippy::too_many_arguments)]
     fn compute(
         &self,
         kernel: Kernel,
@@ -334,6 +358,7 @@ impl PackedBf16 {
         row0: usize,
         out: OutPtr,
         ldo: usize,
+        bias: Option<&[f32]>,
     ) {
         let threads = rayon::current_num_threads().max(1);
         let tasks = self.panels.min(4 * threads).max(1);
@@ -353,11 +378,21 @@ impl PackedBf16 {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `kernel.is_supported()` was asserted (AMX permission granted); the
                 // job's pointers are checked in `matmul_with` (see `Job`).
-                Kernel::Amx => unsafe { amx::run(&job, panels) },
+                Kernel::Amx => unsafe { amx::run(&job, panels.clone()) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX512F + AVX512-BF16 were detected (asserted in `matmul_with`).
-                Kernel::Avx512Bf16 => unsafe { dp::run(&job, panels) },
-                _ => portable::run(&job, panels),
+                Kernel::Avx512Bf16 => unsafe { dp::run(&job, panels.clone()) },
+                _ => portable::run(&job, panels.clone()),
+            }
+            if let Some(bias) = bias {
+                let (j0, j1) = (panels.start * PANEL, (panels.end * PANEL).min(self.n_out));
+                for i in 0..rows {
+                    // SAFETY: this task alone writes columns j0..j1 of these rows (its panels),
+                    // which `matmul_impl` checked lie inside `out`; the kernel above is done
+                    // with them.
+                    let row = unsafe { std::slice::from_raw_parts_mut(job.out_at(i, j0), j1 - j0) };
+                    row.iter_mut().zip(&bias[j0..j1]).for_each(|(o, b)| *o += b);
+                }
             }
         });
     }
@@ -1115,6 +1150,25 @@ mod tests {
         p.matmul_with(Kernel::best(), &x, m, &mut b, n);
         assert_eq!(a, b);
         assert_eq!(Kernel::best() == Kernel::Amx, amx_available());
+    }
+
+    #[test]
+    fn bias_is_added_to_every_row_by_the_tasks() {
+        // Several panels and tasks (n = 200 over 32-column panels), a strided output, and the
+        // empty-k case that only writes the bias.
+        for (m, k, n, ldo) in [(37, 40, 200, 203), (3, 0, 70, 70)] {
+            let (x, w, bias) = (values(m * k, 3), values(n * k, 4), values(n, 5));
+            let p = PackedBf16::from_out_in(&w, n, k);
+            let (mut plain, mut biased) = (vec![7.0; m * ldo], vec![7.0; m * ldo]);
+            p.matmul(&x, m, &mut plain, ldo);
+            p.matmul_bias(&x, m, &mut biased, ldo, &bias);
+            for i in 0..m {
+                for j in 0..ldo {
+                    let want = if j < n { plain[i * ldo + j] + bias[j] } else { 7.0 };
+                    assert_eq!(biased[i * ldo + j], want, "({i}, {j}) of [{m}, {n}]");
+                }
+            }
+        }
     }
 
     #[test]

@@ -255,9 +255,11 @@ impl Linear {
                 b.map(|b| b.len())
             );
         }
-        let mut y = vec![0f32; m * n];
+        let mut y = super::zeros_par(m * n);
         if let Some(b) = b {
-            y.chunks_mut(n.max(1)).for_each(|r| r.copy_from_slice(b));
+            use rayon::prelude::*;
+            y.par_chunks_mut(n.max(1))
+                .for_each(|r| r.copy_from_slice(b));
         }
         gemm::matmul(
             gemm::View::rows(x, m, k, k),
@@ -288,7 +290,7 @@ impl Linear {
         let g_rows = gemm::View::rows(g, m, n, n);
         let x_rows = gemm::View::rows(xd, m, k, k);
         let dx = if x.track_op() {
-            let mut dx = vec![0f32; m * k];
+            let mut dx = super::zeros_par(m * k);
             gemm::matmul(g_rows, self.rhs(wd, k, n).t(), &mut dx, k, false);
             Some(Tensor::from_vec(dx, (m, k), dev)?)
         } else {
@@ -311,7 +313,7 @@ impl Linear {
                 None
             }
             (None, true) => {
-                let mut dw = vec![0f32; wr * wc];
+                let mut dw = super::zeros_par(wr * wc);
                 dw_into(&mut dw, false);
                 Some(Tensor::from_vec(dw, (wr, wc), dev)?)
             }
@@ -479,15 +481,13 @@ impl CustomOp1 for Bf16Matmul {
             );
         }
         let n = p.n_out();
-        let mut y = vec![0f32; m * n];
-        p.matmul(&x[a..b], m, &mut y, n);
-        if let Some(bias) = &self.1 {
-            if bias.len() != n {
-                candle_core::bail!("bf16 matmul: bias of {} for {n} outputs", bias.len());
+        let mut y = super::zeros_par(m * n);
+        match &self.1 {
+            Some(bias) if bias.len() != n => {
+                candle_core::bail!("bf16 matmul: bias of {} for {n} outputs", bias.len())
             }
-            for row in y.chunks_mut(n.max(1)) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
+            Some(bias) => p.matmul_bias(&x[a..b], m, &mut y, n, bias),
+            None => p.matmul(&x[a..b], m, &mut y, n),
         }
         Ok((CpuStorage::F32(y), Shape::from((m, n))))
     }

@@ -46,6 +46,16 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
+/// A zeroed f32 buffer for an op's output, written by the whole pool: `vec![0.0; n]` is a
+/// memset on the calling thread while the pool's threads wait (a few percent of a training step
+/// over all the ops' outputs).
+pub(crate) fn zeros_par(len: usize) -> Vec<f32> {
+    use rayon::iter::ParallelExtend;
+    let mut v = Vec::with_capacity(len);
+    v.par_extend(rayon::iter::repeat_n(0f32, len));
+    v
+}
+
 /// The CPU storage behind a tensor's storage guard.
 pub(crate) fn cpu_storage<'a>(
     s: &'a candle_core::Storage,

@@ -141,7 +141,7 @@ impl Norm {
         if d == 0 || lx.dims().last() != Some(&d) || b.is_some_and(|b| b.len() != d) {
             candle_core::bail!("norm: input {:?} vs weight [{d}]", lx.dims());
         }
-        let mut y = vec![0f32; x.len()];
+        let mut y = super::zeros_par(x.len());
         y.par_chunks_mut(BLOCK * d)
             .zip(x.par_chunks(BLOCK * d))
             .for_each(|(y, x)| forward_mv(*self, x, w, b, y));
