@@ -13,14 +13,24 @@ fn forward_inplace_impl(row: &mut [f32], bias: &[f32], scale: f32) {
     const L: usize = 16;
     let k = row.len();
     let bias = &bias[..k];
-    let mut max = f32::NEG_INFINITY;
-    for j in 0..k {
+    // The max in 16 independent lanes: one running max is a dependency chain the compiler may
+    // not reorder (it dominated the row for attention's 128-wide rows).
+    let full = k / L * L;
+    let mut lanes = [f32::NEG_INFINITY; L];
+    for (c, b) in row[..full].chunks_exact_mut(L).zip(bias.chunks_exact(L)) {
+        for l in 0..L {
+            let v = c[l] * scale + b[l];
+            c[l] = v;
+            lanes[l] = lanes[l].max(v);
+        }
+    }
+    let mut max = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for j in full..k {
         let v = row[j] * scale + bias[j];
         row[j] = v;
         max = max.max(v);
     }
     let mut acc = [0f32; L];
-    let full = k / L * L;
     for c in row[..full].chunks_exact_mut(L) {
         for l in 0..L {
             let e = exp_f32(c[l] - max);
