@@ -51,6 +51,10 @@ pub(crate) fn contiguous_f32<'a>(
 /// over all the ops' outputs).
 pub(crate) fn zeros_par(len: usize) -> Vec<f32> {
     use rayon::iter::ParallelExtend;
+    // Below ~1 MB the memset is shorter than waking the pool (decoding's per-token outputs).
+    if len < 1 << 18 {
+        return vec![0f32; len];
+    }
     let mut v = Vec::with_capacity(len);
     v.par_extend(rayon::iter::repeat_n(0f32, len));
     v
