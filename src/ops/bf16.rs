@@ -1164,7 +1164,11 @@ mod tests {
             p.matmul_bias(&x, m, &mut biased, ldo, &bias);
             for i in 0..m {
                 for j in 0..ldo {
-                    let want = if j < n { plain[i * ldo + j] + bias[j] } else { 7.0 };
+                    let want = if j < n {
+                        plain[i * ldo + j] + bias[j]
+                    } else {
+                        7.0
+                    };
                     assert_eq!(biased[i * ldo + j], want, "({i}, {j}) of [{m}, {n}]");
                 }
             }
