@@ -468,6 +468,9 @@ mod tests {
         let wide = (usize::MAX / 2, usize::MAX / 2, 1);
         // 4·41 bytes per row: passes of 4 rows (16 counted rows: 4 passes), chunks of 3.
         let tiny = (4 * 4 * v, 3 * 4 * v, 1);
+        let max_abs = |a: &[f32]| a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let max_diff =
+            |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         let mut first = Vec::new();
         for step in 0..3 {
             if step == 1 {
@@ -490,11 +493,7 @@ mod tests {
                 a.1,
                 b.1
             );
-            let top = a.2.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err =
-                a.2.iter()
-                    .zip(&b.2)
-                    .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (top, err) = (max_abs(&a.2), max_diff(&a.2, &b.2));
             assert!(
                 err <= 1e-5 * top,
                 "step {step}: dL/dh differs by {err} (top {top})"
@@ -504,11 +503,7 @@ mod tests {
                 ga.flatten_all()?.to_vec1::<f32>()?,
                 gb.flatten_all()?.to_vec1::<f32>()?,
             );
-            let top = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let err = ga
-                .iter()
-                .zip(&gb)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let (top, err) = (max_abs(&ga), max_diff(&ga, &gb));
             assert!(
                 err <= 1e-5 * top,
                 "step {step}: dL/dW differs by {err} (top {top})"
@@ -523,10 +518,7 @@ mod tests {
                 1 => first.clone(),
                 _ => first.iter().map(|x| 2.0 * x).collect(),
             };
-            let err = ga
-                .iter()
-                .zip(&want)
-                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            let err = max_diff(&ga, &want);
             assert!(
                 err <= 1e-6 * top,
                 "step {step}: dL/dW is not the step's sum"
