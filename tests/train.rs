@@ -455,3 +455,46 @@ fn plateau_advances_early_and_one_schedule_can_span_all_stages() {
         "three restarts: {l:?}"
     );
 }
+
+/// A step's gradient does not depend on how the batch is split into micro-batches: the loss
+/// and gradient norm of every step agree between micro-batches of 16 (the whole batch), 8 and
+/// 4. The student's matrices accumulate their gradients in place across micro-batches
+/// (`ops::grad`); adding a buffer to itself, or losing a micro-batch, would change the norm.
+#[test]
+fn micro_batches_sum_to_the_step_gradient() {
+    let s = setup("micro");
+    let steps = |micro: usize| {
+        let out = s.dir.join(format!("run-{micro}"));
+        let micro = format!("optim.micro_batch_size={micro}");
+        let sets = ["curriculum.kind=none", "optim.epochs=1", micro.as_str()];
+        run(&recipe(&s, ""), &out, &sets);
+        metrics(&out)
+            .into_iter()
+            .filter(|r| r["type"] == "step")
+            .map(|r| {
+                (
+                    r["loss"].as_f64().unwrap(),
+                    r["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let whole = steps(16);
+    assert_eq!(whole.len(), 96 / 16);
+    for micro in [8, 4] {
+        let split = steps(micro);
+        assert_eq!(split.len(), whole.len());
+        for (i, ((l1, g1), (l2, g2))) in whole.iter().zip(&split).enumerate() {
+            // Step 0 differs only by summation order; later steps also by the weights it made.
+            let tol = if i == 0 { 1e-5 } else { 1e-3 };
+            assert!(
+                (l1 - l2).abs() <= tol * l1.abs(),
+                "step {i}: loss {l1} vs {l2} ({micro})"
+            );
+            assert!(
+                (g1 - g2).abs() <= tol * g1.abs(),
+                "step {i}: norm {g1} vs {g2} ({micro})"
+            );
+        }
+    }
+}
