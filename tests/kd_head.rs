@@ -10,16 +10,7 @@ use kd_common::Lcg;
 use pocl::kd::{Divergence, Head, Objective};
 use pocl::ops::Weight;
 
-fn randn(seed: u64, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut g = Lcg(seed);
-    Tensor::from_vec(
-        (0..n).map(|_| g.logit() * scale).collect::<Vec<f32>>(),
-        shape,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
+use kd_common::logits_tensor as randn;
 
 fn flat(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1().unwrap()

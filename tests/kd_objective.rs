@@ -6,16 +6,7 @@ use candle_core::{Device, Tensor, Var};
 use kd_common::Lcg;
 use pocl::kd::{self, Divergence, Objective};
 
-fn logits(seed: u64, shape: &[usize], scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut g = Lcg(seed);
-    Tensor::from_vec(
-        (0..n).map(|_| g.logit() * scale).collect::<Vec<f32>>(),
-        shape,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
+use kd_common::logits_tensor as logits;
 
 fn grad_of(loss: &Tensor, var: &Var) -> Vec<f32> {
     loss.backward()

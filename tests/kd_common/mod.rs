@@ -23,6 +23,13 @@ impl Lcg {
     }
 }
 
+/// An f32 CPU tensor of `shape` filled with LCG logits times `scale`.
+pub fn logits_tensor(seed: u64, shape: &[usize], scale: f32) -> candle_core::Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = lcg_logits(seed, n).iter().map(|x| x * scale).collect();
+    candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
 pub fn lcg_logits(seed: u64, n: usize) -> Vec<f32> {
     let mut g = Lcg(seed);
     (0..n).map(|_| g.logit()).collect()
