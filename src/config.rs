@@ -2,6 +2,7 @@
 //! `--set section.key=value` overrides. Unknown keys and impossible values are errors that name
 //! the key.
 
+use crate::backend::{Backend, DeviceChoice, Kernels};
 use crate::curriculum::fuse::Metric;
 use crate::curriculum::schedule::{Kind, Schedule};
 use anyhow::{anyhow, bail, Context, Result};
@@ -23,6 +24,7 @@ pub struct Recipe {
     pub eval: EvalSection,
     pub gkd: GkdSection,
     pub checkpoint: CheckpointSection,
+    pub run: RunSection,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -239,6 +241,23 @@ pub struct CheckpointSection {
     pub every_steps: u64,
 }
 
+/// Where the run computes (see `backend`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunSection {
+    /// "cpu" (the default), "cuda" or "cuda:N".
+    pub device: DeviceChoice,
+    /// "fused" or "portable"; unset: fused on the CPU, portable elsewhere.
+    pub kernels: Option<Kernels>,
+}
+
+impl RunSection {
+    /// Opens the device with the kernels (the error names the key).
+    pub fn backend(&self) -> Result<Backend> {
+        Backend::new(self.device, self.kernels).context("run.device / run.kernels")
+    }
+}
+
 impl Default for Recipe {
     fn default() -> Self {
         Recipe {
@@ -252,6 +271,7 @@ impl Default for Recipe {
             eval: EvalSection::default(),
             gkd: GkdSection::default(),
             checkpoint: CheckpointSection::default(),
+            run: RunSection::default(),
         }
     }
 }

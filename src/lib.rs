@@ -8,6 +8,7 @@
 //! - [`data`]: instruction data, the prompt template, batching and masks, the built-in benchmark.
 //! - [`eval`]: ROUGE-L (rouge-score compatible) and the evaluation protocol.
 
+pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod curriculum;

@@ -328,7 +328,7 @@ fn seeds_reproduce_and_batching_does_not_change_answers() {
 }
 
 fn load_gpt2() -> (Box<dyn pocl::model::CausalLm>, Tokenizer) {
-    let m = pocl::model::load_frozen(&gpt2()).unwrap();
+    let m = pocl::model::load_frozen(&gpt2(), &pocl::backend::Backend::cpu()).unwrap();
     let tok = Tokenizer::from_dir(&gpt2(), Some(600)).unwrap();
     (m, tok)
 }

@@ -8,7 +8,7 @@ mod kd_common;
 use candle_core::{Device, Tensor, Var};
 use kd_common::Lcg;
 use pocl::kd::{Divergence, Head, Objective};
-use pocl::ops::Weight;
+use pocl::ops::{Kernels, Weight};
 
 use kd_common::logits_tensor as randn;
 
@@ -232,7 +232,10 @@ fn tied_gradient_buffer_equals_candles_accumulation() {
     let obj = Objective::new(Divergence::Fkl);
     // hidden = tanh(embedding rows + x): the embedding's gradient is dense in its rows.
     let loss = |weight: &Weight, mask: &Tensor| {
-        let h = (weight.embed(&ids).unwrap() + &x).unwrap().tanh().unwrap();
+        let h = (Kernels::Fused.embed(weight, &ids).unwrap() + &x)
+            .unwrap()
+            .tanh()
+            .unwrap();
         obj.loss_from_heads(
             None,
             Head { hidden: &h, weight },

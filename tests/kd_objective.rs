@@ -58,6 +58,7 @@ fn objective_is_the_weighted_mix_of_ce_and_t2_scaled_kd() {
             let obj = Objective {
                 divergence: div,
                 t2,
+                ..Objective::new(div)
             };
             let out = obj
                 .loss(

@@ -48,7 +48,8 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn logits_match_transformers() {
     for name in FAMILIES {
-        let m = model::load(&dir(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let m = model::load(&dir(name), &pocl::backend::Backend::cpu())
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         let r = reference(name);
         let seq: Vec<u32> = ids(&r["seq_ids"]).flatten_all().unwrap().to_vec1().unwrap();
         let got = model::forward_ids(m.as_ref(), &seq).unwrap();
@@ -60,7 +61,7 @@ fn logits_match_transformers() {
 #[test]
 fn padded_batches_match_transformers() {
     for name in FAMILIES {
-        let m = model::load(&dir(name)).unwrap();
+        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
         let r = reference(name);
         let (input, mask) = (ids(&r["batch_ids"]), ids(&r["batch_mask"]));
         let rows: Vec<Vec<u32>> = mask.to_vec2().unwrap();
@@ -93,7 +94,7 @@ fn padded_batches_match_transformers() {
 #[test]
 fn greedy_decoding_matches_transformers() {
     for name in FAMILIES {
-        let m = model::load(&dir(name)).unwrap();
+        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
         let r = reference(name);
         let prompt: Vec<u32> = ids(&r["greedy_prompt"])
             .flatten_all()
@@ -116,7 +117,7 @@ fn greedy_decoding_matches_transformers() {
 fn batched_generation_equals_one_by_one() {
     // Prompts of different lengths share a batch (left-padded inside): each row must decode as alone.
     for name in ["gpt2", "opt-350m", "qwen3"] {
-        let m = model::load(&dir(name)).unwrap();
+        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
         let prompts = vec![
             vec![5u32, 9, 13, 2, 7, 11, 3],
             vec![4u32, 8],
@@ -147,7 +148,7 @@ fn batched_generation_equals_one_by_one() {
 
 #[test]
 fn generation_stops_at_eos() {
-    let m = model::load(&dir("gpt2")).unwrap();
+    let m = model::load(&dir("gpt2"), &pocl::backend::Backend::cpu()).unwrap();
     let prompt = vec![5u32, 9, 13];
     let free = generate(
         m.as_ref(),
@@ -184,7 +185,7 @@ fn probe_loss(m: &dyn CausalLm, seq: &[u32]) -> Tensor {
 fn every_parameter_gets_a_correct_gradient() {
     let seq = [3u32, 17, 5, 9, 11, 2, 8];
     for name in FAMILIES {
-        let m = model::load(&dir(name)).unwrap();
+        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
         let loss = probe_loss(m.as_ref(), &seq);
         // candle's store and the in-place buffers of the matrices, as the trainer reads them.
         let grads = m.params().grads(&loss.backward().unwrap()).unwrap();
@@ -249,14 +250,14 @@ fn save_then_load_gives_identical_logits() {
     let tmp = std::env::temp_dir().join(format!("pocl-roundtrip-{}", std::process::id()));
     for name in FAMILIES {
         let src = dir(name);
-        let m = model::load(&src).unwrap();
+        let m = model::load(&src, &pocl::backend::Backend::cpu()).unwrap();
         let out = tmp.join(name);
         model::save(m.as_ref(), &out, Some(&src)).unwrap();
         assert!(
             out.join("tokenizer.json").is_file(),
             "{name}: tokenizer copied"
         );
-        let again = model::load(&out).unwrap();
+        let again = model::load(&out, &pocl::backend::Backend::cpu()).unwrap();
         let seq = [1u32, 4, 9, 16, 25];
         let a = model::forward_ids(m.as_ref(), &seq)
             .unwrap()
@@ -278,7 +279,7 @@ fn save_then_load_gives_identical_logits() {
 
 #[test]
 fn unsupported_rope_scaling_is_refused() {
-    let e = model::load(&dir("llama-yarn"))
+    let e = model::load(&dir("llama-yarn"), &pocl::backend::Backend::cpu())
         .err()
         .expect("yarn must be refused");
     let msg = format!("{e:#}");

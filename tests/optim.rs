@@ -1,6 +1,7 @@
 //! AdamW + global grad-norm clip against torch (tests/fixtures/optim, tools/make_optim_fixtures.py).
 
 use candle_core::{Device, Tensor, Var};
+use pocl::backend::Kernels;
 use pocl::train::optim::{clip_coef, AdamW, AdamWConfig};
 
 fn floats(v: &serde_json::Value) -> Vec<f32> {
@@ -11,8 +12,15 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
+/// Both implementations (the fused CPU update and the portable tensor-op one) against torch.
 #[test]
 fn adamw_with_clipping_matches_torch() {
+    for kernels in [Kernels::Fused, Kernels::Portable] {
+        adamw_matches_torch(kernels);
+    }
+}
+
+fn adamw_matches_torch(kernels: Kernels) {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/optim/adamw.json"
@@ -29,7 +37,7 @@ fn adamw_with_clipping_matches_torch() {
         lr: 1e-2,
         ..Default::default()
     };
-    let mut opt = AdamW::new(params.iter().map(|(n, v)| (n.as_str(), v)), cfg);
+    let mut opt = AdamW::new(params.iter().map(|(n, v)| (n.as_str(), v)), cfg, kernels).unwrap();
     assert!(
         opt.slots[0].decay && !opt.slots[1].decay,
         "1-D parameters are not decayed"
@@ -39,10 +47,10 @@ fn adamw_with_clipping_matches_torch() {
             Some(Tensor::new(floats(&s["grad_w"]), &Device::Cpu).unwrap()),
             Some(Tensor::new(floats(&s["grad_b"]), &Device::Cpu).unwrap()),
         ];
-        let (norm, coef) = clip_coef(&grads, 1.0).unwrap();
+        let (norm, coef) = clip_coef(&grads, 1.0, kernels).unwrap();
         assert!(
             (norm - s["norm"].as_f64().unwrap()).abs() < 1e-5 * norm,
-            "step {k}: norm"
+            "{kernels} step {k}: norm"
         );
         opt.update(&grads, coef, s["lr"].as_f64().unwrap()).unwrap();
         for (var, key) in [(&w, "w"), (&b, "b")] {
@@ -55,7 +63,7 @@ fn adamw_with_clipping_matches_torch() {
             for (g, want) in got.iter().zip(floats(&s[key])) {
                 assert!(
                     (g - want).abs() <= 1e-6 * want.abs().max(1.0),
-                    "step {k} {key}: {g} vs {want}"
+                    "{kernels} step {k} {key}: {g} vs {want}"
                 );
             }
         }

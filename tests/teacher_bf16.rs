@@ -49,8 +49,8 @@ fn bf16_logits_stay_close_to_f32_in_every_family() {
         "gpt2", "opt", "opt-350m", "llama", "qwen2", "qwen3", "mistral",
     ] {
         let dir = fixture(name);
-        let f32m = model::load_frozen(&dir).unwrap();
-        let bf16m = model::load_frozen_bf16(&dir).unwrap();
+        let f32m = model::load_frozen(&dir, &pocl::backend::Backend::cpu()).unwrap();
+        let bf16m = model::load_frozen_bf16(&dir, &pocl::backend::Backend::cpu()).unwrap();
         let v = f32m.config().vocab_size;
         let (ids, pos, mask) = input(v);
         let (a, b) = (
@@ -100,7 +100,7 @@ fn bf16_logits_stay_close_to_f32_in_every_family() {
 #[test]
 fn bf16_teacher_changes_the_kd_loss_and_gradient_only_slightly() {
     let dir = fixture("gpt2");
-    let student = model::load(&dir).unwrap();
+    let student = model::load(&dir, &pocl::backend::Backend::cpu()).unwrap();
     let v = student.config().vocab_size;
     let (ids, pos, mask) = input(v);
     let input = Input {
@@ -122,9 +122,9 @@ fn bf16_teacher_changes_the_kd_loss_and_gradient_only_slightly() {
     let mut results = vec![];
     for bf16 in [false, true] {
         let teacher = if bf16 {
-            model::load_frozen_bf16(&fixture("llama")).unwrap()
+            model::load_frozen_bf16(&fixture("llama"), &pocl::backend::Backend::cpu()).unwrap()
         } else {
-            model::load_frozen(&fixture("llama")).unwrap()
+            model::load_frozen(&fixture("llama"), &pocl::backend::Backend::cpu()).unwrap()
         };
         // A Llama teacher of vocab 800 for a GPT-2 student of 601: compared over the common
         // prefix, as for teachers with padded vocabularies.

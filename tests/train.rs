@@ -170,8 +170,9 @@ fn pocl_runs_every_stage_with_the_papers_schedule() {
 
 /// Mean per-token divergence of the student in `dir` from the teacher over the training set.
 fn kd_loss(s: &Setup, student_dir: &Path, div: Divergence) -> f64 {
-    let teacher = model::load_frozen(&s.dir.join("teacher")).unwrap();
-    let student = model::load_frozen(student_dir).unwrap();
+    let teacher =
+        model::load_frozen(&s.dir.join("teacher"), &pocl::backend::Backend::cpu()).unwrap();
+    let student = model::load_frozen(student_dir, &pocl::backend::Backend::cpu()).unwrap();
     let tok = pocl::tokenizer::Tokenizer::from_dir(&s.dir.join("student"), None).unwrap();
     let samples = pocl::data::load_jsonl(&s.dir.join("data/train.jsonl"), Default::default())
         .unwrap()
@@ -192,10 +193,7 @@ fn kd_loss(s: &Setup, student_dir: &Path, div: Divergence) -> f64 {
     };
     let t = teacher.logits(&input, None).unwrap();
     let st = student.logits(&input, None).unwrap();
-    let obj = Objective {
-        divergence: div,
-        t2: true,
-    };
+    let obj = Objective::new(div);
     let out = obj
         .loss(
             Some(&t),

@@ -62,6 +62,7 @@ fn gpt2(
         seed,
         frozen,
         bf16,
+        &crate::backend::Backend::cpu(),
     )
 }
 
@@ -115,7 +116,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     weight_decay: 0.01,
                     ..Default::default()
                 },
-            );
+                objective.kernels,
+            )?;
             let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
@@ -157,7 +159,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 lap(3);
                 let grads = student.params().grads(&store)?;
                 drop(store);
-                let (_, coef) = clip_coef(&grads, 1.0)?;
+                let (_, coef) = clip_coef(&grads, 1.0, objective.kernels)?;
                 opt.update(&grads, coef, 1e-4)?;
                 lap(4);
                 Ok(())

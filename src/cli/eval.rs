@@ -62,9 +62,9 @@ pub fn load_model(
     bf16: bool,
 ) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
     let model = if bf16 {
-        crate::model::load_frozen_bf16(dir)?
+        crate::model::load_frozen_bf16(dir, &crate::backend::Backend::cpu())?
     } else {
-        crate::model::load_frozen(dir)?
+        crate::model::load_frozen(dir, &crate::backend::Backend::cpu())?
     };
     let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
     let tok = Tokenizer::from_dir(dir, eos.first().copied())?;

@@ -19,7 +19,7 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model)?;
+    let model = crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?;
     check_ids(&a.ids, model.config().vocab_size)?;
     let logits = crate::model::forward_ids(model.as_ref(), &a.ids)
         .with_context(|| format!("forward pass of {}", a.model.display()))?;

@@ -33,9 +33,9 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = if a.sampling.dtype == "bf16" {
-        crate::model::load_frozen_bf16(&a.model)?
+        crate::model::load_frozen_bf16(&a.model, &crate::backend::Backend::cpu())?
     } else {
-        crate::model::load_frozen(&a.model)?
+        crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?
     };
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);

@@ -48,7 +48,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if a.buckets == 0 {
         anyhow::bail!("--buckets must be at least 1");
     }
-    let model = crate::model::load_frozen(&a.model)?;
+    let model = crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?;
     let eos_ids = super::generate::eos_ids(&a.model, &model.config().eos_token_ids);
     let tok = crate::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
     let samples = crate::train::splits::read_samples(

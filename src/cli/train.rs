@@ -60,7 +60,7 @@ fn resolve(a: &TrainArgs) -> Result<(Recipe, PathBuf)> {
 /// needs it and no scores are given (cached as RUN/scores.jsonl).
 pub fn train(recipe: Recipe, run_dir: &std::path::Path, resume: bool) -> Result<()> {
     let student_dir = recipe.model.student.clone();
-    let student = crate::model::load_frozen(&student_dir)?;
+    let student = crate::model::load_frozen(&student_dir, &crate::backend::Backend::cpu())?;
     let eos_ids = super::generate::eos_ids(&student_dir, &student.config().eos_token_ids);
     let tok = crate::tokenizer::Tokenizer::from_dir(&student_dir, eos_ids.first().copied())?;
     let data = Splits::load(&recipe, &tok)?;

@@ -154,7 +154,8 @@ impl FusedHeadOp {
         let teacher_guards = self.teacher.as_ref().map(|(h, w)| {
             let (gh, lh) = h.storage_and_layout();
             let w = match w {
-                Weight::F32 { w, .. } => {
+                // A bf16 tensor is refused below, where its data is read as f32.
+                Weight::F32 { w, .. } | Weight::Bf16Tensor { w, .. } => {
                     let (gw, lw) = w.storage_and_layout();
                     Ok((gw, lw.clone()))
                 }

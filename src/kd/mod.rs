@@ -15,8 +15,8 @@
 //!   [`vocab::narrow_to_prefix`] (no copy).
 //! - Zero probabilities: see [`divergence`] (teacher log p floored at −1e30; never NaN).
 //!
-//! Off the CPU (CUDA, Metal) the same API falls back to the differentiable candle composition in
-//! [`naive`].
+//! With the portable kernels ([`Objective::kernels`]; any device) the same API computes the
+//! differentiable candle composition of [`naive`] instead.
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
@@ -51,6 +51,7 @@ pub use divergence::{Divergence, DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCE_NAMES, 
 pub use head::Head;
 pub use objective::{Objective, ObjectiveOutput};
 
+use crate::ops::Kernels;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use kernel::{FusedLossOp, LossSpec};
@@ -180,7 +181,7 @@ pub fn kd_loss_sum(
         kd_coef: t2_scale(temperature, t2),
     };
     let w = mask_weights(mask, s.dim(0)?)?;
-    apply(spec, Some(&t), &s, w, None).map(|(loss, _)| loss)
+    apply(Kernels::Fused, spec, Some(&t), &s, w, None).map(|(loss, _)| loss)
 }
 
 /// Σ over rows with mask = 1 of −log softmax(student)\[label\], scalar, differentiable w.r.t.
@@ -195,6 +196,7 @@ pub fn ce_loss_sum(student: &Tensor, labels: &Tensor, mask: &Tensor) -> Result<T
         kd_coef: 0.0,
     };
     apply(
+        Kernels::Fused,
         spec,
         None,
         &s,
@@ -220,16 +222,17 @@ pub(crate) fn check_same_shape(t: &Tensor, s: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Runs the fused op on the CPU, or the candle composition elsewhere. Returns the loss and the
+/// Runs the fused CPU op, or the portable candle composition. Returns the loss and the
 /// detached (Σ w·CE, Σ w·D).
 pub(crate) fn apply(
+    kernels: crate::ops::Kernels,
     spec: LossSpec,
     teacher: Option<&Tensor>,
     student: &Tensor,
     weights: Vec<f32>,
     labels: Option<Vec<u32>>,
 ) -> Result<(Tensor, (f64, f64))> {
-    if !student.device().is_cpu() {
+    if kernels == crate::ops::Kernels::Portable {
         return naive::loss(&spec, teacher, student, &weights, labels.as_deref());
     }
     let op = FusedLossOp::new(spec, weights, labels, student.track_op());

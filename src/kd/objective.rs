@@ -8,16 +8,20 @@ use super::kernel::LossSpec;
 use super::{
     apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
 };
-use crate::ops::Weight;
+use crate::ops::{Kernels, Weight};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
 
-/// The KD objective: which divergence, and whether the T² rule scales it.
+/// The KD objective: which divergence, whether the T² rule scales it, and which kernels
+/// compute it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Objective {
     pub divergence: Divergence,
     /// Multiply the divergence by T² (the default; see the module docs of `kd`).
     pub t2: bool,
+    /// Fused: the CPU kernel of [`super::kernel`] (and the lm head fused into it, [`super::head`]);
+    /// portable: the candle composition of [`super::naive`] on materialised logits, any device.
+    pub kernels: Kernels,
 }
 
 /// The scalar loss (differentiable w.r.t. the student logits) and its detached parts for logging.
@@ -35,6 +39,7 @@ impl Objective {
         Objective {
             divergence,
             t2: true,
+            kernels: Kernels::Fused,
         }
     }
 
@@ -69,7 +74,14 @@ impl Objective {
         let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
         let weights = mask_weights(mask, n)?;
         let labels = label_ids(labels, n)?;
-        let (loss, parts) = apply(spec, teacher.as_ref(), &s, weights, Some(labels))?;
+        let (loss, parts) = apply(
+            self.kernels,
+            spec,
+            teacher.as_ref(),
+            &s,
+            weights,
+            Some(labels),
+        )?;
         Ok(self.output(loss, parts, temperature, denominator))
     }
 
@@ -90,11 +102,11 @@ impl Objective {
         denominator: f64,
     ) -> Result<ObjectiveOutput> {
         let teacher = teacher.filter(|_| kd_weight > 0.0);
-        if !student.hidden.device().is_cpu() {
-            // Off the CPU: materialise the logits and take the composed path.
+        if self.kernels == Kernels::Portable {
+            // The logits materialised, then the composed loss.
             let logits = |h: Head, who: &str| -> Result<Tensor> {
-                Ok(h.weight
-                    .forward(&flat_hidden(h.hidden, who)?, None)?
+                Ok(Kernels::Portable
+                    .linear(h.weight, &flat_hidden(h.hidden, who)?, None)?
                     .narrow(1, 0, vocab)?)
             };
             let t = teacher
@@ -130,6 +142,9 @@ impl Objective {
                     } => Weight::out_in(w.contiguous()?.detach()),
                     Weight::Bf16(p) => Weight::Bf16(p.clone()),
                     Weight::F32 { .. } => bail!("the teacher's lm head must be [vocab, d]"),
+                    Weight::Bf16Tensor { .. } => {
+                        bail!("a bf16 tensor head belongs to the portable kernels")
+                    }
                 },
             )),
             None => None,

@@ -8,7 +8,7 @@
 use super::{CausalLm, Input, KvCache};
 use crate::ops;
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor, D};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -127,7 +127,7 @@ fn generate_with(
     if let Some(&bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is out of range for a vocabulary of {vocab}");
     }
-    let dev = &Device::Cpu;
+    let dev = &model.backend().device;
     let width = prompts.iter().map(Vec::len).max().unwrap();
     // Left padding: pad id 0 (any valid id; it is masked out).
     let mut ids = Vec::with_capacity(n * width);
@@ -297,6 +297,7 @@ pub fn argmax_tensor(logits: &Tensor) -> Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Backend;
 
     #[test]
     fn ngram_ban_matches_transformers_rule() {
@@ -345,7 +346,7 @@ mod tests {
     fn seeded_rows_do_not_depend_on_the_batch() {
         let dir =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2");
-        let m = crate::model::load_frozen(&dir).unwrap();
+        let m = crate::model::load_frozen(&dir, &Backend::cpu()).unwrap();
         let prompts = vec![
             vec![5u32, 9, 13, 2, 7, 11, 3],
             vec![4u32, 8],
@@ -399,7 +400,7 @@ mod tests {
             let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("tests/fixtures/models")
                 .join(name);
-            let m = crate::model::load_frozen(&dir).unwrap();
+            let m = crate::model::load_frozen(&dir, &Backend::cpu()).unwrap();
             let prompts = vec![
                 vec![5u32, 9, 13, 2, 7],
                 vec![4u32, 8],

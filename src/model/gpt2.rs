@@ -7,7 +7,7 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops::{self, Weight};
+use crate::ops::{Kernels, Weight};
 use anyhow::Result;
 use candle_core::{Tensor, D};
 
@@ -30,8 +30,8 @@ pub struct Gpt2 {
 }
 
 /// Conv1D: x [.., in] · w [in, out] + b.
-fn conv1d(x: &Tensor, (w, b): &(Weight, Tensor)) -> candle_core::Result<Tensor> {
-    w.forward(x, Some(b))
+fn conv1d(k: Kernels, x: &Tensor, (w, b): &(Weight, Tensor)) -> candle_core::Result<Tensor> {
+    k.linear(w, x, Some(b))
 }
 
 /// Takes tensors from the state dict under GPT-2's key names (with or without `transformer.`),
@@ -91,7 +91,7 @@ impl Gpt2 {
             ""
         };
         let mut l = Loader {
-            params: Params::new(sd.frozen),
+            params: Params::new(sd),
             sd,
             src,
         };
@@ -147,35 +147,36 @@ impl CausalLm for Gpt2 {
         let c = &self.config;
         let (b, t) = input.ids.dims2()?;
         let (h, hd) = (c.num_heads, c.hidden_size / c.num_heads);
+        let k = self.params.backend().kernels;
         let bias = input.attention_bias()?;
-        let tok = self.wte.embed(input.ids)?;
+        let tok = k.embed(&self.wte, input.ids)?;
         let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
         let mut x = (tok + pos)?.reshape((b, t, c.hidden_size))?; // [b, t, d]
         for (i, blk) in self.blocks.iter().enumerate() {
-            let a = ops::layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, c.norm_eps)?;
-            let qkv = conv1d(&a, &blk.c_attn)?; // [b, t, 3d]
+            let a = k.layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, c.norm_eps)?;
+            let qkv = conv1d(k, &a, &blk.c_attn)?; // [b, t, 3d]
             let mut scale = 1.0 / (hd as f64).sqrt();
             if c.scale_attn_by_inverse_layer_idx {
                 scale /= (i + 1) as f64;
             }
             let att = match cache.as_deref_mut() {
                 // q, k and v read in place from the fused projection.
-                None => ops::attention_qkv(&qkv, h, &bias, scale)?,
+                None => k.attention_qkv(&qkv, h, &bias, scale)?,
                 Some(cache) => {
                     let heads = |j: usize| {
                         qkv.narrow(D::Minus1, j * c.hidden_size, c.hidden_size)?
                             .reshape((b, t, h, hd))?
                             .transpose(1, 2)
                     };
-                    let (k, v) = cache.append(i, heads(1)?, heads(2)?)?; // [b, h, t, hd]
-                    ops::attention(&heads(0)?, &k, &v, &bias, scale)?
+                    let (kk, vv) = cache.append(i, heads(1)?, heads(2)?)?; // [b, h, t, hd]
+                    k.attention(&heads(0)?, &kk, &vv, &bias, scale)?
                 }
             };
-            x = (x + conv1d(&att, &blk.c_proj)?)?;
-            let m = ops::layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, c.norm_eps)?;
-            let m = ops::activate(&conv1d(&m, &blk.c_fc)?, c.activation)?;
-            x = (x + conv1d(&m, &blk.mlp_proj)?)?;
+            x = (x + conv1d(k, &att, &blk.c_proj)?)?;
+            let m = k.layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, c.norm_eps)?;
+            let m = k.activate(&conv1d(k, &m, &blk.c_fc)?, c.activation)?;
+            x = (x + conv1d(k, &m, &blk.mlp_proj)?)?;
         }
-        ops::layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps)
+        k.layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps)
     }
 }

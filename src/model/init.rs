@@ -69,9 +69,9 @@ pub fn config_json(family: &str, shape: &Shape, vocab: usize, eos: u32) -> Resul
     })
 }
 
-/// Builds a freshly initialised model from a config.
+/// Builds a freshly initialised model from a config (on the CPU; it is saved, not trained).
 pub fn build(config: ModelConfig, seed: u64) -> Result<Box<dyn CausalLm>> {
-    build_with(config, seed, false, false)
+    build_with(config, seed, false, false, &crate::backend::Backend::cpu())
 }
 
 /// [`build`], optionally frozen (forward only, see `Params::frozen`).
@@ -81,10 +81,12 @@ pub fn build_with(
     seed: u64,
     frozen: bool,
     bf16: bool,
+    backend: &crate::backend::Backend,
 ) -> Result<Box<dyn CausalLm>> {
     let mut sd = StateDict::random(seed);
     sd.frozen = frozen || bf16;
     sd.bf16 = bf16;
+    sd.backend = backend.clone();
     Ok(match config.family {
         super::config::Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         super::config::Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),

@@ -8,7 +8,7 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops::{self, Weight};
+use crate::ops::{Kernels, Weight};
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
 
@@ -41,7 +41,7 @@ impl Llama {
         let c = &config;
         let (d, v, f, hd) = (c.hidden_size, c.vocab_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
-        let mut params = Params::new(sd.frozen);
+        let mut params = Params::new(sd);
         let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
             params.take(sd, name, name, shape)
         };
@@ -160,10 +160,11 @@ impl Llama {
                 }
             }
         }
-        let dev = &Device::Cpu;
+        // Made on the host (angles in f64), then moved to the model's device.
+        let dev = positions.device();
         Ok((
-            Tensor::from_vec(cos, (b, 1, t, hd), dev)?,
-            Tensor::from_vec(sin, (b, 1, t, hd), dev)?,
+            Tensor::from_vec(cos, (b, 1, t, hd), &Device::Cpu)?.to_device(dev)?,
+            Tensor::from_vec(sin, (b, 1, t, hd), &Device::Cpu)?.to_device(dev)?,
         ))
     }
 }
@@ -177,8 +178,8 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Ten
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
-fn lin(x: &Tensor, (w, b): &(Weight, Option<Tensor>)) -> candle_core::Result<Tensor> {
-    w.forward(x, b.as_ref())
+fn lin(k: Kernels, x: &Tensor, (w, b): &(Weight, Option<Tensor>)) -> candle_core::Result<Tensor> {
+    k.linear(w, x, b.as_ref())
 }
 
 impl CausalLm for Llama {
@@ -202,22 +203,22 @@ impl CausalLm for Llama {
         let c = &self.config;
         let (b, t) = input.ids.dims2()?;
         let (hd, eps) = (c.head_dim, c.norm_eps);
+        let kn = self.params.backend().kernels;
         let bias = input.attention_bias()?;
         let (cos, sin) = self.rope_tables(input.positions)?;
-        let mut x = self
-            .embed_tokens
-            .embed(input.ids)?
+        let mut x = kn
+            .embed(&self.embed_tokens, input.ids)?
             .reshape((b, t, c.hidden_size))?;
         for (i, l) in self.layers.iter().enumerate() {
-            let a = ops::rms_norm(&x, &l.input_norm, eps)?;
+            let a = kn.rms_norm(&x, &l.input_norm, eps)?;
             // [b, t, heads·hd] -> [b, heads, t, hd], with Qwen3's per-head norm before rope.
             let heads = |proj: &(Weight, Option<Tensor>),
                          n: usize,
                          norm: &Option<Tensor>|
              -> candle_core::Result<Tensor> {
-                let y = lin(&a, proj)?.reshape((b, t, n, hd))?;
+                let y = lin(kn, &a, proj)?.reshape((b, t, n, hd))?;
                 let y = match norm {
-                    Some(w) => ops::rms_norm(&y, w, eps)?,
+                    Some(w) => kn.rms_norm(&y, w, eps)?,
                     None => y,
                 };
                 y.transpose(1, 2)
@@ -228,12 +229,12 @@ impl CausalLm for Llama {
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = cache.append(i, k.contiguous()?, v.contiguous()?)?;
             }
-            let att = ops::attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
-            x = (x + lin(&att, &l.o)?)?;
-            let m = ops::rms_norm(&x, &l.post_norm, eps)?;
-            let g = ops::activate(&lin(&m, &l.gate)?, c.activation)?;
-            x = (x + lin(&(g * lin(&m, &l.up)?)?, &l.down)?)?;
+            let att = kn.attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
+            x = (x + lin(kn, &att, &l.o)?)?;
+            let m = kn.rms_norm(&x, &l.post_norm, eps)?;
+            let g = kn.activate(&lin(kn, &m, &l.gate)?, c.activation)?;
+            x = (x + lin(kn, &(g * lin(kn, &m, &l.up)?)?, &l.down)?)?;
         }
-        ops::rms_norm(&x, &self.norm, eps)
+        kn.rms_norm(&x, &self.norm, eps)
     }
 }

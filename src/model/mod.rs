@@ -9,9 +9,10 @@ pub mod llama;
 pub mod opt;
 pub mod weights;
 
+use crate::backend::Backend;
 use crate::ops;
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use config::{Family, ModelConfig};
 use std::path::Path;
 pub use weights::{Params, StateDict};
@@ -79,34 +80,42 @@ pub trait CausalLm: Send + Sync {
     /// The lm-head weight [vocab, d] (the token embedding when tied).
     fn lm_head(&self) -> &ops::Weight;
 
+    /// The device and kernels the model computes with (inputs go to this device).
+    fn backend(&self) -> &Backend {
+        self.params().backend()
+    }
+
     /// Logits [b, t, vocab].
     fn logits(&self, input: &Input, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
-        self.lm_head().forward(&self.hidden(input, cache)?, None)
+        let h = self.hidden(input, cache)?;
+        self.backend().kernels.linear(self.lm_head(), &h, None)
     }
 }
 
-/// Loads the model in `dir` (config.json + safetensors weights, HF layout), computing in f32.
-pub fn load(dir: &Path) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, false, false)
+/// Loads the model in `dir` (config.json + safetensors weights, HF layout) onto `backend`,
+/// computing in f32, trainable.
+pub fn load(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, false, false, backend)
 }
 
 /// Loads a model that is only run forward (a teacher, an evaluated checkpoint): no autograd graph.
-pub fn load_frozen(dir: &Path) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, false)
+pub fn load_frozen(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, true, false, backend)
 }
 
 /// A frozen model whose matrices (linear layers, embeddings, lm head) are converted once to bf16
-/// and packed for the bf16 kernels (`ops::bf16`); norms and biases stay f32. For a teacher that
-/// only runs forward: half its memory, and AMX tiles where the CPU has them.
-pub fn load_frozen_bf16(dir: &Path) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, true)
+/// (packed for the bf16 kernels of `ops::bf16` with the fused kernels: AMX tiles where the CPU
+/// has them); norms and biases stay f32. For a teacher that only runs forward: half its memory.
+pub fn load_frozen_bf16(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, true, true, backend)
 }
 
-fn load_with(dir: &Path, frozen: bool, bf16: bool) -> Result<Box<dyn CausalLm>> {
+fn load_with(dir: &Path, frozen: bool, bf16: bool, backend: &Backend) -> Result<Box<dyn CausalLm>> {
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
     sd.bf16 = bf16;
+    sd.backend = backend.clone();
     let model: Box<dyn CausalLm> = match config.family {
         Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),
@@ -127,9 +136,10 @@ fn load_with(dir: &Path, frozen: bool, bf16: bool) -> Result<Box<dyn CausalLm>> 
 /// Logits [len, vocab] of one unpadded sequence.
 pub fn forward_ids(model: &dyn CausalLm, ids: &[u32]) -> Result<Tensor> {
     let n = ids.len();
-    let t = Tensor::from_slice(ids, (1, n), &Device::Cpu)?;
-    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), &Device::Cpu)?;
-    let mask = Tensor::ones((1, n), candle_core::DType::U32, &Device::Cpu)?;
+    let dev = &model.backend().device;
+    let t = Tensor::from_slice(ids, (1, n), dev)?;
+    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), dev)?;
+    let mask = Tensor::ones((1, n), candle_core::DType::U32, dev)?;
     let logits = model.logits(
         &Input {
             ids: &t,

@@ -7,7 +7,7 @@
 
 use super::config::ModelConfig;
 use super::{CausalLm, Input, KvCache, Params, StateDict};
-use crate::ops::{self, Weight};
+use crate::ops::Weight;
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -59,7 +59,7 @@ impl Opt {
                 .get("_remove_final_layer_norm")
                 .and_then(|x| x.as_bool())
                 .unwrap_or(false);
-        let mut params = Params::new(sd.frozen);
+        let mut params = Params::new(sd);
         let key = |name: &str| {
             (
                 format!("{src}decoder.{name}"),
@@ -192,14 +192,15 @@ impl CausalLm for Opt {
         let (b, t) = input.ids.dims2()?;
         let (h, hd, d) = (c.num_heads, c.hidden_size / c.num_heads, c.hidden_size);
         let pre_ln = c.do_layer_norm_before;
+        let kn = self.params.backend().kernels;
         let bias = input.attention_bias()?;
-        let mut x = self.embed_tokens.embed(input.ids)?;
+        let mut x = kn.embed(&self.embed_tokens, input.ids)?;
         if let Some(w) = &self.project_in {
-            x = w.forward(&x, None)?;
+            x = kn.linear(w, &x, None)?;
         }
         let pos = (input.positions.flatten_all()? + POSITION_OFFSET as f64)?;
         let mut x = (x + self.embed_positions.index_select(&pos, 0)?)?.reshape((b, t, d))?;
-        let norm = |x: &Tensor, (w, b): &Norm| ops::layer_norm(x, w, b, c.norm_eps);
+        let norm = |x: &Tensor, (w, b): &Norm| kn.layer_norm(x, w, b, c.norm_eps);
         for (i, l) in self.layers.iter().enumerate() {
             let a = if pre_ln {
                 norm(&x, &l.attn_norm)?
@@ -207,7 +208,7 @@ impl CausalLm for Opt {
                 x.clone()
             };
             let heads = |(w, bb): &Lin| {
-                w.forward(&a, Some(bb))?
+                kn.linear(w, &a, Some(bb))?
                     .reshape((b, t, h, hd))?
                     .transpose(1, 2)
             };
@@ -215,8 +216,8 @@ impl CausalLm for Opt {
             if let Some(cache) = cache.as_deref_mut() {
                 (k, v) = cache.append(i, k, v)?;
             }
-            let att = ops::attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
-            x = (x + l.out.0.forward(&att, Some(&l.out.1))?)?;
+            let att = kn.attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
+            x = (x + kn.linear(&l.out.0, &att, Some(&l.out.1))?)?;
             if !pre_ln {
                 x = norm(&x, &l.attn_norm)?;
             }
@@ -225,8 +226,8 @@ impl CausalLm for Opt {
             } else {
                 x.clone()
             };
-            let m = ops::activate(&l.fc1.0.forward(&m, Some(&l.fc1.1))?, c.activation)?;
-            x = (x + l.fc2.0.forward(&m, Some(&l.fc2.1))?)?;
+            let m = kn.activate(&kn.linear(&l.fc1.0, &m, Some(&l.fc1.1))?, c.activation)?;
+            x = (x + kn.linear(&l.fc2.0, &m, Some(&l.fc2.1))?)?;
             if !pre_ln {
                 x = norm(&x, &l.ffn_norm)?;
             }
@@ -235,7 +236,7 @@ impl CausalLm for Opt {
             x = norm(&x, n)?;
         }
         if let Some(w) = &self.project_out {
-            x = w.forward(&x, None)?;
+            x = kn.linear(w, &x, None)?;
         }
         Ok(x)
     }

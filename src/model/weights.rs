@@ -1,6 +1,7 @@
 //! Weights: reading HF safetensors checkpoints (single file or sharded index; f32, f16 or bf16
 //! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
 
+use crate::backend::{Backend, Kernels};
 use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,8 +18,10 @@ pub struct StateDict {
     tensors: HashMap<String, Tensor>,
     /// Build a frozen model (see [`Params::frozen`]).
     pub frozen: bool,
-    /// Frozen, with the matrices converted to packed bf16 (see [`Params::weight`]).
+    /// Frozen, with the matrices converted to bf16 (see [`Params::weight`]).
     pub bf16: bool,
+    /// Where the model computes: its tensors are moved to this device as they are taken.
+    pub backend: Backend,
     /// Fresh initialisation instead of a file: `take` draws every tensor (see [`StateDict::random`]).
     random_seed: Option<u64>,
 }
@@ -74,6 +77,7 @@ impl StateDict {
             tensors,
             frozen: false,
             bf16: false,
+            backend: Backend::cpu(),
             random_seed: None,
         })
     }
@@ -87,6 +91,7 @@ impl StateDict {
             tensors: HashMap::new(),
             frozen: false,
             bf16: false,
+            backend: Backend::cpu(),
             random_seed: Some(seed),
         }
     }
@@ -180,24 +185,33 @@ fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
     )
 }
 
-/// Trainable parameters under the HF key names they are saved with.
+/// Trainable parameters under the HF key names they are saved with, on the model's device.
 #[derive(Default)]
 pub struct Params {
     entries: Vec<(String, Var)>,
-    /// In-place gradient buffers of the matrices (`ops::grad`), by entry index.
+    /// In-place gradient buffers of the matrices (`ops::grad`, fused kernels only), by entry
+    /// index.
     buffers: Vec<(usize, Arc<GradBuffer>)>,
     /// Frozen models (teachers, evaluation) compute with detached tensors: candle then records
     /// no graph for them, which saves the memory and time of tracking ops nobody differentiates.
     pub frozen: bool,
+    backend: Backend,
 }
 
 impl Params {
-    pub fn new(frozen: bool) -> Self {
+    /// An empty store for a model built from `sd` (frozen or not, on `sd`'s backend).
+    pub fn new(sd: &StateDict) -> Self {
         Params {
             entries: Vec::new(),
             buffers: Vec::new(),
-            frozen,
+            frozen: sd.frozen,
+            backend: sd.backend.clone(),
         }
+    }
+
+    /// The device and kernels the model computes with.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
     }
 
     /// Registers a trainable tensor taken from `sd` and returns the tensor the model computes with
@@ -214,9 +228,10 @@ impl Params {
     }
 
     /// Like [`Params::take`] for a matrix used by a linear layer (or a tied embedding / lm head):
-    /// `out_in` tells its layout. A bf16 model (`sd.bf16`) gets it packed in bf16 instead, and
-    /// neither the f32 tensor nor a parameter entry is kept (such a model is never trained or
-    /// saved).
+    /// `out_in` tells its layout. A bf16 model (`sd.bf16`) gets it in bf16 instead (packed for
+    /// the fused kernels, a bf16 tensor for the portable ones), and neither the f32 tensor nor
+    /// a parameter entry is kept (such a model is never trained or saved). A trainable matrix
+    /// gets an in-place gradient buffer when the fused kernels compute with it.
     pub fn weight(
         &mut self,
         sd: &mut StateDict,
@@ -226,10 +241,16 @@ impl Params {
         out_in: bool,
     ) -> Result<Weight> {
         if sd.bf16 {
-            return Ok(Weight::to_bf16(&sd.take(from, shape)?, out_in)?);
+            let t = sd.take(from, shape)?;
+            return Ok(match self.backend.kernels {
+                Kernels::Fused => Weight::to_bf16(&t, out_in)?,
+                Kernels::Portable => {
+                    Weight::to_bf16_tensor(&t.to_device(&self.backend.device)?, out_in)?
+                }
+            });
         }
         let t = self.take(sd, from, save_as, shape)?;
-        if self.frozen {
+        if self.frozen || self.backend.kernels == Kernels::Portable {
             return Ok(if out_in {
                 Weight::out_in(t)
             } else {
@@ -270,7 +291,7 @@ impl Params {
     }
 
     pub fn add(&mut self, save_as: &str, t: Tensor) -> candle_core::Result<Tensor> {
-        let var = Var::from_tensor(&t.contiguous()?)?;
+        let var = Var::from_tensor(&t.to_device(&self.backend.device)?.contiguous()?)?;
         let t = if self.frozen {
             var.as_tensor().detach()
         } else {

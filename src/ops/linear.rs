@@ -19,8 +19,12 @@ pub enum Weight {
         out_in: bool,
         grad: Option<Arc<GradBuffer>>,
     },
-    /// A frozen model's matrix in bf16 (RNE), packed once; no f32 copy is kept.
+    /// A frozen model's matrix in bf16 (RNE), packed once for the fused CPU kernels; no f32
+    /// copy is kept.
     Bf16(Arc<PackedBf16>),
+    /// A frozen model's matrix in bf16 (RNE) as a candle tensor on any device, in the layout
+    /// `out_in` says: the portable kernels' form of a bf16 teacher.
+    Bf16Tensor { w: Tensor, out_in: bool },
 }
 
 impl Weight {
@@ -61,6 +65,10 @@ impl Weight {
                 grad: None,
             },
             Weight::Bf16(p) => Weight::Bf16(p.clone()),
+            Weight::Bf16Tensor { w, out_in } => Weight::Bf16Tensor {
+                w: w.detach(),
+                out_in: *out_in,
+            },
         }
     }
 
@@ -85,11 +93,19 @@ impl Weight {
         })))
     }
 
+    /// A frozen f32 weight as a bf16 tensor on its device (the portable kernels' bf16 form).
+    pub fn to_bf16_tensor(w: &Tensor, out_in: bool) -> Result<Self> {
+        Ok(Weight::Bf16Tensor {
+            w: w.to_dtype(DType::BF16)?.detach(),
+            out_in,
+        })
+    }
+
     /// The f32 tensor, if this weight is f32 (trainable weights always are).
     pub fn tensor(&self) -> Option<&Tensor> {
         match self {
             Weight::F32 { w, .. } => Some(w),
-            Weight::Bf16(_) => None,
+            Weight::Bf16(_) | Weight::Bf16Tensor { .. } => None,
         }
     }
 
@@ -106,114 +122,12 @@ impl Weight {
                 (o, i)
             }
             Weight::Bf16(p) => (p.n_out(), p.k()),
+            Weight::Bf16Tensor { w, out_in: true } => w.dims2()?,
+            Weight::Bf16Tensor { w, out_in: false } => {
+                let (i, o) = w.dims2()?;
+                (o, i)
+            }
         })
-    }
-
-    /// y = x·Wᵀ + b for x [.., in].
-    pub fn forward(&self, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (rows, inp) = (
-            dims[..dims.len() - 1].iter().product::<usize>(),
-            dims[dims.len() - 1],
-        );
-        let x2 = x.reshape((rows, inp))?;
-        let y = match self {
-            Weight::F32 { w, out_in, grad } => {
-                // Few rows (decoding) and nothing to differentiate: stream the weight instead of
-                // having the gemm pack all of it for a handful of rows.
-                let skinny = rows <= gemm::SKINNY_ROWS
-                    && x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && w.dtype() == DType::F32
-                    && !x.track_op()
-                    && !w.track_op();
-                let fused = x.device().is_cpu()
-                    && x.dtype() == DType::F32
-                    && w.dtype() == DType::F32
-                    && b.is_none_or(|b| b.dtype() == DType::F32);
-                if skinny {
-                    x2.contiguous()?
-                        .apply_op2_no_bwd(&w.contiguous()?, &gemm::Skinny { out_in: *out_in })?
-                } else if fused {
-                    let op = Linear {
-                        out_in: *out_in,
-                        grad: grad.clone(),
-                    };
-                    let (x2, w) = (x2.contiguous()?, w.contiguous()?);
-                    let y = match b {
-                        Some(b) => x2.apply_op3(&w, &b.contiguous()?, op)?,
-                        None => x2.apply_op2(&w, op)?,
-                    };
-                    let mut out = dims;
-                    *out.last_mut().unwrap() = y.dim(1)?;
-                    return y.reshape(out);
-                } else if *out_in {
-                    x2.matmul(&w.t()?)?
-                } else {
-                    x2.matmul(w)?
-                }
-            }
-            Weight::Bf16(p) => {
-                // The bias is added inside the op (one pass over the output instead of two).
-                let bias = b
-                    .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
-                    .transpose()?;
-                let y = x2
-                    .to_dtype(DType::F32)?
-                    .contiguous()?
-                    .apply_op1_no_bwd(&Bf16Matmul(p.clone(), bias))?;
-                let mut out = dims;
-                *out.last_mut().unwrap() = y.dim(1)?;
-                return y.reshape(out);
-            }
-        };
-        let y = match b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().unwrap() = y.dim(1)?;
-        y.reshape(out)
-    }
-
-    /// Rows of W as [out, in] for the ids (any shape) → [n, in]: the lookup of an embedding that
-    /// may be stored packed as the tied lm head.
-    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let ids = ids.flatten_all()?;
-        match self {
-            Weight::F32 {
-                w,
-                out_in: true,
-                grad: Some(g),
-            } if w.track_op() => {
-                let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                w.apply_op1(Embed {
-                    ids,
-                    grad: g.clone(),
-                })
-            }
-            Weight::F32 {
-                w, out_in: true, ..
-            } => w.index_select(&ids, 0),
-            Weight::F32 {
-                w, out_in: false, ..
-            } => w.t()?.index_select(&ids, 0),
-            Weight::Bf16(p) => {
-                let k = p.k();
-                let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
-                let mut out = vec![0f32; ids.len() * k];
-                for (row, &j) in out.chunks_mut(k.max(1)).zip(&ids) {
-                    if j as usize >= p.n_out() {
-                        candle_core::bail!(
-                            "token id {j} is outside the embedding ({} rows)",
-                            p.n_out()
-                        );
-                    }
-                    p.row(j as usize, row);
-                }
-                Tensor::from_vec(out, (ids.len(), k), &candle_core::Device::Cpu)
-            }
-        }
     }
 }
 
@@ -221,9 +135,9 @@ impl Weight {
 /// the gemm adds into, and the backward makes dx = g·W, dW (into the weight's gradient buffer
 /// when it has one) and db = Σ rows of g in one call, where candle's composition records a
 /// matmul, a broadcast, an add and two reshapes, each with its own zeros + add of a gradient.
-struct Linear {
-    out_in: bool,
-    grad: Option<Arc<GradBuffer>>,
+pub(super) struct Linear {
+    pub out_in: bool,
+    pub grad: Option<Arc<GradBuffer>>,
 }
 
 /// (data, rows, cols) of a contiguous 2-D f32 operand.
@@ -409,9 +323,9 @@ impl candle_core::CustomOp3 for Linear {
 /// the backward pass adds each row's gradient into the buffer in id order (candle's
 /// `index_add` order, so the sums are the same to the bit) instead of building a fresh
 /// [vocab, d] gradient for candle to add.
-struct Embed {
-    ids: Vec<u32>,
-    grad: Arc<GradBuffer>,
+pub(super) struct Embed {
+    pub ids: Vec<u32>,
+    pub grad: Arc<GradBuffer>,
 }
 
 impl CustomOp1 for Embed {
@@ -457,7 +371,7 @@ impl CustomOp1 for Embed {
 }
 
 /// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with the packed bf16 W (forward only: frozen models).
-struct Bf16Matmul(Arc<PackedBf16>, Option<Vec<f32>>);
+pub(super) struct Bf16Matmul(pub Arc<PackedBf16>, pub Option<Vec<f32>>);
 
 impl CustomOp1 for Bf16Matmul {
     fn name(&self) -> &'static str {
@@ -542,7 +456,11 @@ mod tests {
                         (false, true) => Weight::out_in(w.as_tensor().clone()),
                         (false, false) => Weight::in_out(w.as_tensor().clone()),
                     };
-                    let y = weight.forward(x.as_tensor(), with_bias.then(|| bias.as_tensor()))?;
+                    let y = super::super::fused::linear(
+                        &weight,
+                        x.as_tensor(),
+                        with_bias.then(|| bias.as_tensor()),
+                    )?;
                     let store = (&y * &r)?.sum_all()?.backward()?;
 
                     // The reference: f64 copies, candle's matmul / broadcast add and autograd.

@@ -1,6 +1,9 @@
-//! Building blocks shared by the model families: fused CPU ops with their backward (norms,
-//! attention softmax, activations), linear layers (f32 gemm, streamed matmul for decoding, bf16
-//! for frozen models), attention.
+//! The model ops, the boundary between the model code and how it is computed: linear layers,
+//! the embedding, norms, activations and attention (and, in `kd` and `train::optim`, the lm head
+//! fused with the KD loss and AdamW). Model code calls them through [`Kernels`], whose methods
+//! below are the one place where the kernel choice is applied; each implementation is one file:
+//! [`fused`] (pocl's CPU kernels, in the modules it names) and [`portable`] (candle tensor ops,
+//! any device).
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
 //! through them would be silently dropped, so they are not used; ours have one, and the model
@@ -9,26 +12,93 @@
 pub mod activation;
 pub mod attention;
 pub mod bf16;
+pub mod fused;
 pub mod gemm;
 pub mod grad;
 pub mod linear;
 pub mod norm;
+pub mod portable;
 pub mod simd;
 pub mod softmax;
 
+pub use crate::backend::Kernels;
 pub use linear::Weight;
-pub use norm::{layer_norm, rms_norm};
+pub use portable::softmax_last_dim;
 
 use crate::model::config::Activation;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
-/// Softmax over the last dimension. The max is detached: softmax is shift-invariant, so the
-/// gradient is unchanged and we avoid differentiating through `max`.
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    e.broadcast_div(&s)
+impl Kernels {
+    /// y = x·Wᵀ + b for x [.., in], whatever form W takes.
+    pub fn linear(self, w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::linear(w, x, b),
+            Kernels::Portable => portable::linear(w, x, b),
+        }
+    }
+
+    /// Rows of the [vocab, d] matrix W for the ids (any shape) → [n, d].
+    pub fn embed(self, w: &Weight, ids: &Tensor) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::embed(w, ids),
+            Kernels::Portable => portable::embed(w, ids),
+        }
+    }
+
+    /// LayerNorm over the last dimension (biased variance, as torch).
+    pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::layer_norm(x, w, b, eps),
+            Kernels::Portable => portable::norm(x, w, Some(b), eps),
+        }
+    }
+
+    /// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight (Llama, Qwen).
+    pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::rms_norm(x, w, eps),
+            Kernels::Portable => portable::norm(x, w, None, eps),
+        }
+    }
+
+    pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::activate(x, act),
+            Kernels::Portable => portable::activate(x, act),
+        }
+    }
+
+    /// Scaled dot-product attention. q [b, h, tq, d]; k, v [b, h_kv, tk, d] (grouped-query
+    /// attention shares each kv head among h / h_kv query heads); bias [b, 1, tq, tk] from
+    /// [`attention_bias`]. Returns [b, tq, h·d].
+    pub fn attention(
+        self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        bias: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::attention(q, k, v, bias, scale),
+            Kernels::Portable => portable::attention(q, k, v, bias, scale),
+        }
+    }
+
+    /// Self-attention from a fused projection qkv [b, t, 3·h·d] (q, k and v side by side,
+    /// `heads` heads each, as GPT-2's `c_attn`); bias [b, 1, t, t]. Returns [b, t, h·d].
+    pub fn attention_qkv(
+        self,
+        qkv: &Tensor,
+        heads: usize,
+        bias: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        match self {
+            Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
+            Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
+        }
+    }
 }
 
 /// The data of a contiguous f32 CPU tensor, for the fused ops; `who` names it in errors.
@@ -71,88 +141,24 @@ pub(crate) fn cpu_storage<'a>(
     }
 }
 
-pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    match act {
-        Activation::GeluTanh => activation::apply(x, activation::Kind::GeluTanh),
-        Activation::GeluErf => x.gelu_erf(),
-        Activation::Relu => x.relu(),
-        Activation::Silu => activation::apply(x, activation::Kind::Silu),
-    }
-}
-
 /// Large negative instead of -inf: a fully masked row (a left-padding query) then gets a uniform,
 /// finite distribution rather than NaN, which would poison the gradients.
 pub const MASKED: f32 = -1e9;
 
 /// Additive attention bias [b, 1, q, k] for `q` new queries over `k` keys, where the new tokens are
 /// the last `q` of the `k` (a KV cache holds the first k − q). `key_mask` [b, k] is 1 for real
-/// tokens and 0 for padding.
+/// tokens and 0 for padding. Made on the mask's device.
 pub fn attention_bias(key_mask: &Tensor, q: usize) -> Result<Tensor> {
     let (b, k) = key_mask.dims2()?;
     let past = k - q;
     let causal: Vec<f32> = (0..q)
         .flat_map(|i| (0..k).map(move |j| if j <= past + i { 0.0 } else { MASKED }))
         .collect();
-    let causal = Tensor::from_vec(causal, (1, 1, q, k), &Device::Cpu)?;
+    let causal =
+        Tensor::from_vec(causal, (1, 1, q, k), &Device::Cpu)?.to_device(key_mask.device())?;
     let keys =
         ((key_mask.to_dtype(DType::F32)? - 1.0)? * (-MASKED as f64))?.reshape((b, 1, 1, k))?;
     causal.broadcast_add(&keys)?.clamp(MASKED, 0.0)
-}
-
-/// Scaled dot-product attention. q [b, h, tq, d]; k, v [b, h_kv, tk, d] (grouped-query attention
-/// shares each kv head among h / h_kv query heads); bias [b, 1, tq, tk]. Returns [b, tq, h·d].
-/// On the CPU in f32 the fused op of [`attention`](mod@attention), elsewhere the composition.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if f32_cpu(q) && f32_cpu(k) && f32_cpu(v) && f32_cpu(bias) {
-        return attention::attention(q, k, v, bias, scale);
-    }
-    attention_composed(q, k, v, bias, scale)
-}
-
-/// Self-attention from a fused projection qkv [b, t, 3·h·d] (q, k and v side by side, `heads`
-/// heads each, as GPT-2's `c_attn`); bias [b, 1, t, t]. Returns [b, t, h·d]. On the CPU in f32
-/// the fused op reads the heads in place ([`attention::attention_qkv`]).
-pub fn attention_qkv(qkv: &Tensor, heads: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
-    if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && bias.dtype() == DType::F32 {
-        return attention::attention_qkv(&qkv.contiguous()?, heads, bias, scale);
-    }
-    let (b, t, w) = qkv.dims3()?;
-    let part = |j: usize| {
-        qkv.narrow(D::Minus1, j * w / 3, w / 3)?
-            .reshape((b, t, heads, w / 3 / heads))?
-            .transpose(1, 2)
-    };
-    attention_composed(&part(0)?, &part(1)?, &part(2)?, bias, scale)
-}
-
-/// [`attention`] composed of candle ops, for other devices and dtypes.
-fn attention_composed(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: &Tensor,
-    scale: f64,
-) -> Result<Tensor> {
-    let (b, h, tq, d) = q.dims4()?;
-    let h_kv = k.dim(1)?;
-    let (k, v) = if h_kv == h {
-        (k.clone(), v.clone())
-    } else {
-        (repeat_kv(k, h / h_kv)?, repeat_kv(v, h / h_kv)?)
-    };
-    let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let probs = softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)?;
-    let out = probs.matmul(&v.contiguous()?)?; // [b, h, tq, d]
-    out.transpose(1, 2)?.reshape((b, tq, h * d))
-}
-
-/// [b, h_kv, t, d] -> [b, h_kv·n, t, d], each kv head repeated n times in place (as transformers).
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
-    let (b, h_kv, t, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, h_kv, n, t, d))?
-        .reshape((b, h_kv * n, t, d))
 }
 
 /// Position ids from an attention mask [b, t]: the count of real tokens before each one, so left

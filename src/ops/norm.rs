@@ -5,7 +5,7 @@
 //! result does not depend on the thread count.
 
 use super::simd::multiversion;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Rows per parallel task.
@@ -20,9 +20,6 @@ struct Norm {
 
 /// LayerNorm over the last dimension (biased variance, as torch).
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fusable(x) {
-        return composed(x, weight, Some(bias), eps);
-    }
     let op = Norm { center: true, eps };
     x.contiguous()?
         .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)
@@ -30,31 +27,8 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 
 /// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight (Llama, Qwen).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if !fusable(x) {
-        return composed(x, weight, None, eps);
-    }
     let op = Norm { center: false, eps };
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
-}
-
-fn fusable(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32
-}
-
-/// The differentiable composition, for other devices and as the tests' reference.
-pub fn composed(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, eps: f64) -> Result<Tensor> {
-    let xc = match bias {
-        Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
-        None => x.clone(),
-    };
-    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
-    let y = xc
-        .broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(weight)?;
-    match bias {
-        Some(b) => y.broadcast_add(b),
-        None => Ok(y),
-    }
 }
 
 /// (mean, 1/std) of a row.
@@ -331,7 +305,7 @@ mod tests {
                 &dy,
             )?;
             let eps = if layer { 1e-5 } else { 1e-6 };
-            let y = composed(
+            let y = crate::ops::portable::norm(
                 x64.as_tensor(),
                 w64.as_tensor(),
                 layer.then_some(b64.as_tensor()),

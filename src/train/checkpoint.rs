@@ -57,13 +57,12 @@ pub fn save<S: Serialize>(
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let dev = &Device::Cpu;
     for s in &opt.slots {
-        tensors.push((
-            format!("{}.exp_avg", s.name),
-            Tensor::from_slice(&s.m, s.m.len(), dev)?,
-        ));
+        let (m, v) = s.moments.to_host()?;
+        let n = m.len();
+        tensors.push((format!("{}.exp_avg", s.name), Tensor::from_vec(m, n, dev)?));
         tensors.push((
             format!("{}.exp_avg_sq", s.name),
-            Tensor::from_slice(&s.v, s.v.len(), dev)?,
+            Tensor::from_vec(v, n, dev)?,
         ));
     }
     tensors.push(("step".into(), Tensor::new(&[opt.step as f32], dev)?));
@@ -95,18 +94,23 @@ pub fn load_optimizer(dir: &Path, opt: &mut AdamW) -> Result<()> {
         .and_then(|s| s.parse().ok());
     opt.step = step.ok_or_else(|| anyhow!("{}: missing step", path.display()))?;
     for s in &mut opt.slots {
-        for (suffix, buf) in [("exp_avg", &mut s.m), ("exp_avg_sq", &mut s.v)] {
+        let n = s.moments.len();
+        let read = |suffix: &str| -> Result<Vec<f32>> {
             let name = format!("{}.{suffix}", s.name);
             let view = st
                 .tensor(&name)
                 .map_err(|_| anyhow!("{}: missing {name}", path.display()))?;
-            if view.dtype() != safetensors::Dtype::F32 || view.data().len() != buf.len() * 4 {
+            if view.dtype() != safetensors::Dtype::F32 || view.data().len() != n * 4 {
                 bail!("{}: {name} has the wrong size", path.display());
             }
-            for (dst, chunk) in buf.iter_mut().zip(view.data().chunks_exact(4)) {
-                *dst = f32::from_le_bytes(chunk.try_into().unwrap());
-            }
-        }
+            Ok(view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect())
+        };
+        let (m, v) = (read("exp_avg")?, read("exp_avg_sq")?);
+        s.moments.set(m, v)?;
     }
     Ok(())
 }

@@ -2,9 +2,14 @@
 //!
 //! The weight-decay rule lives here, once: parameters with one dimension (biases and norm
 //! weights) are not decayed; matrices and embeddings are.
+//!
+//! Two implementations, chosen by [`Kernels`]: fused (an in-place CPU op per parameter, f64
+//! arithmetic, moments in host memory) and portable (candle tensor ops in f32 on the
+//! parameters' device, moments as device tensors).
 
+use crate::ops::Kernels;
 use anyhow::Result;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 #[derive(Clone, Debug)]
 pub struct AdamWConfig {
@@ -32,8 +37,53 @@ pub struct Slot {
     pub name: String,
     pub var: Var,
     pub decay: bool,
-    pub m: Vec<f32>,
-    pub v: Vec<f32>,
+    pub moments: Moments,
+}
+
+/// A parameter's first and second moments (torch's exp_avg, exp_avg_sq).
+pub enum Moments {
+    /// In host memory, for the fused CPU update.
+    Host { m: Vec<f32>, v: Vec<f32> },
+    /// As tensors on the parameter's device, for the portable update.
+    Device { m: Tensor, v: Tensor },
+}
+
+impl Moments {
+    /// (m, v) in host memory (checkpoints).
+    pub fn to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(match self {
+            Moments::Host { m, v } => (m.clone(), v.clone()),
+            Moments::Device { m, v } => (m.to_vec1()?, v.to_vec1()?),
+        })
+    }
+
+    /// Replaces (m, v) with host values of the same length (a resumed checkpoint).
+    pub fn set(&mut self, new_m: Vec<f32>, new_v: Vec<f32>) -> Result<()> {
+        match self {
+            Moments::Host { m, v } => (*m, *v) = (new_m, new_v),
+            Moments::Device { m, v } => {
+                let dev = m.device().clone();
+                let n = new_m.len();
+                (*m, *v) = (
+                    Tensor::from_vec(new_m, n, &dev)?,
+                    Tensor::from_vec(new_v, n, &dev)?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Elements per moment.
+    pub fn len(&self) -> usize {
+        match self {
+            Moments::Host { m, .. } => m.len(),
+            Moments::Device { m, .. } => m.elem_count(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 pub struct AdamW {
@@ -41,6 +91,7 @@ pub struct AdamW {
     pub slots: Vec<Slot>,
     /// Number of updates taken (for bias correction).
     pub step: u64,
+    pub kernels: Kernels,
 }
 
 /// Whether a parameter is weight-decayed: not biases and norm weights (the 1-D tensors).
@@ -49,24 +100,41 @@ pub fn decays(var: &Var) -> bool {
 }
 
 impl AdamW {
-    pub fn new<'a>(params: impl Iterator<Item = (&'a str, &'a Var)>, config: AdamWConfig) -> Self {
+    pub fn new<'a>(
+        params: impl Iterator<Item = (&'a str, &'a Var)>,
+        config: AdamWConfig,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let slots = params
             .map(|(name, var)| {
                 let n = var.elem_count();
-                Slot {
+                let moments = match kernels {
+                    Kernels::Fused => Moments::Host {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    },
+                    Kernels::Portable => {
+                        let zeros = || Tensor::zeros(n, DType::F32, var.device());
+                        Moments::Device {
+                            m: zeros()?,
+                            v: zeros()?,
+                        }
+                    }
+                };
+                Ok(Slot {
                     name: name.to_string(),
                     var: var.clone(),
                     decay: decays(var),
-                    m: vec![0.0; n],
-                    v: vec![0.0; n],
-                }
+                    moments,
+                })
             })
-            .collect();
-        AdamW {
+            .collect::<Result<_>>()?;
+        Ok(AdamW {
             config,
             slots,
             step: 0,
-        }
+            kernels,
+        })
     }
 
     /// Applies one update with learning rate `lr` from the gradients `grads` (slot order; a
@@ -89,6 +157,21 @@ impl AdamW {
             scale: grad_scale,
         };
         for (slot, g) in self.slots.iter_mut().zip(grads) {
+            let hyper = Hyper {
+                decay: if slot.decay {
+                    1.0 - lr * c.weight_decay
+                } else {
+                    1.0
+                },
+                ..hyper
+            };
+            let (m, v) = match &mut slot.moments {
+                Moments::Device { m, v } => {
+                    (*m, *v) = portable_update(&slot.var, m, v, g.as_ref(), hyper)?;
+                    continue;
+                }
+                Moments::Host { m, v } => (m, v),
+            };
             let g = g.as_ref().map(|g| g.contiguous()).transpose()?;
             let guard = g.as_ref().map(|g| g.storage_and_layout());
             let grad = match &guard {
@@ -96,21 +179,42 @@ impl AdamW {
                 None => None,
             };
             let op = AdamWStep {
-                hyper: Hyper {
-                    decay: if slot.decay {
-                        1.0 - lr * c.weight_decay
-                    } else {
-                        1.0
-                    },
-                    ..hyper
-                },
+                hyper,
                 grad,
-                moments: std::sync::Mutex::new((&mut slot.m, &mut slot.v)),
+                moments: std::sync::Mutex::new((m, v)),
             };
             slot.var.as_tensor().inplace_op1(&op)?;
         }
         Ok(())
     }
+}
+
+/// The portable update of one parameter in f32 tensor ops (torch's formula, as the fused one);
+/// returns the new (m, v).
+fn portable_update(
+    var: &Var,
+    m: &Tensor,
+    v: &Tensor,
+    g: Option<&Tensor>,
+    h: Hyper,
+) -> Result<(Tensor, Tensor)> {
+    let shape = var.shape().clone();
+    let g = match g {
+        Some(g) => g.reshape(m.shape())?,
+        None => m.zeros_like()?,
+    };
+    let g = if h.scale < 1.0 {
+        g.affine(h.scale, 0.0)?
+    } else {
+        g
+    };
+    let m = (m.affine(h.b1, 0.0)? + g.affine(1.0 - h.b1, 0.0)?)?;
+    let v = (v.affine(h.b2, 0.0)? + g.sqr()?.affine(1.0 - h.b2, 0.0)?)?;
+    let denom = (v.affine(1.0 / h.bc2, 0.0)?.sqrt()? + h.eps)?;
+    let step = (m.affine(h.lr / h.bc1, 0.0)? / denom)?.reshape(&shape)?;
+    let p = (var.as_tensor().detach().affine(h.decay, 0.0)? - step)?;
+    var.set(&p)?;
+    Ok((m, v))
 }
 
 /// The contiguous f32 data of a CPU storage.
@@ -232,11 +336,19 @@ pub fn accumulate(acc: &mut [Option<Tensor>], grads: Vec<Option<Tensor>>) -> Res
 
 /// The global L2 norm of the gradients and torch's clip_grad_norm_ coefficient for `max_norm`:
 /// max_norm / (norm + 1e-6), never above 1 (pass it to [`AdamW::update`]).
-pub fn clip_coef(grads: &[Option<Tensor>], max_norm: f64) -> Result<(f64, f64)> {
+pub fn clip_coef(grads: &[Option<Tensor>], max_norm: f64, kernels: Kernels) -> Result<(f64, f64)> {
     use rayon::prelude::*;
     // Partial sums over fixed chunks, added in order: deterministic whatever the thread count.
     let mut sq = 0.0;
     for g in grads.iter().flatten() {
+        if kernels == Kernels::Portable {
+            sq += g
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            continue;
+        }
         let g = g.contiguous()?;
         let (storage, layout) = g.storage_and_layout();
         let data = f32_data(&storage, layout)?;
@@ -328,10 +440,12 @@ mod tests {
     #[test]
     fn clip_coefficient_is_torchs() -> Result<()> {
         let t = |v: &[f32]| Some(Tensor::new(v, &candle_core::Device::Cpu).unwrap());
-        let (n, coef) = clip_coef(&[t(&[3.0, 0.0]), None, t(&[4.0])], 1.0)?;
-        assert!((n - 5.0).abs() < 1e-9);
-        assert!((coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
-        assert_eq!(clip_coef(&[t(&[0.1])], 1.0)?.1, 1.0, "never above 1");
+        for k in [Kernels::Fused, Kernels::Portable] {
+            let (n, coef) = clip_coef(&[t(&[3.0, 0.0]), None, t(&[4.0])], 1.0, k)?;
+            assert!((n - 5.0).abs() < 1e-9);
+            assert!((coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);
+            assert_eq!(clip_coef(&[t(&[0.1])], 1.0, k)?.1, 1.0, "never above 1");
+        }
         Ok(())
     }
 }

@@ -106,6 +106,7 @@ pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
         Objective {
             divergence,
             t2: o.t2,
+            kernels: crate::ops::Kernels::Fused,
         },
         on_policy,
     ))
@@ -143,8 +144,10 @@ impl Trainer {
         } else {
             recipe.model.student.clone()
         };
-        let student = model::load(&student_dir)?;
-        let (objective, on_policy) = objective_of(&recipe)?;
+        let backend = recipe.run.backend()?;
+        let student = model::load(&student_dir, &backend)?;
+        let (mut objective, on_policy) = objective_of(&recipe)?;
+        objective.kernels = backend.kernels;
         let eos_ids =
             crate::cli::generate::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
@@ -152,9 +155,9 @@ impl Trainer {
         let (teacher, kd_vocab) = if needs_teacher {
             let dir = recipe.model.teacher.as_ref().expect("validated");
             let t = if recipe.model.teacher_dtype == "bf16" {
-                model::load_frozen_bf16(dir)?
+                model::load_frozen_bf16(dir, &backend)?
             } else {
-                model::load_frozen(dir)?
+                model::load_frozen(dir, &backend)?
             };
             let tt = Tokenizer::from_dir(dir, None)?;
             let v = crate::kd::vocab::common_vocab(
@@ -180,7 +183,11 @@ impl Trainer {
             .or(eos_ids.first().copied())
             .unwrap_or(0);
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
-        let opt = AdamW::new(student.params().iter(), adamw_config(&recipe));
+        let opt = AdamW::new(
+            student.params().iter(),
+            adamw_config(&recipe),
+            backend.kernels,
+        )?;
         let mut state = TrainState::default();
         let mut rng = ChaCha8Rng::seed_from_u64(recipe.seed);
         let mut opt = opt;
@@ -237,7 +244,11 @@ impl Trainer {
             let steps_per_epoch = active.len().div_ceil(bs);
             if !self.state.stage_started {
                 if self.recipe.curriculum.restart_optimizer || self.state.stage == 0 {
-                    self.opt = AdamW::new(self.student.params().iter(), adamw_config(&self.recipe));
+                    self.opt = AdamW::new(
+                        self.student.params().iter(),
+                        adamw_config(&self.recipe),
+                        self.objective.kernels,
+                    )?;
                     self.state.stage_step = 0;
                 }
                 self.state.stage_started = true;
@@ -368,7 +379,10 @@ impl Trainer {
         };
         let micro: Vec<crate::data::Batch> = examples
             .chunks(self.recipe.optim.micro_batch_size)
-            .map(|c| collate(&c.iter().collect::<Vec<_>>(), self.pad_id))
+            .map(|c| {
+                collate(&c.iter().collect::<Vec<_>>(), self.pad_id)?
+                    .to_device(&self.student.backend().device)
+            })
             .collect::<Result<_>>()?;
         let masks: Vec<candle_core::Tensor> = micro.iter().map(|b| b.loss_mask.clone()).collect();
         let tokens = crate::kd::step_denominator(&masks)?;
@@ -390,7 +404,8 @@ impl Trainer {
             accumulate(&mut grads, r.grads)?;
         }
         let clip = self.recipe.optim.clip;
-        let (grad_norm, coef) = clip_coef(&grads, if clip > 0.0 { clip } else { f64::INFINITY })?;
+        let max_norm = if clip > 0.0 { clip } else { f64::INFINITY };
+        let (grad_norm, coef) = clip_coef(&grads, max_norm, self.objective.kernels)?;
         if !grad_norm.is_finite() {
             bail!(
                 "non-finite gradient norm at step {} (loss {loss})",
@@ -557,7 +572,8 @@ impl Trainer {
         let tokens: usize = self.dev.iter().map(|e| e.response_ids.len()).sum();
         let mut total = 0.0;
         for chunk in self.dev.chunks(self.recipe.optim.micro_batch_size) {
-            let b = collate(&chunk.iter().collect::<Vec<_>>(), self.pad_id)?;
+            let b = collate(&chunk.iter().collect::<Vec<_>>(), self.pad_id)?
+                .to_device(&self.student.backend().device)?;
             let input = Input {
                 ids: &b.input_ids,
                 positions: &b.position_ids,

@@ -1,0 +1,211 @@
+//! Where a model computes and with which implementation of its ops: the device (CPU, or a CUDA
+//! GPU in a build with the `cuda` feature) and the kernels ([`Kernels::Fused`]: pocl's own CPU
+//! kernels; [`Kernels::Portable`]: compositions of candle tensor ops that run on any candle
+//! device). Both are chosen here, once, from the user's words (`--device`, `--kernels`, the
+//! recipe's `run.device` / `run.kernels`); every layer below receives a [`Backend`] and never
+//! looks at a device to decide how to compute.
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// The device a user asked for: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        match s {
+            "cpu" => return Ok(DeviceChoice::Cpu),
+            "cuda" => return Ok(DeviceChoice::Cuda(0)),
+            _ => {}
+        }
+        if let Some(n) = s.strip_prefix("cuda:") {
+            if let Ok(n) = n.parse() {
+                return Ok(DeviceChoice::Cuda(n));
+            }
+        }
+        bail!("unknown device \"{s}\": expected cpu, cuda or cuda:N")
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How the model ops (linear layers, embedding, norms, activations, attention, the lm head fused
+/// with the KD loss, AdamW and the gradient clip) are computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    /// pocl's fused CPU kernels (`ops::fused` and the modules it calls): the fast path on the CPU.
+    Fused,
+    /// candle tensor ops only, each with candle's backward (`ops::portable`): runs on any candle
+    /// device; the first GPU path and the CPU kernels' test oracle.
+    Portable,
+}
+
+impl FromStr for Kernels {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "fused" => Ok(Kernels::Fused),
+            "portable" => Ok(Kernels::Portable),
+            other => bail!("unknown kernels \"{other}\": expected fused or portable"),
+        }
+    }
+}
+
+impl fmt::Display for Kernels {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Kernels::Fused => "fused",
+            Kernels::Portable => "portable",
+        })
+    }
+}
+
+/// Serialises as its string form (recipes, run directories).
+macro_rules! serde_as_string {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(
+                &self,
+                s: S,
+            ) -> std::result::Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(
+                d: D,
+            ) -> std::result::Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse()
+                    .map_err(|e: anyhow::Error| serde::de::Error::custom(e))
+            }
+        }
+    };
+}
+serde_as_string!(DeviceChoice);
+serde_as_string!(Kernels);
+
+/// A device and the kernels that compute on it; every model is loaded onto one.
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub device: Device,
+    pub kernels: Kernels,
+}
+
+impl Backend {
+    /// The CPU with the fused kernels (the default everywhere).
+    pub fn cpu() -> Self {
+        Backend {
+            device: Device::Cpu,
+            kernels: Kernels::Fused,
+        }
+    }
+
+    /// The CPU with the given kernels.
+    pub fn cpu_with(kernels: Kernels) -> Self {
+        Backend {
+            device: Device::Cpu,
+            kernels,
+        }
+    }
+
+    /// Opens `device` with `kernels` (default: fused on the CPU, portable elsewhere). The one
+    /// place where a device is opened and a kernel choice checked against it.
+    pub fn new(device: DeviceChoice, kernels: Option<Kernels>) -> Result<Self> {
+        let (device, default) = match device {
+            DeviceChoice::Cpu => (Device::Cpu, Kernels::Fused),
+            DeviceChoice::Cuda(n) => (open_cuda(n)?, Kernels::Portable),
+        };
+        let kernels = kernels.unwrap_or(default);
+        if kernels == Kernels::Fused && !device.is_cpu() {
+            bail!("the fused kernels run on the CPU only; use --kernels portable on {device:?}");
+        }
+        Ok(Backend { device, kernels })
+    }
+
+    /// A short label for logs and benchmark output, e.g. "cpu/fused".
+    pub fn label(&self) -> String {
+        let dev = match &self.device {
+            Device::Cpu => "cpu".to_string(),
+            d => format!("{:?}", d.location()).to_lowercase(),
+        };
+        format!("{dev}/{}", self.kernels)
+    }
+}
+
+impl Default for Backend {
+    fn default() -> Self {
+        Backend::cpu()
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize) -> Result<Device> {
+    use anyhow::Context;
+    Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_: usize) -> Result<Device> {
+    bail!("this pocl was built without CUDA support; see README, 'GPU'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_choices_parse_and_print() {
+        for (s, d) in [
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            assert_eq!(s.parse::<DeviceChoice>().unwrap(), d);
+        }
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", ""] {
+            let e = bad.parse::<DeviceChoice>().unwrap_err().to_string();
+            assert!(e.contains("expected cpu, cuda or cuda:N"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn kernels_default_by_device() {
+        let b = Backend::new(DeviceChoice::Cpu, None).unwrap();
+        assert_eq!(b.kernels, Kernels::Fused);
+        let b = Backend::new(DeviceChoice::Cpu, Some(Kernels::Portable)).unwrap();
+        assert_eq!(b.kernels, Kernels::Portable);
+        assert_eq!(b.label(), "cpu/portable");
+        assert!("avx".parse::<Kernels>().is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_is_refused_without_the_feature() {
+        let e = Backend::new(DeviceChoice::Cuda(0), None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "this pocl was built without CUDA support; see README, 'GPU'"
+        );
+    }
+}
