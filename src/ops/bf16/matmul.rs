@@ -28,14 +28,30 @@ impl PackedBf16 {
             kernel.is_supported(),
             "bf16 kernel {kernel:?} unsupported here"
         );
-        assert!(x.len() >= m * self.k, "matmul: x shorter than m·k");
-        assert!(ldo >= self.n_out, "matmul: ldo < n_out");
+        // Checked products: a wrapped size could pass as in bounds and let the kernels write
+        // outside `out` through their raw pointers.
+        let k = self.k;
+        assert!(
+            m.checked_mul(k).is_some_and(|mk| mk <= x.len()),
+            "matmul: x shorter than m·k (m = {m}, k = {k}, x has {})",
+            x.len()
+        );
+        assert!(
+            ldo >= self.n_out,
+            "matmul: ldo < n_out ({ldo} < {})",
+            self.n_out
+        );
         if m == 0 || self.n_out == 0 {
             return;
         }
         assert!(
-            out.len() >= (m - 1) * ldo + self.n_out,
-            "matmul: out shorter than (m-1)·ldo + n_out"
+            (m - 1)
+                .checked_mul(ldo)
+                .and_then(|a| a.checked_add(self.n_out))
+                .is_some_and(|need| need <= out.len()),
+            "matmul: out shorter than (m-1)·ldo + n_out (m = {m}, ldo = {ldo}, n_out = {}, out has {})",
+            self.n_out,
+            out.len()
         );
         let block_lines = self.steps * STEP; // lines per 32-row x block
         if block_lines == 0 {
@@ -343,5 +359,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul: x shorter than m·k (m = 9223372036854775808, k = 2")]
+    fn a_row_count_whose_m_k_wraps_is_refused() {
+        // m·k = 2⁶⁴ wraps to 0 in unchecked arithmetic, which an empty x would satisfy.
+        let p = PackedBf16::from_out_in(&[1.0; 4], 2, 2);
+        p.matmul(&[], usize::MAX / 2 + 1, &mut [0.0; 2], 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "matmul: out shorter than (m-1)·ldo + n_out")]
+    fn an_output_size_that_wraps_is_refused() {
+        let p = PackedBf16::from_out_in(&[], 2, 0);
+        p.matmul(&[], usize::MAX / 2 + 1, &mut [0.0; 2], 2);
     }
 }
