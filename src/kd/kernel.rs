@@ -268,17 +268,13 @@ pub fn gradient_buffer(len: usize) -> Vec<f32> {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 1 << 21;
-        const MADV_HUGEPAGE: i32 = 14;
-        extern "C" {
-            fn madvise(addr: *mut std::ffi::c_void, len: usize, advice: i32) -> i32;
-        }
         let (p, bytes) = (v.as_mut_ptr() as usize, len * std::mem::size_of::<f32>());
         let (start, end) = ((p + HUGE - 1) & !(HUGE - 1), (p + bytes) & !(HUGE - 1));
         if end > start {
             // SAFETY: madvise only advises on [start, end), a page-aligned range inside `v`'s own
             // allocation; it does not change the contents, and failure (e.g. THP disabled) is
             // harmless, so the result is ignored.
-            unsafe { madvise(start as *mut std::ffi::c_void, end - start, MADV_HUGEPAGE) };
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
     v

@@ -3,6 +3,10 @@
 //! without materialising transposes or fresh outputs.
 
 /// A read-only strided matrix view: element (i, j) is `data[i * rs + j * cs]`.
+///
+/// Every function here that reads a view first checks that all its elements lie inside `data`:
+/// the fields are public, and the `gemm` crate reads through raw pointers. Overlapping elements
+/// (e.g. a zero stride) are fine, since views are only read.
 #[derive(Clone, Copy)]
 pub struct View<'a> {
     pub data: &'a [f32],
@@ -13,15 +17,17 @@ pub struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    /// Row-major [rows, cols] with row stride `ld`.
+    /// Row-major [rows, cols] with row stride `ld`. Panics if that reaches past `data`.
     pub fn rows(data: &'a [f32], rows: usize, cols: usize, ld: usize) -> Self {
-        View {
+        let v = View {
             data,
             rows,
             cols,
             rs: ld,
             cs: 1,
-        }
+        };
+        v.check("View::rows");
+        v
     }
 
     /// The transpose, as a view (no copy).
@@ -35,15 +41,38 @@ impl<'a> View<'a> {
         }
     }
 
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
+    /// Panics (naming `who`) unless every element lies inside `data` and both strides fit an
+    /// `isize` (the `gemm` crate's pointer offsets). Index arithmetic is checked, so a huge
+    /// stride cannot wrap around to an index that looks in bounds.
+    fn check(&self, who: &str) {
+        let last = if self.rows == 0 || self.cols == 0 {
+            Some(0)
+        } else {
+            (self.rows - 1)
+                .checked_mul(self.rs)
+                .zip((self.cols - 1).checked_mul(self.cs))
+                .and_then(|(a, b)| a.checked_add(b))
+                .map(|l| l + 1)
+        };
+        assert!(
+            last.is_some_and(|l| l <= self.data.len())
+                && self.rs <= isize::MAX as usize
+                && self.cs <= isize::MAX as usize,
+            "{who}: view [{}, {}] with strides ({}, {}) reaches past its {} elements",
+            self.rows,
+            self.cols,
+            self.rs,
+            self.cs,
+            self.data.len()
+        );
     }
 }
 
 /// dst[m, n] (row-major, row stride `ldd`) = lhs[m, k] · rhs[k, n], or += when `accumulate`.
 /// Multi-threaded on the global rayon pool.
+///
+/// Panics unless lhs.cols == rhs.rows, both views lie inside their data, `ldd ≥ n` when m > 1
+/// (rows of dst written in parallel must not overlap) and `dst` holds (m − 1)·ldd + n elements.
 pub fn matmul(lhs: View, rhs: View, dst: &mut [f32], ldd: usize, accumulate: bool) {
     let threads = rayon::current_num_threads();
     let par = if threads > 1 {
@@ -69,24 +98,28 @@ fn matmul_with(
     par: gemm::Parallelism,
 ) {
     let (m, k, n) = (lhs.rows, lhs.cols, rhs.cols);
-    assert_eq!(rhs.rows, k, "gemm: inner dimensions differ");
-    assert!(lhs.fits() && rhs.fits(), "gemm: operand view out of bounds");
-    assert!(
-        m == 0 || n == 0 || (m - 1) * ldd + n <= dst.len(),
-        "gemm: destination out of bounds"
+    assert_eq!(
+        rhs.rows, k,
+        "gemm: inner dimensions differ: lhs [{m}, {k}], rhs [{}, {n}]",
+        rhs.rows
     );
+    lhs.check("gemm: lhs");
+    rhs.check("gemm: rhs");
+    check_dst("gemm", m, n, ldd, dst.len());
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            dst.chunks_mut(ldd).take(m).for_each(|r| r[..n].fill(0.0));
+            (0..m).for_each(|i| dst[i * ldd..i * ldd + n].fill(0.0));
         }
         return;
     }
     // SAFETY: every index the gemm touches lies inside the three slices (checked above: the last
-    // element of each view and of the destination is in bounds, and strides are non-negative),
-    // and `dst` is borrowed mutably, so it cannot alias the read-only operands.
+    // element of each view and of the destination is in bounds, computed without overflow, and
+    // strides are non-negative and fit an isize); the destination rows do not overlap (ldd ≥ n),
+    // so its parallel tasks write disjoint elements; and `dst` is borrowed mutably, so it cannot
+    // alias the read-only operands.
     unsafe {
         gemm::gemm(
             m,
@@ -109,6 +142,36 @@ fn matmul_with(
             false,
             par,
         )
+    }
+}
+
+/// Panics unless a row-major destination [m, n] with row stride `ldd` fits in `len` elements
+/// and, having more than one row, has rows that do not overlap (ldd ≥ n).
+fn check_dst(who: &str, m: usize, n: usize, ldd: usize, len: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        m == 1 || ldd >= n,
+        "{who}: destination [{m}, {n}] with row stride {ldd} < {n}: its rows would overlap"
+    );
+    let need = (m - 1).checked_mul(ldd).and_then(|a| a.checked_add(n));
+    assert!(
+        need.is_some_and(|need| need <= len) && ldd <= isize::MAX as usize,
+        "{who}: destination [{m}, {n}] with row stride {ldd} needs {need:?} elements, has {len}"
+    );
+}
+
+/// A view built without [`View::rows`]'s check, as a caller may (the fields are public): what
+/// the functions' own checks must catch.
+#[cfg(test)]
+fn raw_view(data: &[f32], rows: usize, cols: usize, rs: usize, cs: usize) -> View<'_> {
+    View {
+        data,
+        rows,
+        cols,
+        rs,
+        cs,
     }
 }
 
@@ -142,6 +205,109 @@ mod tests {
         );
         assert_eq!(&out[3..5], &[-4.0, 26.0]);
     }
+
+    const A: [f32; 6] = [1., 2., 3., 4., 5., 6.];
+
+    /// lhs [2, 3] · rhs [3, 2] into `dst` with row stride `ldd`.
+    fn product(dst: &mut [f32], ldd: usize) {
+        matmul(
+            View::rows(&A, 2, 3, 3),
+            View::rows(&A, 3, 2, 2),
+            dst,
+            ldd,
+            false,
+        );
+    }
+
+    #[test]
+    fn buffers_of_exactly_the_needed_length_are_accepted() {
+        // [2, 2] with row stride 5: (2 − 1)·5 + 2 = 7 elements, the gap left untouched.
+        let mut out = vec![9f32; 7];
+        product(&mut out, 5);
+        assert_eq!(out, [22., 28., 9., 9., 9., 49., 64.]);
+        // One row needs no row stride; k = 0 fills only the [m, n] part.
+        let mut one = vec![9f32; 2];
+        matmul(
+            View::rows(&A, 1, 3, 3),
+            View::rows(&A, 3, 2, 2),
+            &mut one,
+            0,
+            false,
+        );
+        assert_eq!(one, [22., 28.]);
+        let mut zero = vec![9f32; 7];
+        matmul(
+            View::rows(&[], 2, 0, 0),
+            View::rows(&[], 0, 2, 2),
+            &mut zero,
+            5,
+            false,
+        );
+        assert_eq!(zero, [0., 0., 9., 9., 9., 0., 0.]);
+        // A zero stride is a valid (broadcast) read-only view.
+        let row = View::rows(&A[..3], 2, 3, 0);
+        let mut out = vec![0f32; 4];
+        matmul_serial(row, View::rows(&A, 3, 2, 2), &mut out, 2, false);
+        assert_eq!(out, [22., 28., 22., 28.]);
+    }
+
+    #[test]
+    #[should_panic(expected = "rows would overlap")]
+    fn a_row_stride_below_n_is_refused() {
+        product(&mut [0f32; 8], 1);
+    }
+
+    #[test]
+    #[should_panic(expected = "needs Some(7) elements, has 6")]
+    fn a_short_destination_is_refused() {
+        product(&mut [0f32; 6], 5);
+    }
+
+    #[test]
+    #[should_panic(expected = "needs None elements")]
+    fn a_destination_size_that_overflows_is_refused() {
+        let mut out = [0f32; 4];
+        matmul(
+            View::rows(&A, 3, 2, 2),
+            View::rows(&A, 2, 2, 2),
+            &mut out,
+            usize::MAX / 2,
+            false,
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "View::rows: view [2, 3] with strides (4, 1) reaches past its 6")]
+    fn a_view_past_its_data_is_refused() {
+        View::rows(&A, 2, 3, 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: rhs: view [3, 2]")]
+    fn a_hand_built_view_past_its_data_is_refused() {
+        let rhs = raw_view(&A, 3, 2, 3, 1);
+        matmul(View::rows(&A, 2, 3, 3), rhs, &mut [0f32; 4], 2, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: lhs: view [3, 1]")]
+    fn a_stride_that_wraps_around_is_refused() {
+        // (3 − 1)·2⁶³ wraps to 0 in unchecked arithmetic: it would look in bounds.
+        let lhs = raw_view(&A, 3, 1, usize::MAX / 2 + 1, 1);
+        matmul(lhs, View::rows(&A, 1, 2, 2), &mut [0f32; 6], 2, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "inner dimensions differ: lhs [2, 3], rhs [2, 2]")]
+    fn mismatched_inner_dimensions_are_refused() {
+        matmul(
+            View::rows(&A, 2, 3, 3),
+            View::rows(&A, 2, 2, 2),
+            &mut [0f32; 4],
+            2,
+            false,
+        );
+    }
 }
 
 /// Output rows up to which [`skinny`] beats the packed gemm (decoding: one row per sequence).
@@ -152,17 +318,25 @@ pub const SKINNY_ROWS: usize = 16;
 /// Why: for m ≪ 100 a gemm spends its time packing W, which it then uses for only m rows; in
 /// decoding that packing copies every weight of the model once per token. Here W is streamed
 /// once, straight from memory, in parallel blocks of output columns. f32 accumulation.
+///
+/// `x` is row-major [m, k], `y` row-major [m, n] (row stride n); panics if either is shorter
+/// than that, if W reaches past its data, or if W has no unit stride.
 pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
     use rayon::prelude::*;
     let (n, k) = (w.rows, w.cols);
+    w.check("skinny: W");
     assert!(
-        w.fits() && x.len() >= m * k && y.len() >= m * n,
-        "skinny: bounds"
+        m.checked_mul(k).is_some_and(|mk| mk <= x.len()),
+        "skinny: x [{m}, {k}] needs m·k elements, has {}",
+        x.len()
     );
+    check_dst("skinny", m, n, n, y.len());
     let rows_contiguous = w.cs == 1;
     assert!(
         rows_contiguous || w.rs == 1,
-        "skinny: W needs one unit stride"
+        "skinny: W [{n}, {k}] with strides ({}, {}) needs one unit stride",
+        w.rs,
+        w.cs
     );
     let block = if rows_contiguous { 256 } else { 512 };
     let blocks: Vec<Vec<f32>> = (0..n.div_ceil(block))
@@ -337,5 +511,33 @@ mod skinny_tests {
         let mut got = vec![0f32; m * n];
         skinny(&x, m, View::rows(&wt, k, n, n).t(), &mut got);
         assert!(close(&got, &want), "columns-contiguous layout");
+    }
+
+    const W: [f32; 6] = [1., 2., 3., 4., 5., 6.];
+
+    #[test]
+    #[should_panic(expected = "skinny: x [2, 3] needs m·k elements, has 5")]
+    fn skinny_refuses_a_short_x() {
+        skinny(&[0.; 5], 2, View::rows(&W, 2, 3, 3), &mut [0.; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "skinny: destination [2, 2] with row stride 2 needs Some(4)")]
+    fn skinny_refuses_a_short_y() {
+        skinny(&[0.; 6], 2, View::rows(&W, 2, 3, 3), &mut [0.; 3]);
+    }
+
+    #[test]
+    #[should_panic(expected = "skinny: W [2, 2] with strides (2, 2) needs one unit stride")]
+    fn skinny_refuses_w_without_a_unit_stride() {
+        let w = raw_view(&W, 2, 2, 2, 2);
+        skinny(&[0.; 4], 2, w, &mut [0.; 4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "skinny: W: view [2, 3]")]
+    fn skinny_refuses_w_past_its_data() {
+        let w = raw_view(&W[..5], 2, 3, 3, 1);
+        skinny(&[0.; 6], 2, w, &mut [0.; 4]);
     }
 }

@@ -1,0 +1,125 @@
+//! bf16 matrix multiply for frozen linear layers (a distillation teacher that only runs forward).
+//!
+//! `y = x · Wᵀ` with both operands rounded to bf16 (round to nearest even) and products
+//! accumulated in f32. W is converted and packed once ([`PackedBf16`]); x is converted per call.
+//!
+//! Kernels, best first (see [`Kernel`]):
+//! - AMX (`tdpbf16ps` on 16×16 f32 tiles, Sapphire Rapids and later), through `asm!` since the
+//!   AMX intrinsics are not stable;
+//! - AVX512-BF16 (`vdpbf16ps`), the fallback on CPUs without AMX or when the OS denies the tile
+//!   state (or `POCL_NO_AMX=1`);
+//! - portable Rust, for everything else.
+//!
+//! All three read the same packed layout, so one `PackedBf16` serves any kernel.
+//!
+//! Packed W: output columns in panels of 32 (two 16-column B tiles), k in steps of 32. For panel
+//! p, step s, half t ∈ {0, 1}: one 1 KiB tile of 16 lines × 64 bytes, line r holding, for the 16
+//! columns j = 32p + 16t + c, the pair (W[j, 32s + 2r], W[j, 32s + 2r + 1]). This is the VNNI
+//! layout `tdpbf16ps` wants for its B operand, and also exactly what `vdpbf16ps` wants when the
+//! x pair is broadcast. Panels are contiguous over k, so every kernel streams memory in order.
+//!
+//! Converted x (per call): rows in blocks of 32 (two 16-row A tiles); for block q, step s, half t:
+//! one 1 KiB tile of 16 rows × 32 bf16 (k = 32s .. 32s + 32). Zero padded in m and k.
+//!
+//! Note on subnormals: AMX and `vdpbf16ps` treat subnormal bf16 inputs and outputs as zero (the
+//! instructions ignore MXCSR; the portable kernel keeps them). bf16 has the f32 exponent range,
+//! so this only affects values below 1.2e-38 in magnitude.
+//!
+//! Where things are:
+//! - this file: [`PackedBf16`], its constructors and the `matmul` entry points;
+//! - `convert`: f32 ↔ bf16 rounding (scalar, and 32 values at a time into a tile line);
+//! - `cpu`: which kernels this CPU and OS can run ([`Kernel`], [`amx_available`]);
+//! - `pack`: the tile layout above (W packed once, x converted per call, a row unpacked);
+//! - `matmul`: one product's driver (checks, per-thread x buffer, panels split over rayon
+//!   tasks, the `Job` a kernel gets);
+//! - `amx`, `avx512bf16`, `portable`: the three kernels.
+
+#[cfg(target_arch = "x86_64")]
+mod amx;
+#[cfg(target_arch = "x86_64")]
+mod avx512bf16;
+mod convert;
+mod cpu;
+mod matmul;
+mod pack;
+mod portable;
+
+pub use convert::{bf16_bits_to_f32, f32_to_bf16_bits};
+pub use cpu::{amx_available, Kernel};
+
+use pack::Line;
+
+/// A weight matrix W (logically [n_out, k], y = x·Wᵀ) converted once to bf16 (RNE) and packed
+/// in the tile layout described in the module docs. Half the bytes of the f32 weights (plus
+/// padding of n_out to a multiple of 32 and k to a multiple of 32).
+///
+/// Immutable after construction, `Send + Sync`: share it (e.g. in an `Arc`) and call
+/// [`PackedBf16::matmul`] from any number of threads at once. Each calling thread keeps its own
+/// buffer for the converted x (at most about 1 MiB plus one 32-row block, kept between calls).
+pub struct PackedBf16 {
+    n_out: usize,
+    k: usize,
+    /// k rounded up to a multiple of [`pack::TK`].
+    steps: usize,
+    /// Number of 32-column panels.
+    panels: usize,
+    data: Vec<Line>,
+}
+
+impl PackedBf16 {
+    /// `w` row-major [n_out, k] (torch nn.Linear layout; also an embedding [vocab, d] used as
+    /// the lm head).
+    pub fn from_out_in(w: &[f32], n_out: usize, k: usize) -> Self {
+        assert_eq!(w.len(), n_out * k, "from_out_in: w is not [n_out, k]");
+        Self::pack(n_out, k, |j, l| w[j * k + l])
+    }
+
+    /// `w` row-major [k, n_out] (GPT-2 Conv1D layout).
+    pub fn from_in_out(w: &[f32], k: usize, n_out: usize) -> Self {
+        assert_eq!(w.len(), n_out * k, "from_in_out: w is not [k, n_out]");
+        Self::pack(n_out, k, |j, l| w[l * n_out + j])
+    }
+
+    pub fn n_out(&self) -> usize {
+        self.n_out
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held by the packed weights.
+    pub fn bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<Line>()
+    }
+
+    /// `out[i*ldo + j] = Σ_l bf16(x[i*k + l]) · bf16(W[j, l])`, accumulated in f32, for i < m,
+    /// j < n_out (other elements of `out` are untouched). `x` is row-major [m, k] f32. Runs on
+    /// the global rayon pool with the best kernel ([`Kernel::best`]).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
+        self.matmul_with(Kernel::best(), x, m, out, ldo)
+    }
+
+    /// [`PackedBf16::matmul`] plus `bias` [n_out] on every row, added by each task to the
+    /// columns it just computed (in parallel, while they are in cache).
+    pub fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, bias: &[f32]) {
+        assert_eq!(bias.len(), self.n_out, "matmul: bias length");
+        self.matmul_impl(Kernel::best(), x, m, out, ldo, Some(bias))
+    }
+
+    /// [`PackedBf16::matmul`] with an explicit kernel. Panics if the CPU cannot run it.
+    pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
+        self.matmul_impl(kernel, x, m, out, ldo, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PackedBf16;
+
+    #[test]
+    fn packed_weights_are_shareable() {
+        fn check<T: Send + Sync>() {}
+        check::<PackedBf16>();
+    }
+}

@@ -1,0 +1,148 @@
+//! The tile layout described in the `ops::bf16` module docs: W packed once, x converted per
+//! call, one row of W unpacked.
+
+#[cfg(target_arch = "x86_64")]
+use super::convert::convert_line_avx512;
+use super::convert::{bf16_bits_to_f32, convert_line, f32_to_bf16_bits};
+#[cfg(target_arch = "x86_64")]
+use super::cpu::has_avx512f;
+use super::PackedBf16;
+use rayon::prelude::*;
+
+/// k per tile step: 32 bf16 = one 64-byte line of an A tile.
+pub(super) const TK: usize = 32;
+/// Output columns per packed panel (two 16-column B tiles).
+pub(super) const PANEL: usize = 32;
+/// Rows per converted x block (two 16-row A tiles).
+pub(super) const PAIR: usize = 32;
+/// Lines (64 bytes each) per tile.
+pub(super) const TILE: usize = 16;
+/// Lines per k step of a panel or an x block: two tiles.
+pub(super) const STEP: usize = 2 * TILE;
+
+/// 64 bytes, 64-byte aligned: tile rows never straddle cache lines.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(super) struct Line(pub(super) [u16; 32]);
+
+pub(super) const ZERO_LINE: Line = Line([0; 32]);
+
+impl PackedBf16 {
+    pub(super) fn pack(n_out: usize, k: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+        let steps = k.div_ceil(TK);
+        let panels = n_out.div_ceil(PANEL);
+        let panel_lines = steps * STEP;
+        let mut data = vec![ZERO_LINE; panels * panel_lines];
+        if panel_lines > 0 {
+            data.par_chunks_mut(panel_lines)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    for s in 0..steps {
+                        for t in 0..2 {
+                            let j0 = p * PANEL + t * 16;
+                            let cols = n_out.saturating_sub(j0).min(16);
+                            for r in 0..TILE {
+                                let line = &mut panel[s * STEP + t * TILE + r].0;
+                                for e in 0..2 {
+                                    let l = s * TK + 2 * r + e;
+                                    if l >= k {
+                                        continue;
+                                    }
+                                    for c in 0..cols {
+                                        line[2 * c + e] = f32_to_bf16_bits(get(j0 + c, l));
+                                    }
+                                }
+                            }
+                        }
+                    }
+                });
+        }
+        PackedBf16 {
+            n_out,
+            k,
+            steps,
+            panels,
+            data,
+        }
+    }
+
+    /// Row j of W ([n_out, k] view) as f32, unpacked: the embedding lookup of a tied embedding
+    /// kept only in packed form.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n_out && out.len() >= self.k, "row: out of range");
+        let (p, t, c) = (j / PANEL, (j % PANEL) / 16, j % 16);
+        let panel = &self.data[p * self.steps * STEP..(p + 1) * self.steps * STEP];
+        for (l, o) in out[..self.k].iter_mut().enumerate() {
+            let (s, r, e) = (l / TK, (l % TK) / 2, l % 2);
+            *o = bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]);
+        }
+    }
+}
+
+/// Converts `x` ([rows, k] f32) to bf16 x blocks in `a` (zero padded), in parallel over blocks.
+pub(super) fn convert_x(x: &[f32], k: usize, steps: usize, a: &mut [Line]) {
+    let rows = x.len() / k.max(1);
+    a.par_chunks_mut(steps * STEP)
+        .enumerate()
+        .for_each(|(q, block)| {
+            // Row rr of the block sits in tile rr / 16, line rr % 16: line rr of each step.
+            for rr in 0..PAIR {
+                let i = q * PAIR + rr;
+                if i < rows {
+                    convert_row(&x[i * k..(i + 1) * k], block, rr, steps);
+                } else {
+                    for s in 0..steps {
+                        block[rr + s * STEP] = ZERO_LINE;
+                    }
+                }
+            }
+        });
+}
+
+/// One x row (k values) → its `steps` lines `block[off + s * STEP]`, zero padded past k.
+fn convert_row(src: &[f32], block: &mut [Line], off: usize, steps: usize) {
+    assert!(off + (steps - 1) * STEP < block.len() && src.len() <= steps * TK);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f() {
+        // SAFETY: AVX512F detected; bounds asserted above.
+        unsafe { convert_row_avx512(src, block, off, steps) };
+        return;
+    }
+    for s in 0..steps {
+        let chunk = &src[(s * TK).min(src.len())..(s * TK + TK).min(src.len())];
+        convert_line(chunk, &mut block[off + s * STEP]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn convert_row_avx512(src: &[f32], block: &mut [Line], off: usize, steps: usize) {
+    for s in 0..steps {
+        let chunk = &src[(s * TK).min(src.len())..(s * TK + TK).min(src.len())];
+        // SAFETY: AVX512F enabled here; chunk.len() ≤ 32.
+        unsafe { convert_line_avx512(chunk, &mut block[off + s * STEP]) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_unpack_the_rounded_weights() {
+        let (n, k) = (45, 70);
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let p = PackedBf16::from_out_in(&w, n, k);
+        let mut row = vec![0f32; k];
+        for j in [0, 15, 16, 31, 32, 44] {
+            p.row(j, &mut row);
+            for l in 0..k {
+                assert_eq!(
+                    row[l],
+                    bf16_bits_to_f32(f32_to_bf16_bits(w[j * k + l])),
+                    "({j}, {l})"
+                );
+            }
+        }
+    }
+}
