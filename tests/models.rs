@@ -1,7 +1,11 @@
 //! Model families against float64 transformers references (tests/fixtures/models, made by
-//! tools/make_fixtures.py): logits, padded batches, greedy decoding, gradients, save/load.
+//! tools/make_fixtures.py): logits, padded batches, greedy decoding, gradients, save/load. The
+//! reference checks run on both kernel sets (fused and portable), and the portable gradients
+//! are checked against the fused ones parameter by parameter.
 
 use candle_core::{DType, Device, Tensor, Var};
+use pocl::backend::{Backend, Kernels};
+use pocl::kd::{Divergence, Head, Objective};
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::{self, CausalLm, Input};
 use std::collections::HashMap;
@@ -10,6 +14,8 @@ use std::path::PathBuf;
 const FAMILIES: &[&str] = &[
     "gpt2", "gpt2-hub", "opt", "opt-350m", "llama", "llama-v4", "qwen2", "qwen3", "mistral",
 ];
+
+const KERNELS: [Kernels; 2] = [Kernels::Fused, Kernels::Portable];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -47,21 +53,21 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 
 #[test]
 fn logits_match_transformers() {
-    for name in FAMILIES {
-        let m = model::load(&dir(name), &pocl::backend::Backend::cpu())
-            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    for (name, k) in FAMILIES.iter().flat_map(|n| KERNELS.map(|k| (n, k))) {
+        let m = model::load(&dir(name), &Backend::cpu_with(k))
+            .unwrap_or_else(|e| panic!("{name} {k}: {e:#}"));
         let r = reference(name);
         let seq: Vec<u32> = ids(&r["seq_ids"]).flatten_all().unwrap().to_vec1().unwrap();
         let got = model::forward_ids(m.as_ref(), &seq).unwrap();
         let err = rel_err(&got, &r["seq_logits"]);
-        assert!(err < 1e-4, "{name}: unpadded logits rel err {err}");
+        assert!(err < 1e-4, "{name} {k}: unpadded logits rel err {err}");
     }
 }
 
 #[test]
 fn padded_batches_match_transformers() {
-    for name in FAMILIES {
-        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
+    for (name, k) in FAMILIES.iter().flat_map(|n| KERNELS.map(|k| (n, k))) {
+        let m = model::load(&dir(name), &Backend::cpu_with(k)).unwrap();
         let r = reference(name);
         let (input, mask) = (ids(&r["batch_ids"]), ids(&r["batch_mask"]));
         let rows: Vec<Vec<u32>> = mask.to_vec2().unwrap();
@@ -84,7 +90,10 @@ fn padded_batches_match_transformers() {
                     let g = got.get(b).unwrap().get(t).unwrap();
                     let w = want.get(b).unwrap().get(t).unwrap();
                     let err = rel_err(&g, &w);
-                    assert!(err < 1e-4, "{name}: batch row {b} pos {t}: rel err {err}");
+                    assert!(
+                        err < 1e-4,
+                        "{name} {k}: batch row {b} pos {t}: rel err {err}"
+                    );
                 }
             }
         }
@@ -93,8 +102,8 @@ fn padded_batches_match_transformers() {
 
 #[test]
 fn greedy_decoding_matches_transformers() {
-    for name in FAMILIES {
-        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
+    for (name, k) in FAMILIES.iter().flat_map(|n| KERNELS.map(|k| (n, k))) {
+        let m = model::load(&dir(name), &Backend::cpu_with(k)).unwrap();
         let r = reference(name);
         let prompt: Vec<u32> = ids(&r["greedy_prompt"])
             .flatten_all()
@@ -108,7 +117,7 @@ fn greedy_decoding_matches_transformers() {
             let got = generate(m.as_ref(), std::slice::from_ref(&prompt), &cfg)
                 .unwrap()
                 .remove(0);
-            assert_eq!(got, want, "{name}: {key}");
+            assert_eq!(got, want, "{name} {k}: {key}");
         }
     }
 }
@@ -116,8 +125,11 @@ fn greedy_decoding_matches_transformers() {
 #[test]
 fn batched_generation_equals_one_by_one() {
     // Prompts of different lengths share a batch (left-padded inside): each row must decode as alone.
-    for name in ["gpt2", "opt-350m", "qwen3"] {
-        let m = model::load(&dir(name), &pocl::backend::Backend::cpu()).unwrap();
+    for (name, k) in ["gpt2", "opt-350m", "qwen3"]
+        .map(|n| KERNELS.map(|k| (n, k)))
+        .concat()
+    {
+        let m = model::load(&dir(name), &Backend::cpu_with(k)).unwrap();
         let prompts = vec![
             vec![5u32, 9, 13, 2, 7, 11, 3],
             vec![4u32, 8],
@@ -141,7 +153,7 @@ fn batched_generation_equals_one_by_one() {
             let alone = generate(m.as_ref(), std::slice::from_ref(p), &cfg)
                 .unwrap()
                 .remove(0);
-            assert_eq!(got, &alone, "{name}: prompt {p:?}");
+            assert_eq!(got, &alone, "{name} {k}: prompt {p:?}");
         }
     }
 }
@@ -240,6 +252,113 @@ fn every_parameter_gets_a_correct_gradient() {
             assert!(
                 (fd - an).abs() <= 2e-2 * an.abs().max(1.0),
                 "{name}: {pname}[{i}] analytic {an} vs finite difference {fd}"
+            );
+        }
+    }
+}
+
+/// The probe loss plus a KD objective through the lm head (CE mixed with JSD at T = 2 against
+/// a frozen copy of the model as teacher): the head fused with the loss on the fused path, the
+/// materialised logits and the candle composition on the portable one.
+fn probe_and_kd_loss(m: &dyn CausalLm, teacher: &dyn CausalLm, seq: &[u32]) -> Tensor {
+    let n = seq.len();
+    let dev = &Device::Cpu;
+    let ids = Tensor::from_slice(seq, (1, n), dev).unwrap();
+    let pos = Tensor::from_vec((0..n as u32).collect::<Vec<_>>(), (1, n), dev).unwrap();
+    let mask = Tensor::ones((1, n), DType::U32, dev).unwrap();
+    let input = Input {
+        ids: &ids,
+        positions: &pos,
+        key_mask: &mask,
+    };
+    let mut objective = Objective::new(Divergence::Jsd { beta: 0.3 });
+    objective.kernels = m.backend().kernels;
+    let labels: Vec<u32> = seq[1..].iter().copied().chain([seq[0]]).collect();
+    let labels = Tensor::new(labels, dev).unwrap();
+    let loss_mask: Vec<f32> = (0..n).map(|i| if i < 2 { 0.0 } else { 1.0 }).collect();
+    let loss_mask = Tensor::new(loss_mask, dev).unwrap();
+    let (th, sh) = (
+        teacher.hidden(&input, None).unwrap(),
+        m.hidden(&input, None).unwrap(),
+    );
+    let vocab = m.config().vocab_size;
+    let kd = objective
+        .loss_from_heads(
+            Some(Head {
+                hidden: &th,
+                weight: teacher.lm_head(),
+            }),
+            Head {
+                hidden: &sh,
+                weight: m.lm_head(),
+            },
+            vocab,
+            &labels,
+            &loss_mask,
+            0.6,
+            2.0,
+            (n - 2) as f64,
+        )
+        .unwrap();
+    (probe_loss(m, seq) + kd.loss).unwrap()
+}
+
+/// Every parameter's gradient through the portable kernels against the fused kernels' (the
+/// norms, attention, activations, embedding and linear backward, the lm head and the KD loss),
+/// within 1e-4 relative to the parameter's largest gradient entry.
+#[test]
+fn portable_gradients_match_fused() {
+    let seq = [3u32, 17, 5, 9, 11, 2, 8, 4];
+    for name in FAMILIES {
+        let mut per_kernels = Vec::new();
+        for k in KERNELS {
+            let backend = Backend::cpu_with(k);
+            let m = model::load(&dir(name), &backend).unwrap();
+            let teacher = model::load_frozen(&dir(name), &backend).unwrap();
+            // Move the student off the teacher so the KD term has a gradient of its own.
+            for (_, var) in m.params().iter() {
+                let t = var.as_tensor();
+                let n = t.elem_count();
+                let shift: Vec<f32> = (0..n)
+                    .map(|i| ((i * 31 % 17) as f32 - 8.0) * 2e-3)
+                    .collect();
+                let shift = Tensor::from_vec(shift, t.dims(), &Device::Cpu).unwrap();
+                var.set(&(t + shift).unwrap()).unwrap();
+            }
+            let loss = probe_and_kd_loss(m.as_ref(), teacher.as_ref(), &seq);
+            let grads = m.params().grads(&loss.backward().unwrap()).unwrap();
+            let named: Vec<(String, Tensor)> = m
+                .params()
+                .iter()
+                .zip(grads)
+                .map(|((n, _), g)| {
+                    let g = g.unwrap_or_else(|| panic!("{name} {k}: no gradient for {n}"));
+                    (n.to_string(), g)
+                })
+                .collect();
+            per_kernels.push(named);
+        }
+        let (fused, portable) = (&per_kernels[0], &per_kernels[1]);
+        assert_eq!(fused.len(), portable.len(), "{name}: parameter count");
+        let max_abs = |t: &Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        // A key bias shifts every score of a query alike, so its true gradient is 0 and both
+        // paths return rounding noise: such a parameter is measured against a floor of 1e-3 of
+        // the model's largest gradient instead of its own.
+        let floor = 1e-3 * fused.iter().map(|(_, g)| max_abs(g)).fold(0f32, f32::max);
+        for ((pn, gf), (_, gp)) in fused.iter().zip(portable) {
+            let gp = gp.reshape(gf.dims()).unwrap();
+            let diff = max_abs(&(&gp - gf).unwrap());
+            let err = diff / max_abs(gf).max(floor);
+            assert!(
+                err < 1e-4,
+                "{name}: {pn}: portable vs fused gradient rel err {err}"
             );
         }
     }

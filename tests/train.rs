@@ -2,6 +2,7 @@
 //! schedule as recorded in metrics.jsonl, every divergence and GKD lowering its KD loss, a killed
 //! run resumed to the same final weights, and bad recipes named by key.
 
+use pocl::backend::Kernels;
 use pocl::config::Recipe;
 use pocl::data::synthetic::SynthConfig;
 use pocl::data::{collate, Example};
@@ -262,14 +263,25 @@ fn trainer_step(run: &Path) -> Option<u64> {
 
 #[test]
 fn killed_and_resumed_run_ends_with_identical_weights() {
-    let s = setup("resume");
+    killed_and_resumed_run(Kernels::Fused);
+}
+
+#[test]
+fn killed_and_resumed_run_ends_with_identical_weights_on_portable_kernels() {
+    killed_and_resumed_run(Kernels::Portable);
+}
+
+fn killed_and_resumed_run(kernels: Kernels) {
+    let s = setup(&format!("resume-{kernels}"));
     // GKD exercises the RNG state and replay buffer; checkpoints after every step.
     let r = recipe(&s, "[checkpoint]\nevery_steps = 1\n");
+    let k = format!("run.kernels={kernels}");
     let sets = [
         "objective.loss=gkd",
         "gkd.replay=8",
         "curriculum.epochs_per_stage=2",
         "optim.batch_size=8",
+        &k,
     ];
     let whole = s.dir.join("whole");
     run(&r, &whole, &sets);
@@ -492,6 +504,47 @@ fn micro_batches_sum_to_the_step_gradient() {
             assert!(
                 (g1 - g2).abs() <= tol * g1.abs(),
                 "step {i}: norm {g1} vs {g2} ({micro})"
+            );
+        }
+    }
+}
+
+/// 20+ optimiser steps of plain KD (FKL at T = 1, JSD at T = 2) give the same loss at every step
+/// with the fused and the portable kernels (1e-4 relative): the two paths train alike, not only
+/// compute one gradient alike.
+#[test]
+fn fused_and_portable_kernels_train_alike() {
+    let s = setup("kernels");
+    let r = recipe(&s, "");
+    for (loss, t) in [("fkl", "1"), ("jsd", "2")] {
+        let steps = |kernels: Kernels| -> Vec<f64> {
+            let out = s.dir.join(format!("run-{loss}-{kernels}"));
+            let k = format!("run.kernels={kernels}");
+            let l = format!("objective.loss={loss}");
+            let t = format!("objective.temperature={t}");
+            let sets = [
+                "curriculum.kind=none",
+                "optim.epochs=2",
+                "optim.batch_size=8",
+                &k,
+                &l,
+                &t,
+            ];
+            run(&r, &out, &sets);
+            metrics(&out)
+                .iter()
+                .filter(|m| m["type"] == "step")
+                .map(|m| m["loss"].as_f64().unwrap())
+                .collect()
+        };
+        let (fused, portable) = (steps(Kernels::Fused), steps(Kernels::Portable));
+        assert!(fused.len() >= 20, "{loss}: {} steps", fused.len());
+        assert_eq!(fused.len(), portable.len(), "{loss}: step count");
+        for (i, (a, b)) in fused.iter().zip(&portable).enumerate() {
+            let rel = (a - b).abs() / a.abs();
+            assert!(
+                rel < 1e-4,
+                "{loss} step {i}: fused {a} vs portable {b} (rel {rel})"
             );
         }
     }
