@@ -187,7 +187,8 @@ impl StateDict {
                 })
                 .collect()
         };
-        Tensor::from_vec(data, shape, &Device::Cpu)
+        // A variable owning its data, as `view_to_f32` gives: `Params::add` takes it without a copy.
+        Ok(Var::from_vec(data, shape, &Device::Cpu)?.into_inner())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -251,18 +252,25 @@ fn stored_dtype(dtype: safetensors::Dtype) -> Result<DType> {
     })
 }
 
+/// The tensor of `view`, upcast to f32 (integer buffers keep their dtype). A float tensor comes
+/// back as a candle variable owning its data, so that [`Params::add`] registers it without a copy.
 fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
     let shape = view.shape().to_vec();
     let data = view.data();
     let dtype = stored_dtype(view.dtype())?;
-    let t = Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?;
-    Ok(
-        if dtype == DType::F32 || dtype == DType::U8 || dtype == DType::I64 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
-        },
-    )
+    fn upcast<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        data.chunks_exact(N)
+            .map(|b| f(b.try_into().expect("chunks of N bytes")))
+            .collect()
+    }
+    let data = match dtype {
+        DType::F32 => upcast(data, f32::from_le_bytes),
+        DType::F16 => upcast(data, |b| half::f16::from_le_bytes(b).to_f32()),
+        DType::BF16 => upcast(data, |b| half::bf16::from_le_bytes(b).to_f32()),
+        DType::F64 => upcast(data, |b| f64::from_le_bytes(b) as f32),
+        _ => return Ok(Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?),
+    };
+    Ok(Var::from_vec(data, shape, &Device::Cpu)?.into_inner())
 }
 
 /// Trainable parameters under the HF key names they are saved with.
