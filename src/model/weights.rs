@@ -11,11 +11,16 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Every tensor of a checkpoint, upcast to f32, by key name; keys are consumed by the model
-/// builders so that leftovers (unknown tensors) can be reported.
+/// The tensors of a checkpoint by key name, upcast to f32 when taken; keys are consumed by the
+/// model builders so that leftovers (unknown tensors) can be reported. Loading maps the files and
+/// reads their headers only: a tensor's bytes are read (and converted) when the model takes it,
+/// and their pages are dropped again at once, so loading needs about the final model's memory.
 pub struct StateDict {
     dir: PathBuf,
-    tensors: HashMap<String, Tensor>,
+    /// The tensors not yet taken, by name.
+    tensors: HashMap<String, Stored>,
+    /// The checkpoint's files, memory-mapped.
+    files: Vec<MappedFile>,
     /// Build a frozen model (see [`Params::frozen`]).
     pub frozen: bool,
     /// Frozen, with the matrices converted to bf16 (see [`Params::weight`]).
@@ -24,6 +29,70 @@ pub struct StateDict {
     pub backend: Backend,
     /// Fresh initialisation instead of a file: `take` draws every tensor (see [`StateDict::random`]).
     random_seed: Option<u64>,
+}
+
+/// A safetensors file mapped read-only, its header parsed and checked against its length.
+struct MappedFile {
+    path: PathBuf,
+    map: memmap2::Mmap,
+    /// Where the data section starts (8 + header length).
+    data_start: usize,
+}
+
+/// Where a tensor lies: its file (index in `StateDict::files`) and header entry.
+struct Stored {
+    file: usize,
+    info: safetensors::tensor::TensorInfo,
+}
+
+impl MappedFile {
+    fn open(path: PathBuf) -> Result<(Self, safetensors::tensor::Metadata)> {
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        // SAFETY: a read-only private mapping that nothing here writes. Every tensor's offsets are
+        // checked against the mapped length just below (`read_metadata` fails unless the header's
+        // data section covers the file exactly), so no read goes past the end of the file. As with
+        // any mapping, another process shrinking the file while it is mapped would fault;
+        // checkpoints are written to a new file and renamed into place, never truncated.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let (header, meta) = safetensors::SafeTensors::read_metadata(&map)
+            .map_err(|e| anyhow!("{}: corrupt safetensors file: {e}", path.display()))?;
+        let data_start = 8 + header;
+        Ok((
+            MappedFile {
+                path,
+                map,
+                data_start,
+            },
+            meta,
+        ))
+    }
+
+    /// The bytes of tensor `info` (within the map: checked at `open`).
+    fn bytes(&self, info: &safetensors::tensor::TensorInfo) -> &[u8] {
+        let (a, b) = info.data_offsets;
+        &self.map[self.data_start + a..self.data_start + b]
+    }
+
+    /// Drops the pages of tensor `info` from this process (they stay in the page cache): touched
+    /// pages of a file mapping count in the resident set until unmapped.
+    fn release(&self, info: &safetensors::tensor::TensorInfo) {
+        let (a, b) = info.data_offsets;
+        // SAFETY: no reference into these bytes is alive (the caller converted them to an owned
+        // tensor), and the map is read-only and never written, so the pages are only dropped: a
+        // later read of a shared page edge faults them back in from the file unchanged. Failure
+        // only costs memory, so it is ignored.
+        unsafe {
+            self.map
+                .unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    self.data_start + a,
+                    b - a,
+                )
+                .ok();
+        }
+    }
 }
 
 /// The safetensors files of a checkpoint directory: `model.safetensors`, or the shards listed in
@@ -56,25 +125,28 @@ fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 impl StateDict {
+    /// Maps the checkpoint's files and reads their headers; a corrupt or truncated file, or a
+    /// tensor of an unsupported dtype, is reported here, naming the file (and tensor).
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("{}: not a directory", dir.display());
         }
         let mut tensors = HashMap::new();
-        for file in checkpoint_files(dir)? {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let st = safetensors::SafeTensors::deserialize(&bytes)
-                .map_err(|e| anyhow!("{}: corrupt safetensors file: {e}", file.display()))?;
-            for (name, view) in st.tensors() {
-                let t = view_to_f32(&view)
-                    .with_context(|| format!("{}: tensor \"{name}\"", file.display()))?;
-                tensors.insert(name, t);
+        let mut files = Vec::new();
+        for path in checkpoint_files(dir)? {
+            let (file, meta) = MappedFile::open(path)?;
+            for (name, info) in meta.tensors() {
+                stored_dtype(info.dtype)
+                    .with_context(|| format!("{}: tensor \"{name}\"", file.path.display()))?;
+                let (file, info) = (files.len(), info.clone());
+                tensors.insert(name, Stored { file, info });
             }
+            files.push(file);
         }
         Ok(StateDict {
             dir: dir.to_path_buf(),
             tensors,
+            files,
             frozen: false,
             bf16: false,
             backend: Backend::cpu(),
@@ -89,6 +161,7 @@ impl StateDict {
         StateDict {
             dir: PathBuf::from("<random init>"),
             tensors: HashMap::new(),
+            files: Vec::new(),
             frozen: false,
             bf16: false,
             backend: Backend::cpu(),
@@ -119,30 +192,38 @@ impl StateDict {
                 })
                 .collect()
         };
-        Tensor::from_vec(data, shape, &Device::Cpu)
+        // A variable owning its data, as `view_to_f32` gives: `Params::add` takes it without a copy.
+        Ok(Var::from_vec(data, shape, &Device::Cpu)?.into_inner())
     }
 
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
-    /// Removes and returns tensor `name`, checking its shape.
+    /// Removes and returns tensor `name`, checking its shape; its bytes are converted to f32 now.
     pub fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         if let Some(seed) = self.random_seed {
             return Ok(Self::draw(seed, name, shape)?);
         }
-        let t = self
+        let Stored { file, info } = self
             .tensors
             .remove(name)
             .ok_or_else(|| anyhow!("{}: missing tensor \"{name}\"", self.dir.display()))?;
-        if t.dims() != shape {
+        if info.shape != shape {
             bail!(
                 "{}: tensor \"{name}\" has shape {:?}, expected {:?}",
                 self.dir.display(),
-                t.dims(),
+                info.shape,
                 shape
             );
         }
+        let file = &self.files[file];
+        let t =
+            safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), file.bytes(&info))
+                .map_err(|e| anyhow!("{e}"))
+                .and_then(|view| view_to_f32(&view))
+                .with_context(|| format!("{}: tensor \"{name}\"", file.path.display()))?;
+        file.release(&info);
         Ok(t)
     }
 
@@ -163,10 +244,9 @@ impl StateDict {
     }
 }
 
-fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
-    let shape = view.shape().to_vec();
-    let data = view.data();
-    let dtype = match view.dtype() {
+/// The candle dtype a stored dtype is read as (before the upcast to f32).
+fn stored_dtype(dtype: safetensors::Dtype) -> Result<DType> {
+    Ok(match dtype {
         safetensors::Dtype::F32 => DType::F32,
         safetensors::Dtype::F16 => DType::F16,
         safetensors::Dtype::BF16 => DType::BF16,
@@ -174,15 +254,28 @@ fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
         safetensors::Dtype::I64 => DType::I64,
         safetensors::Dtype::U8 | safetensors::Dtype::BOOL => DType::U8,
         other => bail!("unsupported dtype {other:?}"),
+    })
+}
+
+/// The tensor of `view`, upcast to f32 (integer buffers keep their dtype). A float tensor comes
+/// back as a candle variable owning its data, so that [`Params::add`] registers it without a copy.
+fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
+    let shape = view.shape().to_vec();
+    let data = view.data();
+    let dtype = stored_dtype(view.dtype())?;
+    fn upcast<const N: usize>(data: &[u8], f: impl Fn([u8; N]) -> f32) -> Vec<f32> {
+        data.chunks_exact(N)
+            .map(|b| f(b.try_into().expect("chunks of N bytes")))
+            .collect()
+    }
+    let data = match dtype {
+        DType::F32 => upcast(data, f32::from_le_bytes),
+        DType::F16 => upcast(data, |b| half::f16::from_le_bytes(b).to_f32()),
+        DType::BF16 => upcast(data, |b| half::bf16::from_le_bytes(b).to_f32()),
+        DType::F64 => upcast(data, |b| f64::from_le_bytes(b) as f32),
+        _ => return Ok(Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?),
     };
-    let t = Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?;
-    Ok(
-        if dtype == DType::F32 || dtype == DType::U8 || dtype == DType::I64 {
-            t
-        } else {
-            t.to_dtype(DType::F32)?
-        },
-    )
+    Ok(Var::from_vec(data, shape, &Device::Cpu)?.into_inner())
 }
 
 /// Trainable parameters under the HF key names they are saved with, on the model's device.
