@@ -6,15 +6,16 @@
 //! as GPT-2 base can); the teacher fine-tuned (SFT); the SFT student baseline; the difficulty
 //! scores of the base student (shared by every POCL run, as in the paper); KD with and without
 //! POCL for each method and training seed; the evaluation protocol on the three test sets; and
-//! report.md. Every training run goes through `pocl train`'s code path with an ordinary recipe.
+//! report.md. Every training run goes through `pocl train`'s code path (`pipeline::run_recipe`) with
+//! an ordinary recipe.
 
-use crate::cli::train::train;
 use crate::config::Recipe;
 use crate::curriculum::schedule::Kind;
 use crate::data::synthetic::{write_benchmark, SynthConfig};
 use crate::data::{load_jsonl, Sample};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::model::init::{init, Shape};
+use crate::pipeline::{load_model, measure_difficulty, run_recipe};
 use crate::train::trainer::last_checkpoint;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -212,7 +213,7 @@ impl Demo {
                 "{name}: training{}",
                 if resume { " (resuming)" } else { "" }
             );
-            train(recipe, &dir, resume).with_context(|| format!("run {name}"))?;
+            run_recipe(recipe, &dir, resume).with_context(|| format!("run {name}"))?;
         }
         Ok(last_checkpoint(&dir))
     }
@@ -361,10 +362,9 @@ impl Demo {
             return Ok(t.seconds);
         }
         let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
-        let (model, tok, eos) = crate::cli::eval::load_model(student, false)?;
+        let (model, tok, eos) = load_model(student, false)?;
         let data = crate::train::splits::Splits::load(&r, &tok)?;
-        let (_, seconds) =
-            crate::cli::train::measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
+        let (_, seconds) = measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
         let t = Timing {
             name: "difficulty measurer".into(),
             seconds,
@@ -397,7 +397,7 @@ impl Demo {
         if !self.fresh && results.is_file() {
             return Ok(serde_json::from_str(&std::fs::read_to_string(&results)?)?);
         }
-        let (model, tok, eos) = crate::cli::eval::load_model(model_dir, false)?;
+        let (model, tok, eos) = load_model(model_dir, false)?;
         let mut decoding = Decoding::paper();
         decoding.max_new_tokens = self.plan.max_new_tokens;
         decoding.max_prompt_len = 96;

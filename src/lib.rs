@@ -7,8 +7,15 @@
 //! - [`kd`]: the distillation objective (divergences, temperature, CE mixing).
 //! - [`data`]: instruction data, the prompt template, batching and masks, the built-in benchmark.
 //! - [`eval`]: ROUGE-L (rouge-score compatible) and the evaluation protocol.
+//! - [`curriculum`]: the difficulty measurer, rank fusion and the stage schedule.
+//! - [`train`]: the trainer, optimiser, checkpoints and data splits.
+//! - [`pipeline`]: what the `pocl` commands and the demo share: loading a model with its tokenizer
+//!   and EOS ids, measuring difficulty, running a recipe.
+//! - [`demo`]: the paper's experiment end to end on the built-in benchmark.
+//!
+//! The `pocl` binary's command-line interface (`src/cli/`) lives outside the library and only
+//! calls into it.
 
-pub mod cli;
 pub mod config;
 pub mod curriculum;
 pub mod data;
@@ -17,6 +24,7 @@ pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod tokenizer;

@@ -97,7 +97,7 @@ fn run(recipe: &Path, out: &Path, sets: &[&str]) {
         &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
     )
     .unwrap();
-    pocl::cli::train::train(r, out, false).unwrap();
+    pocl::pipeline::run_recipe(r, out, false).unwrap();
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {

@@ -2,15 +2,15 @@
 //! (warm-up, then the mean of several repetitions; one JSON line per measurement with the peer's
 //! field names), so ratios against PyTorch come from one machine in one sitting.
 
-use crate::kd::{Divergence, Head, Objective};
-use crate::model::config::ModelConfig;
-use crate::model::generate::{generate, GenerationConfig};
-use crate::model::init::{build_with, config_json, Shape};
-use crate::model::{CausalLm, Input};
-use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
+use pocl::kd::{Divergence, Head, Objective};
+use pocl::model::config::ModelConfig;
+use pocl::model::generate::{generate, GenerationConfig};
+use pocl::model::init::{build_with, config_json, Shape};
+use pocl::model::{CausalLm, Input};
+use pocl::train::optim::{clip_coef, AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -116,7 +116,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     ..Default::default()
                 },
             );
-            let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
+            let denom = pocl::kd::step_denominator(std::slice::from_ref(&mask))?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
             let mut step = |phases: &mut [f64; 5]| -> Result<()> {

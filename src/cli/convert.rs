@@ -17,8 +17,8 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model)?;
-    crate::model::save(model.as_ref(), &a.out, Some(&a.model))?;
+    let model = pocl::model::load_frozen(&a.model)?;
+    pocl::model::save(model.as_ref(), &a.out, Some(&a.model))?;
     let n = model.params().num_elements();
     eprintln!("wrote {} ({} parameters, f32)", a.out.display(), n);
     Ok(())

@@ -1,8 +1,8 @@
 //! `pocl demo`: the whole method on the built-in benchmark, offline (see `demo.rs`).
 
-use crate::demo::{Demo, Plan, Size};
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::demo::{Demo, Plan, Size};
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -1,10 +1,10 @@
 //! `pocl eval`: the paper's multi-seed ROUGE-L evaluation of a model on test sets.
 
-use crate::data::{load_jsonl, Format, LoadOptions, Sample};
-use crate::eval::evaluate::{evaluate, Decoding, EvalConfig};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use pocl::data::{load_jsonl, Format, LoadOptions, Sample};
+use pocl::eval::evaluate::{evaluate, Decoding, EvalConfig};
+use pocl::pipeline::load_model;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -53,24 +53,6 @@ pub fn load_samples(
         samples.truncate(n);
     }
     Ok(samples)
-}
-
-/// The model (frozen; matrices in bf16 when `bf16`), its tokenizer, and its EOS ids
-/// (config.json + generation_config.json).
-pub fn load_model(
-    dir: &Path,
-    bf16: bool,
-) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
-    let model = if bf16 {
-        crate::model::load_frozen_bf16(dir)?
-    } else {
-        crate::model::load_frozen(dir)?
-    };
-    let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
-    let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
-    crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
-        .with_context(|| dir.display().to_string())?;
-    Ok((model, tok, eos))
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {

@@ -19,13 +19,13 @@ pub struct ForwardArgs {
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model)?;
+    let model = pocl::model::load_frozen(&a.model)?;
     check_ids(&a.ids, model.config().vocab_size)?;
-    let logits = crate::model::forward_ids(model.as_ref(), &a.ids)
+    let logits = pocl::model::forward_ids(model.as_ref(), &a.ids)
         .with_context(|| format!("forward pass of {}", a.model.display()))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let bytes = safetensors::serialize([("logits", &logits)], Some(meta))?;
-    crate::write_atomic(&a.output, &bytes)
+    pocl::write_atomic(&a.output, &bytes)
 }
 
 /// Token ids must index the vocabulary; caught before the model would fail obscurely.

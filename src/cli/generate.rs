@@ -1,9 +1,10 @@
 //! `pocl generate`: continue a prompt with a model.
 
-use crate::model::generate::{generate, GenerationConfig};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::model::generate::{generate, GenerationConfig};
+use pocl::pipeline::eos_ids;
+use pocl::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -33,9 +34,9 @@ pub struct GenerateArgs {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     let model = if a.sampling.dtype == "bf16" {
-        crate::model::load_frozen_bf16(&a.model)?
+        pocl::model::load_frozen_bf16(&a.model)?
     } else {
-        crate::model::load_frozen(&a.model)?
+        pocl::model::load_frozen(&a.model)?
     };
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);
@@ -72,28 +73,4 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         println!("{text}");
     }
     Ok(())
-}
-
-/// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
-pub fn eos_ids(dir: &std::path::Path, from_config: &[u32]) -> Vec<u32> {
-    let mut ids = from_config.to_vec();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            let extra: Vec<u32> = match v.get("eos_token_id") {
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
-                Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                None => vec![],
-            };
-            for e in extra {
-                if !ids.contains(&e) {
-                    ids.push(e);
-                }
-            }
-        }
-    }
-    ids
 }

@@ -1,9 +1,9 @@
 //! The decoding and prompt flags shared by `generate`, `eval` and `generate-data`.
 
-use crate::data::{Format, Template};
-use crate::model::generate::Sampling;
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::data::{Format, Template};
+use pocl::model::generate::Sampling;
 
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {

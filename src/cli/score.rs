@@ -1,11 +1,11 @@
 //! `pocl score`: the POCL difficulty measurer on its own (ROUGE-L of the student's greedy answers,
 //! teacher-forced CE, ranks, RRF and buckets), e.g. to inspect or reuse across runs.
 
-use crate::curriculum::fuse::Metric;
-use crate::curriculum::measure::{self, MeasureConfig};
-use crate::data::{EncodeOptions, Format, LoadOptions, Template};
 use anyhow::Result;
 use clap::Args;
+use pocl::curriculum::fuse::Metric;
+use pocl::curriculum::measure::{self, MeasureConfig};
+use pocl::data::{EncodeOptions, Format, LoadOptions, Template};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -48,10 +48,10 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     if a.buckets == 0 {
         anyhow::bail!("--buckets must be at least 1");
     }
-    let model = crate::model::load_frozen(&a.model)?;
-    let eos_ids = super::generate::eos_ids(&a.model, &model.config().eos_token_ids);
-    let tok = crate::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
-    let samples = crate::train::splits::read_samples(
+    let model = pocl::model::load_frozen(&a.model)?;
+    let eos_ids = pocl::pipeline::eos_ids(&a.model, &model.config().eos_token_ids);
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
+    let samples = pocl::train::splits::read_samples(
         &a.data,
         LoadOptions {
             format: a.format,
@@ -64,7 +64,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         max_len: a.max_len,
     };
     let (examples, refs) =
-        crate::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
+        pocl::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
     let cfg = MeasureConfig {
         max_new_tokens: a.max_new_tokens,
         no_repeat_ngram: 6,

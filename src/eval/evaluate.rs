@@ -34,7 +34,7 @@ pub struct Decoding {
     /// Prompts generated together; does not change any answer, only the speed.
     pub batch_size: usize,
     /// A row stops after one of these; empty = the model config's `eos_token_id`s. Callers that
-    /// have the model directory should pass `cli::generate::eos_ids` (adds generation_config.json).
+    /// have the model directory should pass `pipeline::eos_ids` (adds generation_config.json).
     pub eos_ids: Vec<u32>,
 }
 

@@ -146,7 +146,7 @@ impl Trainer {
         let student = model::load(&student_dir)?;
         let (objective, on_policy) = objective_of(&recipe)?;
         let eos_ids =
-            crate::cli::generate::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
+            crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
         let needs_teacher = recipe.objective.loss != "sft";
         let (teacher, kd_vocab) = if needs_teacher {
