@@ -5,7 +5,7 @@
 use pocl::config::Recipe;
 use pocl::data::synthetic::SynthConfig;
 use pocl::data::{collate, Example};
-use pocl::kd::{Divergence, Objective};
+use pocl::kd::{Divergence, Mix, Objective, Targets};
 use pocl::model::init::{init, Shape};
 use pocl::model::{self, Input};
 use std::path::{Path, PathBuf};
@@ -200,11 +200,15 @@ fn kd_loss(s: &Setup, student_dir: &Path, div: Divergence) -> f64 {
         .loss(
             Some(&t),
             &st,
-            &b.labels,
-            &b.loss_mask,
-            1.0,
-            1.0,
-            b.response_tokens() as f64,
+            Targets {
+                labels: &b.labels,
+                mask: &b.loss_mask,
+                denominator: b.response_tokens() as f64,
+            },
+            Mix {
+                temperature: 1.0,
+                kd_weight: 1.0,
+            },
         )
         .unwrap();
     out.kd

@@ -5,7 +5,7 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
-use pocl::kd::{Divergence, Head, Objective};
+use pocl::kd::{Divergence, Head, Mix, Objective, Targets};
 use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::init::{build_with, config_json, Shape};
@@ -145,11 +145,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                         weight: student.lm_head(),
                     },
                     VOCAB,
-                    &labels,
-                    &mask,
-                    1.0,
-                    1.0,
-                    denom,
+                    Targets {
+                        labels: &labels,
+                        mask: &mask,
+                        denominator: denom,
+                    },
+                    Mix {
+                        temperature: 1.0,
+                        kd_weight: 1.0,
+                    },
                 )?;
                 lap(2);
                 let store = out.loss.backward()?;

@@ -12,7 +12,7 @@ use super::optim::{accumulate, clip_coef, AdamW, AdamWConfig, LrSchedule};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::{collate, Example};
-use crate::kd::{Divergence, Head, Objective};
+use crate::kd::{Divergence, Head, Mix, Objective, Targets};
 use crate::model::generate::{generate, GenerationConfig, Sampling};
 use crate::model::{self, CausalLm, Input};
 use crate::tokenizer::Tokenizer;
@@ -242,7 +242,7 @@ impl Trainer {
                 }
                 self.state.stage_started = true;
                 self.log(serde_json::json!({"type": "stage", "stage": st.index, "step": self.state.global_step,
-                    "active_samples": active.len(), "temperature": st.temperature, "kd_weight": st.kd_weight,
+                    "active_samples": active.len(), "temperature": st.mix.temperature, "kd_weight": st.mix.kd_weight,
                     "last_bucket": st.last_bucket, "steps_per_epoch": steps_per_epoch}))?;
             }
             let lr = self.lr_schedule(steps_per_epoch as u64 * epochs as u64);
@@ -268,7 +268,7 @@ impl Trainer {
                     } else {
                         self.state.global_step
                     });
-                    let m = self.step(&batch, st.temperature, st.kd_weight, step_lr)?;
+                    let m = self.step(&batch, st.mix, step_lr)?;
                     self.state.batch_in_epoch += 1;
                     self.state.global_step += 1;
                     self.state.stage_step += 1;
@@ -277,8 +277,8 @@ impl Trainer {
                         "epoch {}/{epochs} loss {:.4} T {:.2} a {:.2}",
                         self.state.epoch + 1,
                         m["loss"].as_f64().unwrap_or(f64::NAN),
-                        st.temperature,
-                        st.kd_weight
+                        st.mix.temperature,
+                        st.mix.kd_weight
                     );
                     bar.advance(1, &status);
                     let mut rec = m;
@@ -287,8 +287,8 @@ impl Trainer {
                     rec["epoch"] = self.state.epoch.into();
                     rec["step"] = self.state.global_step.into();
                     rec["lr"] = step_lr.into();
-                    rec["temperature"] = st.temperature.into();
-                    rec["kd_weight"] = st.kd_weight.into();
+                    rec["temperature"] = st.mix.temperature.into();
+                    rec["kd_weight"] = st.mix.kd_weight.into();
                     rec["elapsed_s"] = elapsed.into();
                     self.log(rec)?;
                     let every = self.recipe.checkpoint.every_steps;
@@ -353,13 +353,7 @@ impl Trainer {
     }
 
     /// One optimiser step on the training positions `batch`; returns the step's metrics.
-    fn step(
-        &mut self,
-        batch: &[usize],
-        temperature: f64,
-        kd_weight: f64,
-        lr: f64,
-    ) -> Result<serde_json::Value> {
+    fn step(&mut self, batch: &[usize], mix: Mix, lr: f64) -> Result<serde_json::Value> {
         let on_policy = self.on_policy > 0.0 && self.rng.random::<f64>() < self.on_policy;
         let examples: Vec<Example> = if on_policy {
             self.student_examples(batch)?
@@ -377,9 +371,7 @@ impl Trainer {
         self.student.params().zero_grad();
         // Gradients are added in micro-batch order (deterministic, so resumed runs are exact).
         // Running micro-batches on parallel threads was measured slower here (PERFORMANCE.md).
-        let per_micro = micro
-            .iter()
-            .map(|b| self.micro_step(b, kd_weight, temperature, tokens));
+        let per_micro = micro.iter().map(|b| self.micro_step(b, mix, tokens));
         let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; n_params];
         let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
         for r in per_micro {
@@ -405,13 +397,7 @@ impl Trainer {
     }
 
     /// Forward and backward of one micro-batch; the loss is already divided by the step's tokens.
-    fn micro_step(
-        &self,
-        b: &crate::data::Batch,
-        kd_weight: f64,
-        temperature: f64,
-        tokens: f64,
-    ) -> Result<MicroResult> {
+    fn micro_step(&self, b: &crate::data::Batch, mix: Mix, tokens: f64) -> Result<MicroResult> {
         let input = Input {
             ids: &b.input_ids,
             positions: &b.position_ids,
@@ -419,7 +405,7 @@ impl Trainer {
         };
         // The heads are fused into the loss: no [tokens, vocab] logits are materialised.
         let teacher_hidden = match &self.teacher {
-            Some(t) if kd_weight > 0.0 => Some(t.hidden(&input, None)?.detach()),
+            Some(t) if mix.kd_weight > 0.0 => Some(t.hidden(&input, None)?.detach()),
             _ => None,
         };
         let teacher = match (&self.teacher, &teacher_hidden) {
@@ -434,16 +420,14 @@ impl Trainer {
             hidden: &student_hidden,
             weight: self.student.lm_head(),
         };
-        let out = self.objective.loss_from_heads(
-            teacher,
-            student,
-            self.kd_vocab,
-            &b.labels.flatten_all()?,
-            &b.loss_mask.flatten_all()?,
-            kd_weight,
-            temperature,
-            tokens,
-        )?;
+        let targets = Targets {
+            labels: &b.labels.flatten_all()?,
+            mask: &b.loss_mask.flatten_all()?,
+            denominator: tokens,
+        };
+        let out = self
+            .objective
+            .loss_from_heads(teacher, student, self.kd_vocab, targets, mix)?;
         let grads = self.student.params().grads(&out.loss.backward()?)?;
         Ok(MicroResult {
             loss: out.loss.to_scalar::<f32>()? as f64,
@@ -570,15 +554,17 @@ impl Trainer {
                 hidden: &hidden,
                 weight: &head,
             };
+            let targets = Targets {
+                labels: &b.labels.flatten_all()?,
+                mask: &b.loss_mask.flatten_all()?,
+                denominator: tokens as f64,
+            };
             let out = self.objective.loss_from_heads(
                 None,
                 student,
                 self.kd_vocab,
-                &b.labels.flatten_all()?,
-                &b.loss_mask.flatten_all()?,
-                0.0,
-                1.0,
-                tokens as f64,
+                targets,
+                Mix::CE_ONLY,
             )?;
             total += out.ce;
         }
