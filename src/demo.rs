@@ -16,7 +16,7 @@ use crate::data::{load_jsonl, Sample};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig, EvalReport};
 use crate::model::init::{init, Shape};
 use crate::pipeline::{load_model, measure_difficulty, run_recipe};
-use crate::train::trainer::last_checkpoint;
+use crate::train::checkpoint::last_checkpoint;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};

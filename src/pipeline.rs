@@ -8,8 +8,9 @@ use crate::curriculum::measure::{self, MeasureConfig};
 use crate::model::config::ModelConfig;
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
+use crate::train::checkpoint::{best_checkpoint, last_checkpoint};
 use crate::train::splits::Splits;
-use crate::train::trainer::{best_checkpoint, last_checkpoint, Trainer};
+use crate::train::trainer::Trainer;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 

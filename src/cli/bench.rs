@@ -5,12 +5,14 @@
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use clap::{Args, Subcommand};
-use pocl::kd::{Divergence, Head, Mix, Objective, Targets};
+use pocl::data::Batch;
+use pocl::kd::{Divergence, Mix, Objective};
 use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::init::{build_with, config_json, Shape};
-use pocl::model::{CausalLm, Input};
-use pocl::train::optim::{clip_coef, AdamW, AdamWConfig};
+use pocl::model::CausalLm;
+use pocl::train::optim::{AdamW, AdamWConfig};
+use pocl::train::step::{self, Phase};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -105,9 +107,27 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let mask: Vec<f32> = (0..b * t)
                 .map(|i| if i % t < 32 { 0.0 } else { 1.0 })
                 .collect();
-            let mask = Tensor::from_vec(mask, b * t, dev)?;
-            let labels = Tensor::zeros(b * t, candle_core::DType::U32, dev)?;
-            let objective = Objective::new(Divergence::Fkl);
+            let mask = Tensor::from_vec(mask, (b, t), dev)?;
+            let labels = Tensor::zeros((b, t), candle_core::DType::U32, dev)?;
+            // One micro-batch of the whole batch, through training's own step.
+            let micro = [Batch {
+                ids: (0..b as u64).collect(),
+                input_ids: ids,
+                attention_mask: key_mask,
+                position_ids: pos,
+                labels,
+                loss_mask: mask,
+            }];
+            let models = step::Models {
+                student: student.as_ref(),
+                teacher: Some(teacher.as_ref()),
+                objective: Objective::new(Divergence::Fkl),
+                kd_vocab: VOCAB,
+            };
+            let mix = Mix {
+                temperature: 1.0,
+                kd_weight: 1.0,
+            };
             let mut opt = AdamW::new(
                 student.params().iter(),
                 AdamWConfig {
@@ -116,73 +136,28 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     ..Default::default()
                 },
             );
-            let denom = pocl::kd::step_denominator(std::slice::from_ref(&mask))?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
-            let mut step = |phases: &mut [f64; 5]| -> Result<()> {
+            let mut timed_step = |phases: &mut [f64; 5]| -> Result<()> {
                 let mut clock = Instant::now();
-                let mut lap = |i: usize| {
-                    phases[i] += clock.elapsed().as_secs_f64();
+                let mut lap = |p: Phase| {
+                    phases[p as usize] += clock.elapsed().as_secs_f64();
                     clock = Instant::now();
                 };
-                student.params().zero_grad();
-                let input = Input {
-                    ids: &ids,
-                    positions: &pos,
-                    key_mask: &key_mask,
-                };
-                let th = teacher.hidden(&input, None)?;
-                lap(0);
-                let sh = student.hidden(&input, None)?;
-                lap(1);
-                let out = objective.loss_from_heads(
-                    Some(Head {
-                        hidden: &th,
-                        weight: teacher.lm_head(),
-                    }),
-                    Head {
-                        hidden: &sh,
-                        weight: student.lm_head(),
-                    },
-                    VOCAB,
-                    Targets {
-                        labels: &labels,
-                        mask: &mask,
-                        denominator: denom,
-                    },
-                    Mix {
-                        temperature: 1.0,
-                        kd_weight: 1.0,
-                    },
-                )?;
-                lap(2);
-                let store = out.loss.backward()?;
-                drop(out); // the graph, with its activations
-                lap(3);
-                let grads = student.params().grads(&store)?;
-                drop(store);
-                let (_, coef) = clip_coef(&grads, 1.0)?;
-                opt.update(&grads, coef, 1e-4)?;
-                lap(4);
+                step::optimizer_step(&models, &mut opt, &micro, mix, 1e-4, 1.0, &mut lap)?;
                 Ok(())
             };
             for _ in 0..2 {
-                step(&mut phases)?;
+                timed_step(&mut phases)?;
             }
             phases = [0.0; 5];
             let t0 = Instant::now();
             for _ in 0..a.reps {
-                step(&mut phases)?;
+                timed_step(&mut phases)?;
             }
-            let names = [
-                "teacher_forward",
-                "student_forward",
-                "fused_head_loss",
-                "student_backward",
-                "optimizer",
-            ];
-            let breakdown: serde_json::Map<String, serde_json::Value> = names
+            let breakdown: serde_json::Map<String, serde_json::Value> = Phase::ALL
                 .iter()
+                .map(|p| p.name())
                 .zip(phases)
                 .map(|(n, s)| {
                     (

@@ -24,8 +24,8 @@ fn cell((m, s): (f64, f64)) -> String {
 
 /// Seconds a finished run spent training (from its last checkpoint's trainer state).
 pub fn train_seconds(run_dir: &std::path::Path) -> Option<f64> {
-    let p =
-        crate::train::trainer::last_checkpoint(run_dir).join(crate::train::checkpoint::STATE_FILE);
+    let p = crate::train::checkpoint::last_checkpoint(run_dir)
+        .join(crate::train::checkpoint::STATE_FILE);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
     v["train_seconds"].as_f64()
 }
@@ -193,16 +193,9 @@ pub fn demo_plots(demo: &Demo) -> Result<Vec<(String, String)>> {
     let (Some(method), Some(seed)) = (p.methods.first(), p.train_seeds.first()) else {
         return Ok(vec![]);
     };
-    let kd = read_jsonl(
-        &demo
-            .out
-            .join(format!("runs/{method}-s{seed}/metrics.jsonl")),
-    );
-    let pocl = read_jsonl(
-        &demo
-            .out
-            .join(format!("runs/{method}-pocl-s{seed}/metrics.jsonl")),
-    );
+    let metrics = |run: String| read_jsonl(&crate::train::metrics::path(&demo.out.join(run)));
+    let kd = metrics(format!("runs/{method}-s{seed}"));
+    let pocl = metrics(format!("runs/{method}-pocl-s{seed}"));
     // Stage boundaries of the POCL run, in samples seen.
     let mut markers = Vec::new();
     let mut seen = 0.0;
