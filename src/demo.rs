@@ -14,8 +14,9 @@ use crate::curriculum::schedule::Kind;
 use crate::data::synthetic::{write_benchmark, SynthConfig};
 use crate::data::{load_jsonl, Sample};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig, EvalReport};
+use crate::kd::LossKind;
 use crate::model::init::{init, Shape};
-use crate::pipeline::{load_model, measure_difficulty, run_recipe};
+use crate::pipeline::{load_model, measure_difficulty, run_recipe, Precision};
 use crate::train::checkpoint::last_checkpoint;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,7 @@ pub struct Plan {
     pub epochs_per_stage: usize,
     /// Baselines get the same number of sample visits as POCL: E·(S+1)/2 epochs, rounded.
     pub baseline_epochs: usize,
-    pub methods: Vec<String>,
+    pub methods: Vec<LossKind>,
     pub train_seeds: Vec<u64>,
     pub eval_seeds: Vec<u64>,
     pub max_new_tokens: usize,
@@ -56,6 +57,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(size: Size, seeds: Option<usize>) -> Self {
+        use LossKind::*;
         let (n_train, n_test, teacher, student, pre, tsft, eps, methods, nseeds, eval_seeds): (
             _,
             _,
@@ -64,11 +66,11 @@ impl Plan {
             _,
             _,
             _,
-            &[&str],
+            &[LossKind],
             _,
             &[u64],
         ) = match size {
-            Size::Quick => (240, 24, (64, 2), (32, 1), 1, 3, 1, &["fkl"], 1, &[10]),
+            Size::Quick => (240, 24, (64, 2), (32, 1), 1, 3, 1, &[Fkl], 1, &[10]),
             Size::Default => (
                 1600,
                 100,
@@ -77,7 +79,7 @@ impl Plan {
                 2,
                 12,
                 2,
-                &["fkl", "srkl", "gkd"],
+                &[Fkl, Srkl, Gkd],
                 2,
                 &[10, 20],
             ),
@@ -89,7 +91,7 @@ impl Plan {
                 2,
                 12,
                 2,
-                &["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gkd"],
+                &[Fkl, Rkl, Jsd, Tvd, Skl, Srkl, Gkd],
                 3,
                 &[10, 20, 30, 40, 50],
             ),
@@ -106,7 +108,7 @@ impl Plan {
             stages,
             epochs_per_stage: eps,
             baseline_epochs: (eps * (stages + 1)).div_ceil(2),
-            methods: methods.iter().map(|m| m.to_string()).collect(),
+            methods: methods.to_vec(),
             train_seeds: (0..seeds.unwrap_or(nseeds) as u64)
                 .map(|k| 10 + k)
                 .collect(),
@@ -158,7 +160,7 @@ impl Demo {
         &self,
         teacher: Option<&Path>,
         student: &Path,
-        loss: &str,
+        loss: LossKind,
         kind: Kind,
         seed: u64,
     ) -> Recipe {
@@ -176,7 +178,7 @@ impl Demo {
         r.data.template = "plain".into();
         r.data.max_prompt_len = 96;
         r.data.max_len = 160;
-        r.objective.loss = loss.into();
+        r.objective.loss = loss;
         r.curriculum.kind = kind;
         r.curriculum.stages = p.stages;
         r.curriculum.epochs_per_stage = p.epochs_per_stage;
@@ -265,7 +267,7 @@ impl Demo {
                 };
                 init("gpt2", &shape, &data, &init_dir, seed)?;
             }
-            let mut r = self.recipe(None, &init_dir, "sft", Kind::None, 10);
+            let mut r = self.recipe(None, &init_dir, LossKind::Sft, Kind::None, 10);
             r.data.train = data.join("pretrain.jsonl");
             r.data.format = "processed".into();
             r.data.dev = None; // pretraining needs no dev evaluation
@@ -278,7 +280,7 @@ impl Demo {
         let (teacher_base, student_base) = (bases[0].clone(), bases[1].clone());
 
         phase("teacher: supervised fine-tuning");
-        let mut r = self.recipe(None, &teacher_base, "sft", Kind::None, 10);
+        let mut r = self.recipe(None, &teacher_base, LossKind::Sft, Kind::None, 10);
         r.optim.epochs = p.teacher_sft_epochs;
         let teacher = self.train_once("teacher-sft", r)?;
 
@@ -288,18 +290,18 @@ impl Demo {
         let measure_seconds = self.measure(&student_base)?;
 
         phase("baselines and distillation runs");
-        let mut runs: Vec<(String, String, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
+        let mut runs: Vec<(String, LossKind, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
         for &seed in &p.train_seeds {
-            runs.push((format!("sft-s{seed}"), "sft".into(), false, seed));
-            for m in &p.methods {
-                runs.push((format!("{m}-s{seed}"), m.clone(), false, seed));
-                runs.push((format!("{m}-pocl-s{seed}"), m.clone(), true, seed));
+            runs.push((format!("sft-s{seed}"), LossKind::Sft, false, seed));
+            for &m in &p.methods {
+                runs.push((format!("{m}-s{seed}"), m, false, seed));
+                runs.push((format!("{m}-pocl-s{seed}"), m, true, seed));
             }
         }
         for (name, method, pocl, seed) in &runs {
             let kind = if *pocl { Kind::Pocl } else { Kind::None };
-            let t = (method != "sft").then_some(teacher.as_path());
-            let r = self.recipe(t, &student_base, method, kind, *seed);
+            let t = (*method != LossKind::Sft).then_some(teacher.as_path());
+            let r = self.recipe(t, &student_base, *method, kind, *seed);
             self.train_once(name, r)?;
         }
 
@@ -361,8 +363,8 @@ impl Demo {
             let t: Timing = serde_json::from_str(&std::fs::read_to_string(&timing)?)?;
             return Ok(t.seconds);
         }
-        let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
-        let (model, tok, eos) = load_model(student, false)?;
+        let r = self.recipe(None, student, LossKind::Sft, Kind::Pocl, 10);
+        let (model, tok, eos) = load_model(student, Precision::F32)?;
         let data = crate::train::splits::Splits::load(&r, &tok)?;
         let (_, seconds) = measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
         let t = Timing {
@@ -397,7 +399,7 @@ impl Demo {
         if !self.fresh && results.is_file() {
             return Ok(serde_json::from_str(&std::fs::read_to_string(&results)?)?);
         }
-        let (model, tok, eos) = load_model(model_dir, false)?;
+        let (model, tok, eos) = load_model(model_dir, Precision::F32)?;
         let mut decoding = Decoding::paper();
         decoding.max_new_tokens = self.plan.max_new_tokens;
         decoding.max_prompt_len = 96;

@@ -12,7 +12,29 @@ use crate::train::checkpoint::{best_checkpoint, last_checkpoint};
 use crate::train::splits::Splits;
 use crate::train::trainer::Trainer;
 use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// The precision of a frozen model's matrices (recipe key `model.teacher_dtype`, `--dtype`):
+/// `f32`, exact (the matrices as stored, upcast to f32), or `bf16`, converted once to bf16 and
+/// packed (AMX tiles where the CPU has them; half the memory, at bf16's precision; norms and
+/// biases stay f32).
+// (Plain comments on the variants: clap would turn doc comments into per-value help.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+/// The model in `dir`, frozen (forward only), with its matrices in `precision`.
+pub fn load_frozen(dir: &Path, precision: Precision) -> Result<Box<dyn CausalLm>> {
+    match precision {
+        Precision::F32 => crate::model::load_frozen(dir),
+        Precision::Bf16 => crate::model::load_frozen_bf16(dir),
+    }
+}
 
 /// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
 pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
@@ -38,14 +60,13 @@ pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
     ids
 }
 
-/// The model in `dir` for inference (frozen; matrices in bf16 when `bf16`), its tokenizer, and
-/// its EOS ids ([`eos_ids`]); fails when the tokenizer does not fit the model.
-pub fn load_model(dir: &Path, bf16: bool) -> Result<(Box<dyn CausalLm>, Tokenizer, Vec<u32>)> {
-    let model = if bf16 {
-        crate::model::load_frozen_bf16(dir)?
-    } else {
-        crate::model::load_frozen(dir)?
-    };
+/// The model in `dir` for inference ([`load_frozen`] in `precision`), its tokenizer, and its EOS
+/// ids ([`eos_ids`]); fails when the tokenizer does not fit the model.
+pub fn load_model(
+    dir: &Path,
+    precision: Precision,
+) -> Result<(Box<dyn CausalLm>, Tokenizer, Vec<u32>)> {
+    let model = load_frozen(dir, precision)?;
     let eos = eos_ids(dir, &model.config().eos_token_ids);
     let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
     crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
@@ -128,7 +149,7 @@ pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
                 Some(measure::read_scores(&run_dir.join("scores.jsonl"))?)
             }
             None => {
-                let student = crate::model::load_frozen(&student_dir)?;
+                let student = load_frozen(&student_dir, Precision::F32)?;
                 let (s, _) = measure_difficulty(
                     &recipe,
                     student.as_ref(),

@@ -11,6 +11,7 @@ use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::init::{build_with, config_json, Shape};
 use pocl::model::CausalLm;
+use pocl::pipeline::Precision;
 use pocl::train::optim::{AdamW, AdamWConfig};
 use pocl::train::step::{self, Phase};
 use rand::{Rng, SeedableRng};
@@ -36,11 +37,11 @@ pub struct BenchArgs {
     pub reps: usize,
     /// kd-step: the teacher's matrices in "f32" (as the peer) or "bf16" (recipe key
     /// model.teacher_dtype). The student is f32 either way.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub teacher_dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub teacher_dtype: Precision,
     /// generate: the decoded model's matrices in "f32" (as the peer) or "bf16" (frozen, packed).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 fn gpt2(
@@ -94,7 +95,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let dev = &Device::Cpu;
     match cmd {
         BenchCommand::KdStep(a) => {
-            let teacher = gpt2(768, 12, 12, 1, true, a.teacher_dtype == "bf16")?;
+            let teacher = gpt2(768, 12, 12, 1, true, a.teacher_dtype == Precision::Bf16)?;
             let student = gpt2(512, 6, 8, 2, false, false)?;
             let (b, t) = (4, 128);
             let ids = Tensor::from_vec(random_ids(&mut rng, b * t), (b, t), dev)?;
@@ -175,7 +176,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             );
         }
         BenchCommand::Generate(a) => {
-            let student = gpt2(512, 6, 8, 2, true, a.dtype == "bf16")?;
+            let student = gpt2(512, 6, 8, 2, true, a.dtype == Precision::Bf16)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.

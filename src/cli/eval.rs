@@ -69,7 +69,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("{}: not a file name", path.display()))?;
         sets.push((name, load_samples(path, a.prompts.format, a.prompts.limit)?));
     }
-    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype == "bf16")?;
+    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype)?;
     let cfg = EvalConfig {
         seeds: a.seeds,
         decoding: Decoding {

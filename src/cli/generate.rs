@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use pocl::model::generate::{generate, GenerationConfig};
-use pocl::pipeline::eos_ids;
+use pocl::pipeline::{eos_ids, load_frozen};
 use pocl::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
@@ -33,11 +33,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let model = if a.sampling.dtype == "bf16" {
-        pocl::model::load_frozen_bf16(&a.model)?
-    } else {
-        pocl::model::load_frozen(&a.model)?
-    };
+    let model = load_frozen(&a.model, a.sampling.dtype)?;
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);
     let tok = if a.prompt.is_some() || a.json || a.ids.is_none() {

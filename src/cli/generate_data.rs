@@ -57,7 +57,7 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
             a.data.display()
         );
     }
-    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype == "bf16")?;
+    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype)?;
     let dec = Decoding {
         sampling,
         max_new_tokens: a.max_new_tokens,

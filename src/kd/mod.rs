@@ -45,12 +45,14 @@ pub mod divergence;
 pub mod fastmath;
 pub mod head;
 pub mod kernel;
+pub mod loss_kind;
 pub mod naive;
 pub mod objective;
 pub mod vocab;
 
 pub use divergence::{Divergence, DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCE_NAMES, LOG_PROB_FLOOR};
 pub use head::Head;
+pub use loss_kind::LossKind;
 pub use objective::{Mix, Objective, ObjectiveOutput, Targets};
 
 use anyhow::{bail, Context, Result};

@@ -14,7 +14,7 @@ use super::{dev, metrics, step};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::Example;
-use crate::kd::{Divergence, Mix, Objective};
+use crate::kd::{Divergence, LossKind, Mix, Objective};
 use crate::model::generate::{generate, GenerationConfig, Sampling};
 use crate::model::{self, CausalLm};
 use crate::tokenizer::Tokenizer;
@@ -78,10 +78,10 @@ pub struct Trainer {
 /// The divergence and on-policy fraction a loss name stands for (`gkd` = on-policy jsd).
 pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
     let o = &recipe.objective;
-    let (name, on_policy) = match o.loss.as_str() {
-        "gkd" => ("jsd", recipe.gkd.lambda),
-        "sft" => ("fkl", 0.0),
-        n => (n, 0.0),
+    let (name, on_policy) = match o.loss {
+        LossKind::Gkd => ("jsd", recipe.gkd.lambda),
+        LossKind::Sft => ("fkl", 0.0),
+        k => (k.name(), 0.0),
     };
     // α and β are recipe-wide defaults; each divergence takes only its own.
     let alpha = matches!(name, "skl" | "srkl").then_some(o.alpha);
@@ -117,14 +117,10 @@ impl Trainer {
         let eos_ids =
             crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
-        let needs_teacher = recipe.objective.loss != "sft";
+        let needs_teacher = recipe.objective.loss != LossKind::Sft;
         let (teacher, kd_vocab) = if needs_teacher {
             let dir = recipe.model.teacher.as_ref().expect("validated");
-            let t = if recipe.model.teacher_dtype == "bf16" {
-                model::load_frozen_bf16(dir)?
-            } else {
-                model::load_frozen(dir)?
-            };
+            let t = crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype)?;
             let tt = Tokenizer::from_dir(dir, None)?;
             let v = crate::kd::vocab::common_vocab(
                 &tt,
