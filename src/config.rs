@@ -341,8 +341,7 @@ impl Recipe {
         if self.data.train.as_os_str().is_empty() {
             bail!("data.train: required");
         }
-        let needs_teacher = self.objective.loss != LossKind::Sft;
-        if needs_teacher && self.model.teacher.is_none() {
+        if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);
         }
         if c.stages == 0 {
@@ -408,7 +407,7 @@ impl Recipe {
         let c = &self.curriculum;
         let fixed = !c.kind.rises();
         // SFT is the objective with KD weight 0 at every stage: no teacher term at all.
-        let sft = self.objective.loss == LossKind::Sft;
+        let sft = !self.objective.loss.needs_teacher();
         let (a_start, a_end) = match (sft, fixed) {
             (true, _) => (0.0, 0.0),
             (false, true) => (self.objective.kd_weight, self.objective.kd_weight),

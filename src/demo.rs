@@ -300,7 +300,7 @@ impl Demo {
         }
         for (name, method, pocl, seed) in &runs {
             let kind = if *pocl { Kind::Pocl } else { Kind::None };
-            let t = (*method != LossKind::Sft).then_some(teacher.as_path());
+            let t = method.needs_teacher().then_some(teacher.as_path());
             let r = self.recipe(t, &student_base, *method, kind, *seed);
             self.train_once(name, r)?;
         }

@@ -60,6 +60,15 @@ pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
     ids
 }
 
+/// The padding id of a model: its config's `pad_token_id`, else its first EOS id, else 0.
+/// Padding never reaches a loss or an answer (masks exclude it); the id only has to be valid.
+pub fn pad_id(config: &ModelConfig, eos_ids: &[u32]) -> u32 {
+    config
+        .pad_token_id
+        .or(eos_ids.first().copied())
+        .unwrap_or(0)
+}
+
 /// The model in `dir` for inference ([`load_frozen`] in `precision`), its tokenizer, and its EOS
 /// ids ([`eos_ids`]); fails when the tokenizer does not fit the model.
 pub fn load_model(
@@ -98,11 +107,7 @@ pub fn measure_difficulty(
         data.train.len()
     );
     let t0 = std::time::Instant::now();
-    let pad = student
-        .config()
-        .pad_token_id
-        .or(eos_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pad_id(student.config(), eos_ids);
     let scores = measure::measure(
         student,
         tok,

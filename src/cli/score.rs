@@ -73,11 +73,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         rrf_k: a.rrf_k,
         buckets: a.buckets,
     };
-    let pad = model
-        .config()
-        .pad_token_id
-        .or(eos_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pocl::pipeline::pad_id(model.config(), &eos_ids);
     let t0 = std::time::Instant::now();
     let scores = measure::measure(model.as_ref(), &tok, &examples, &refs, &eos_ids, pad, &cfg)?;
     measure::write_scores(&a.out, &scores)?;

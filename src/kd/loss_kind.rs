@@ -2,6 +2,7 @@
 //! SFT (cross-entropy on the references alone). Parsed once, when the recipe is read; written
 //! back under the same names.
 
+use super::Divergence;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +32,31 @@ impl LossKind {
         LossKind::Gkd,
         LossKind::Sft,
     ];
+
+    /// Whether the loss compares the student with a teacher: every kind but SFT. SFT trains
+    /// without one, at KD weight 0 in every stage (`config::Recipe::schedule`).
+    pub fn needs_teacher(self) -> bool {
+        self != LossKind::Sft
+    }
+
+    /// Whether part of the batches are answered by the student before the loss (GKD).
+    pub fn on_policy(self) -> bool {
+        self == LossKind::Gkd
+    }
+
+    /// The divergence the KD term uses: the kind's own, JSD for GKD, and for SFT (whose KD
+    /// weight is 0) forward KL as a stand-in. `alpha` and `beta` are the recipe-wide values;
+    /// each divergence takes only its own (α: skl, srkl; β: jsd).
+    pub fn divergence(self, alpha: f64, beta: f64) -> anyhow::Result<Divergence> {
+        let name = match self {
+            LossKind::Gkd => "jsd",
+            LossKind::Sft => "fkl",
+            k => k.name(),
+        };
+        let alpha = matches!(name, "skl" | "srkl").then_some(alpha);
+        let beta = (name == "jsd").then_some(beta);
+        Divergence::parse(name, alpha, beta)
+    }
 
     /// The name recipes use.
     pub fn name(self) -> &'static str {

@@ -14,7 +14,7 @@ use super::{dev, metrics, step};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::data::Example;
-use crate::kd::{Divergence, LossKind, Mix, Objective};
+use crate::kd::{Mix, Objective};
 use crate::model::generate::{generate, GenerationConfig, Sampling};
 use crate::model::{self, CausalLm};
 use crate::tokenizer::Tokenizer;
@@ -75,18 +75,18 @@ pub struct Trainer {
     started: Instant,
 }
 
-/// The divergence and on-policy fraction a loss name stands for (`gkd` = on-policy jsd).
+/// The objective and on-policy probability λ (0 unless the loss is on-policy) of a recipe.
 pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
     let o = &recipe.objective;
-    let (name, on_policy) = match o.loss {
-        LossKind::Gkd => ("jsd", recipe.gkd.lambda),
-        LossKind::Sft => ("fkl", 0.0),
-        k => (k.name(), 0.0),
+    let divergence = o
+        .loss
+        .divergence(o.alpha, o.beta)
+        .context("objective.loss")?;
+    let on_policy = if o.loss.on_policy() {
+        recipe.gkd.lambda
+    } else {
+        0.0
     };
-    // α and β are recipe-wide defaults; each divergence takes only its own.
-    let alpha = matches!(name, "skl" | "srkl").then_some(o.alpha);
-    let beta = (name == "jsd").then_some(o.beta);
-    let divergence = Divergence::parse(name, alpha, beta).context("objective.loss")?;
     Ok((
         Objective {
             divergence,
@@ -117,8 +117,7 @@ impl Trainer {
         let eos_ids =
             crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
-        let needs_teacher = recipe.objective.loss != LossKind::Sft;
-        let (teacher, kd_vocab) = if needs_teacher {
+        let (teacher, kd_vocab) = if recipe.objective.loss.needs_teacher() {
             let dir = recipe.model.teacher.as_ref().expect("validated");
             let t = crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype)?;
             let tt = Tokenizer::from_dir(dir, None)?;
@@ -139,11 +138,7 @@ impl Trainer {
         } else {
             (None, student.config().vocab_size)
         };
-        let pad_id = student
-            .config()
-            .pad_token_id
-            .or(eos_ids.first().copied())
-            .unwrap_or(0);
+        let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
         let opt = AdamW::new(student.params().iter(), adamw_config(&recipe));
         let mut state = TrainState::default();
