@@ -5,6 +5,8 @@
 use crate::backend::{Backend, DeviceChoice, Kernels};
 use crate::curriculum::fuse::Metric;
 use crate::curriculum::schedule::{Kind, Schedule};
+use crate::kd::LossKind;
+use crate::pipeline::Precision;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ pub struct ModelSection {
     pub student: PathBuf,
     /// "f32", or "bf16": the teacher's matrices converted once to bf16 (AMX tiles where the CPU
     /// has them; half the teacher's memory). The student always trains in f32.
-    pub teacher_dtype: String,
+    pub teacher_dtype: Precision,
 }
 
 impl Default for ModelSection {
@@ -44,7 +46,7 @@ impl Default for ModelSection {
         ModelSection {
             teacher: None,
             student: PathBuf::new(),
-            teacher_dtype: "f32".into(),
+            teacher_dtype: Precision::F32,
         }
     }
 }
@@ -85,7 +87,7 @@ impl Default for DataSection {
 #[serde(deny_unknown_fields, default)]
 pub struct ObjectiveSection {
     /// fkl, rkl, jsd, tvd, skl, srkl, or gkd (on-policy jsd), or sft (no teacher).
-    pub loss: String,
+    pub loss: LossKind,
     /// skl / srkl mixing α.
     pub alpha: f64,
     /// jsd mixing β.
@@ -100,7 +102,7 @@ pub struct ObjectiveSection {
 impl Default for ObjectiveSection {
     fn default() -> Self {
         ObjectiveSection {
-            loss: "fkl".into(),
+            loss: LossKind::Fkl,
             alpha: 0.1,
             beta: 0.1,
             t2: true,
@@ -288,6 +290,19 @@ fn parse_value(s: &str) -> toml::Value {
     }
 }
 
+/// A recipe deserialisation error on one line, led by the key it is about ("objective.loss:
+/// unknown loss ...", "optim: unknown field ..."). toml puts the key on a line of its own.
+fn keyed_message(e: &toml::de::Error) -> String {
+    let text = e.to_string();
+    let message = e.message().trim();
+    match text.trim_end().lines().last() {
+        Some(last) if last.starts_with("in `") && last.ends_with('`') => {
+            format!("{}: {message}", &last[4..last.len() - 1])
+        }
+        _ => message.to_string(),
+    }
+}
+
 impl Recipe {
     /// Reads a recipe, applies `section.key=value` overrides, resolves relative paths against
     /// the recipe's directory, and validates it.
@@ -317,7 +332,7 @@ impl Recipe {
         }
         let mut r: Recipe = toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), e.message().trim()))?;
+            .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), keyed_message(&e)))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
@@ -340,20 +355,13 @@ impl Recipe {
     pub fn validate(&self) -> Result<()> {
         let c = &self.curriculum;
         let o = &self.optim;
-        if !["f32", "bf16"].contains(&self.model.teacher_dtype.as_str()) {
-            bail!(
-                "model.teacher_dtype: \"{}\" is not one of \"f32\", \"bf16\"",
-                self.model.teacher_dtype
-            );
-        }
         if self.model.student.as_os_str().is_empty() {
             bail!("model.student: required");
         }
         if self.data.train.as_os_str().is_empty() {
             bail!("data.train: required");
         }
-        let needs_teacher = self.objective.loss != "sft";
-        if needs_teacher && self.model.teacher.is_none() {
+        if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);
         }
         if c.stages == 0 {
@@ -419,7 +427,7 @@ impl Recipe {
         let c = &self.curriculum;
         let fixed = !c.kind.rises();
         // SFT is the objective with KD weight 0 at every stage: no teacher term at all.
-        let sft = self.objective.loss == "sft";
+        let sft = !self.objective.loss.needs_teacher();
         let (a_start, a_end) = match (sft, fixed) {
             (true, _) => (0.0, 0.0),
             (false, true) => (self.objective.kd_weight, self.objective.kd_weight),
@@ -498,12 +506,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (
-                r.objective.loss.as_str(),
-                r.curriculum.stages,
-                r.curriculum.kind
-            ),
-            ("rkl", 2, Kind::Anti)
+            (r.objective.loss, r.curriculum.stages, r.curriculum.kind),
+            (LossKind::Rkl, 2, Kind::Anti)
         );
         let e = Recipe::load(&p, &["curriculum.stages=0".into()]).unwrap_err();
         assert!(format!("{e:#}").contains("curriculum.stages"), "{e:#}");
@@ -517,6 +521,38 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{e:#}").contains("sideways"), "{e:#}");
+        // Typed choices: the error names the key and lists the choices, on one line.
+        let e = Recipe::load(&p, &["objective.loss=kl".into()]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("objective.loss: unknown loss \"kl\"; choose one of fkl, rkl")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
+        let e = Recipe::load(&p, &["model.teacher_dtype=f16".into()]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("model.teacher_dtype: unknown variant `f16`, expected `f32` or `bf16`"),
+            "{msg}"
+        );
+        // The spellings recipes use load, and a resolved recipe writes them back unchanged.
+        let r = Recipe::load(
+            &p,
+            &[
+                "objective.loss=gkd".into(),
+                "model.teacher_dtype=bf16".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (r.objective.loss, r.model.teacher_dtype),
+            (LossKind::Gkd, Precision::Bf16)
+        );
+        let text = toml::to_string_pretty(&r).unwrap();
+        assert!(
+            text.contains("teacher_dtype = \"bf16\"") && text.contains("loss = \"gkd\""),
+            "{text}"
+        );
     }
 }
 

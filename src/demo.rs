@@ -6,16 +6,18 @@
 //! as GPT-2 base can); the teacher fine-tuned (SFT); the SFT student baseline; the difficulty
 //! scores of the base student (shared by every POCL run, as in the paper); KD with and without
 //! POCL for each method and training seed; the evaluation protocol on the three test sets; and
-//! report.md. Every training run goes through `pocl train`'s code path with an ordinary recipe.
+//! report.md. Every training run goes through `pocl train`'s code path (`pipeline::run_recipe`) with
+//! an ordinary recipe.
 
-use crate::cli::train::train;
-use crate::config::Recipe;
+use crate::config::{Recipe, RunSection};
 use crate::curriculum::schedule::Kind;
 use crate::data::synthetic::{write_benchmark, SynthConfig};
 use crate::data::{load_jsonl, Sample};
 use crate::eval::evaluate::{evaluate, Decoding, EvalConfig, EvalReport};
+use crate::kd::LossKind;
 use crate::model::init::{init, Shape};
-use crate::train::trainer::last_checkpoint;
+use crate::pipeline::{load_model, measure_difficulty, run_recipe, Precision};
+use crate::train::checkpoint::last_checkpoint;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -45,7 +47,7 @@ pub struct Plan {
     pub epochs_per_stage: usize,
     /// Baselines get the same number of sample visits as POCL: E·(S+1)/2 epochs, rounded.
     pub baseline_epochs: usize,
-    pub methods: Vec<String>,
+    pub methods: Vec<LossKind>,
     pub train_seeds: Vec<u64>,
     pub eval_seeds: Vec<u64>,
     pub max_new_tokens: usize,
@@ -55,6 +57,7 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(size: Size, seeds: Option<usize>) -> Self {
+        use LossKind::*;
         let (n_train, n_test, teacher, student, pre, tsft, eps, methods, nseeds, eval_seeds): (
             _,
             _,
@@ -63,11 +66,11 @@ impl Plan {
             _,
             _,
             _,
-            &[&str],
+            &[LossKind],
             _,
             &[u64],
         ) = match size {
-            Size::Quick => (240, 24, (64, 2), (32, 1), 1, 3, 1, &["fkl"], 1, &[10]),
+            Size::Quick => (240, 24, (64, 2), (32, 1), 1, 3, 1, &[Fkl], 1, &[10]),
             Size::Default => (
                 1600,
                 100,
@@ -76,7 +79,7 @@ impl Plan {
                 2,
                 12,
                 2,
-                &["fkl", "srkl", "gkd"],
+                &[Fkl, Srkl, Gkd],
                 2,
                 &[10, 20],
             ),
@@ -88,7 +91,7 @@ impl Plan {
                 2,
                 12,
                 2,
-                &["fkl", "rkl", "jsd", "tvd", "skl", "srkl", "gkd"],
+                &[Fkl, Rkl, Jsd, Tvd, Skl, Srkl, Gkd],
                 3,
                 &[10, 20, 30, 40, 50],
             ),
@@ -105,7 +108,7 @@ impl Plan {
             stages,
             epochs_per_stage: eps,
             baseline_epochs: (eps * (stages + 1)).div_ceil(2),
-            methods: methods.iter().map(|m| m.to_string()).collect(),
+            methods: methods.to_vec(),
             train_seeds: (0..seeds.unwrap_or(nseeds) as u64)
                 .map(|k| 10 + k)
                 .collect(),
@@ -120,6 +123,8 @@ impl Plan {
 pub struct Demo {
     pub out: PathBuf,
     pub plan: Plan,
+    /// Where every model of the demo computes (recipe section `run`).
+    pub run: RunSection,
     /// Redo every phase instead of reusing an earlier demo's results.
     pub fresh: bool,
 }
@@ -157,7 +162,7 @@ impl Demo {
         &self,
         teacher: Option<&Path>,
         student: &Path,
-        loss: &str,
+        loss: LossKind,
         kind: Kind,
         seed: u64,
     ) -> Recipe {
@@ -175,7 +180,7 @@ impl Demo {
         r.data.template = "plain".into();
         r.data.max_prompt_len = 96;
         r.data.max_len = 160;
-        r.objective.loss = loss.into();
+        r.objective.loss = loss;
         r.curriculum.kind = kind;
         r.curriculum.stages = p.stages;
         r.curriculum.epochs_per_stage = p.epochs_per_stage;
@@ -190,6 +195,7 @@ impl Demo {
         r.gkd.max_new_tokens = p.max_new_tokens;
         r.curriculum.score_max_new_tokens = p.max_new_tokens;
         r.curriculum.score_batch_size = 32;
+        r.run = self.run.clone();
         r
     }
 
@@ -212,19 +218,35 @@ impl Demo {
                 "{name}: training{}",
                 if resume { " (resuming)" } else { "" }
             );
-            train(recipe, &dir, resume).with_context(|| format!("run {name}"))?;
+            run_recipe(recipe, &dir, resume).with_context(|| format!("run {name}"))?;
         }
         Ok(last_checkpoint(&dir))
     }
 
     pub fn run(&self) -> Result<()> {
         let start = Instant::now();
+        // The device first: one this build or machine lacks fails before anything is written.
+        let backend = self.run.backend()?;
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("cannot create {}", self.out.display()))?;
         let p = &self.plan;
         // Finished phases are reused by name, so they must come from the same plan.
         let plan_path = self.out.join("plan.json");
-        let plan = serde_json::to_string_pretty(p)?;
+        // A demo on another device or kernel set is another demo: its phases are not reused.
+        let plan = if backend.label() == crate::backend::Backend::cpu().label() {
+            serde_json::to_string_pretty(p)?
+        } else {
+            #[derive(Serialize)]
+            struct OnBackend<'a> {
+                #[serde(flatten)]
+                plan: &'a Plan,
+                backend: String,
+            }
+            serde_json::to_string_pretty(&OnBackend {
+                plan: p,
+                backend: backend.label(),
+            })?
+        };
         if !self.fresh && plan_path.is_file() && std::fs::read_to_string(&plan_path)? != plan {
             anyhow::bail!(
                 "{} holds a demo with a different plan (size or seeds); use --fresh to redo it or choose another --out",
@@ -264,7 +286,7 @@ impl Demo {
                 };
                 init("gpt2", &shape, &data, &init_dir, seed)?;
             }
-            let mut r = self.recipe(None, &init_dir, "sft", Kind::None, 10);
+            let mut r = self.recipe(None, &init_dir, LossKind::Sft, Kind::None, 10);
             r.data.train = data.join("pretrain.jsonl");
             r.data.format = "processed".into();
             r.data.dev = None; // pretraining needs no dev evaluation
@@ -277,7 +299,7 @@ impl Demo {
         let (teacher_base, student_base) = (bases[0].clone(), bases[1].clone());
 
         phase("teacher: supervised fine-tuning");
-        let mut r = self.recipe(None, &teacher_base, "sft", Kind::None, 10);
+        let mut r = self.recipe(None, &teacher_base, LossKind::Sft, Kind::None, 10);
         r.optim.epochs = p.teacher_sft_epochs;
         let teacher = self.train_once("teacher-sft", r)?;
 
@@ -287,18 +309,18 @@ impl Demo {
         let measure_seconds = self.measure(&student_base)?;
 
         phase("baselines and distillation runs");
-        let mut runs: Vec<(String, String, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
+        let mut runs: Vec<(String, LossKind, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
         for &seed in &p.train_seeds {
-            runs.push((format!("sft-s{seed}"), "sft".into(), false, seed));
-            for m in &p.methods {
-                runs.push((format!("{m}-s{seed}"), m.clone(), false, seed));
-                runs.push((format!("{m}-pocl-s{seed}"), m.clone(), true, seed));
+            runs.push((format!("sft-s{seed}"), LossKind::Sft, false, seed));
+            for &m in &p.methods {
+                runs.push((format!("{m}-s{seed}"), m, false, seed));
+                runs.push((format!("{m}-pocl-s{seed}"), m, true, seed));
             }
         }
         for (name, method, pocl, seed) in &runs {
             let kind = if *pocl { Kind::Pocl } else { Kind::None };
-            let t = (method != "sft").then_some(teacher.as_path());
-            let r = self.recipe(t, &student_base, method, kind, *seed);
+            let t = method.needs_teacher().then_some(teacher.as_path());
+            let r = self.recipe(t, &student_base, *method, kind, *seed);
             self.train_once(name, r)?;
         }
 
@@ -360,11 +382,10 @@ impl Demo {
             let t: Timing = serde_json::from_str(&std::fs::read_to_string(&timing)?)?;
             return Ok(t.seconds);
         }
-        let r = self.recipe(None, student, "sft", Kind::Pocl, 10);
-        let (model, tok, eos) = crate::cli::eval::load_model(student, false)?;
+        let r = self.recipe(None, student, LossKind::Sft, Kind::Pocl, 10);
+        let (model, tok, eos) = load_model(student, Precision::F32, &self.run.backend()?)?;
         let data = crate::train::splits::Splits::load(&r, &tok)?;
-        let (_, seconds) =
-            crate::cli::train::measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
+        let (_, seconds) = measure_difficulty(&r, model.as_ref(), &tok, &eos, &data, &path)?;
         let t = Timing {
             name: "difficulty measurer".into(),
             seconds,
@@ -397,7 +418,7 @@ impl Demo {
         if !self.fresh && results.is_file() {
             return Ok(serde_json::from_str(&std::fs::read_to_string(&results)?)?);
         }
-        let (model, tok, eos) = crate::cli::eval::load_model(model_dir, false)?;
+        let (model, tok, eos) = load_model(model_dir, Precision::F32, &self.run.backend()?)?;
         let mut decoding = Decoding::paper();
         decoding.max_new_tokens = self.plan.max_new_tokens;
         decoding.max_prompt_len = 96;

@@ -4,12 +4,22 @@
 //! - [`model`]: Hugging Face causal-LM families (GPT-2, OPT, Llama/Qwen2/Qwen3), weights, generation.
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate.
 //! - [`ops`]: differentiable building blocks and fused CPU kernels with backward.
-//! - [`kd`]: the distillation objective (divergences, temperature, CE mixing).
+//! - [`kd`]: the distillation objective (loss kinds, divergences, a stage's temperature and KD
+//!   weight, CE mixing).
 //! - [`data`]: instruction data, the prompt template, batching and masks, the built-in benchmark.
 //! - [`eval`]: ROUGE-L (rouge-score compatible) and the evaluation protocol.
+//! - [`curriculum`]: the difficulty measurer, rank fusion and the stage schedule.
+//! - [`config`]: TOML recipes, validated, with the paper's defaults.
+//! - [`train`]: the trainer (loop, one optimiser step, dev evaluation, metrics, checkpoints), the
+//!   optimiser and the data splits.
+//! - [`pipeline`]: what the `pocl` commands and the demo share: loading a model (in a
+//!   [`pipeline::Precision`]) with its tokenizer and EOS ids, measuring difficulty, running a recipe.
+//! - [`demo`]: the paper's experiment end to end on the built-in benchmark.
+//!
+//! The `pocl` binary's command-line interface (`src/cli/`) lives outside the library and only
+//! calls into it.
 
 pub mod backend;
-pub mod cli;
 pub mod config;
 pub mod curriculum;
 pub mod data;
@@ -18,6 +28,7 @@ pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
+pub mod pipeline;
 pub mod progress;
 pub mod report;
 pub mod tokenizer;

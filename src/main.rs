@@ -1,5 +1,7 @@
 use clap::Parser;
 
+mod cli;
+
 /// Training allocates and frees many large tensors per step. glibc serves those with mmap and
 /// returns them with munmap, so every op paid page faults and cross-core TLB flushes (about a
 /// third of a small model's step time, measured with perf). Keeping freed blocks in the heap
@@ -15,8 +17,8 @@ fn tune_allocator() {
 
 fn main() {
     tune_allocator();
-    let cli = pocl::cli::Cli::parse();
-    if let Err(e) = pocl::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    if let Err(e) = cli::run(cli) {
         // One clear line for the user: the error and its causes. candle appends a backtrace to
         // its errors when RUST_BACKTRACE is set; that stays out of the user's line.
         // POCL_BACKTRACE=1 shows everything, for bug reports.

@@ -537,7 +537,7 @@ fn empty_teacher_answers_are_dropped_and_counted() {
         g(vec![7, 8], " \n "),
         g(vec![9, 9, 9], "cut short"),
     ];
-    let d = pocl::cli::generate_data::teacher_data(&samples, &answers, &[600]);
+    let d = pocl::data::seqkd::teacher_data(&samples, &answers, &[600]);
     assert_eq!(d.empty, vec![2, 3]);
     assert_eq!(d.unfinished, 1);
     assert_eq!(d.tokens, 6);

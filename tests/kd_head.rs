@@ -7,7 +7,7 @@
 mod kd_common;
 use candle_core::{Device, Tensor, Var};
 use kd_common::Lcg;
-use pocl::kd::{Divergence, Head, Objective};
+use pocl::kd::{Divergence, Head, Mix, Objective, Targets};
 use pocl::ops::{Kernels, Weight};
 
 use kd_common::logits_tensor as randn;
@@ -58,7 +58,15 @@ fn check(c: &Case) {
         .collect();
     let labels = Tensor::from_vec(labels, c.rows, dev).unwrap();
     let obj = Objective::new(c.div);
-    let den = 37.0;
+    let targets = Targets {
+        labels: &labels,
+        mask: &mask,
+        denominator: 37.0,
+    };
+    let mix = Mix {
+        temperature: c.temperature,
+        kd_weight: c.kd_weight,
+    };
 
     let (wt_head, ws_head) = (
         Weight::out_in(wt.clone()),
@@ -75,11 +83,8 @@ fn check(c: &Case) {
                 weight: &ws_head,
             },
             c.vocab,
-            &labels,
-            &mask,
-            c.kd_weight,
-            c.temperature,
-            den,
+            targets,
+            mix,
         )
         .unwrap();
     let fg = fused.loss.backward().unwrap();
@@ -91,17 +96,7 @@ fn check(c: &Case) {
     let t_logits = ht
         .matmul(&wt.narrow(0, 0, c.vocab).unwrap().t().unwrap())
         .unwrap();
-    let plain = obj
-        .loss(
-            Some(&t_logits),
-            &s_logits,
-            &labels,
-            &mask,
-            c.kd_weight,
-            c.temperature,
-            den,
-        )
-        .unwrap();
+    let plain = obj.loss(Some(&t_logits), &s_logits, targets, mix).unwrap();
     let pg = plain.loss.backward().unwrap();
 
     let (lf, lp) = (
@@ -184,17 +179,40 @@ fn fused_head_errors_name_the_problem() {
         weight: &w,
     };
     let obj = Objective::new(Divergence::Fkl);
+    let targets = Targets {
+        labels: &labels,
+        mask: &mask,
+        denominator: 4.0,
+    };
     let e = obj
-        .loss_from_heads(None, head, 10, &labels, &mask, 0.5, 1.0, 4.0)
+        .loss_from_heads(
+            None,
+            head,
+            10,
+            targets,
+            Mix {
+                temperature: 1.0,
+                kd_weight: 0.5,
+            },
+        )
         .unwrap_err();
     assert!(e.to_string().contains("needs teacher"), "{e}");
     let e = obj
-        .loss_from_heads(None, head, 11, &labels, &mask, 0.0, 1.0, 4.0)
+        .loss_from_heads(None, head, 11, targets, Mix::CE_ONLY)
         .unwrap_err();
     assert!(format!("{e:#}").contains("vocab 11"), "{e:#}");
     let short = Tensor::ones(3, candle_core::DType::F32, dev).unwrap();
     let e = obj
-        .loss_from_heads(None, head, 10, &labels, &short, 0.0, 1.0, 4.0)
+        .loss_from_heads(
+            None,
+            head,
+            10,
+            Targets {
+                mask: &short,
+                ..targets
+            },
+            Mix::CE_ONLY,
+        )
         .unwrap_err();
     assert!(e.to_string().contains("mask has 3"), "{e}");
 }
@@ -240,11 +258,12 @@ fn tied_gradient_buffer_equals_candles_accumulation() {
             None,
             Head { hidden: &h, weight },
             vocab,
-            &labels,
-            mask,
-            0.0,
-            1.0,
-            17.0,
+            Targets {
+                labels: &labels,
+                mask,
+                denominator: 17.0,
+            },
+            Mix::CE_ONLY,
         )
         .unwrap()
         .loss
@@ -289,11 +308,12 @@ fn tied_gradient_buffer_equals_candles_accumulation() {
             weight: &tied,
         },
         vocab,
-        &labels,
-        &some,
-        0.0,
-        1.0,
-        17.0,
+        Targets {
+            labels: &labels,
+            mask: &some,
+            denominator: 17.0,
+        },
+        Mix::CE_ONLY,
     );
     assert!(err.is_err(), "a second pending write is refused");
 }

@@ -4,7 +4,7 @@
 mod kd_common;
 use candle_core::{Device, Tensor, Var};
 use kd_common::Lcg;
-use pocl::kd::{self, Divergence, Objective};
+use pocl::kd::{self, Divergence, Mix, Objective, Targets};
 
 use kd_common::logits_tensor as logits;
 
@@ -64,11 +64,15 @@ fn objective_is_the_weighted_mix_of_ce_and_t2_scaled_kd() {
                 .loss(
                     Some(&teacher),
                     student.as_tensor(),
-                    &lab,
-                    &mask,
-                    a,
-                    temp,
-                    den,
+                    Targets {
+                        labels: &lab,
+                        mask: &mask,
+                        denominator: den,
+                    },
+                    Mix {
+                        temperature: temp,
+                        kd_weight: a,
+                    },
                 )
                 .unwrap();
             let g = grad_of(&out.loss, &student);
@@ -130,8 +134,13 @@ fn pure_sft_needs_no_teacher_and_kd_does() {
     let lab = labels(5, n, v);
     let mask = Tensor::ones(n, candle_core::DType::F32, &cpu).unwrap();
     let obj = Objective::new(Divergence::Fkl);
+    let targets = Targets {
+        labels: &lab,
+        mask: &mask,
+        denominator: n as f64,
+    };
     let out = obj
-        .loss(None, s.as_tensor(), &lab, &mask, 0.0, 1.0, n as f64)
+        .loss(None, s.as_tensor(), targets, Mix::CE_ONLY)
         .unwrap();
     let ce = kd::ce_loss_sum(s.as_tensor(), &lab, &mask)
         .unwrap()
@@ -141,7 +150,15 @@ fn pure_sft_needs_no_teacher_and_kd_does() {
     assert!((out.loss.to_scalar::<f32>().unwrap() - ce).abs() <= 1e-6);
     assert_eq!(out.kd, 0.0);
     let err = obj
-        .loss(None, s.as_tensor(), &lab, &mask, 0.5, 1.0, 5.0)
+        .loss(
+            None,
+            s.as_tensor(),
+            targets,
+            Mix {
+                temperature: 1.0,
+                kd_weight: 0.5,
+            },
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("teacher"), "{err}");
@@ -169,11 +186,23 @@ fn gradient_accumulation_matches_the_full_batch() {
     let den = kd::step_denominator(&micro_masks).unwrap();
     assert_eq!(den, m.iter().map(|&x| x as f64).sum::<f64>());
     let obj = Objective::new(Divergence::Jsd { beta: 0.1 });
-    let (a, temp) = (0.8, 1.67);
+    let mix = Mix {
+        temperature: 1.67,
+        kd_weight: 0.8,
+    };
 
     let full = Var::from_tensor(&student0).unwrap();
     let out = obj
-        .loss(Some(&teacher), full.as_tensor(), &lab, &mask, a, temp, den)
+        .loss(
+            Some(&teacher),
+            full.as_tensor(),
+            Targets {
+                labels: &lab,
+                mask: &mask,
+                denominator: den,
+            },
+            mix,
+        )
         .unwrap();
     let g_full = grad_of(&out.loss, &full);
     let loss_full = out.loss.to_scalar::<f32>().unwrap();
@@ -188,11 +217,12 @@ fn gradient_accumulation_matches_the_full_batch() {
             .loss(
                 Some(&sl(&teacher)),
                 part.as_tensor(),
-                &sl(&lab),
-                &sl(&mask),
-                a,
-                temp,
-                den,
+                Targets {
+                    labels: &sl(&lab),
+                    mask: &sl(&mask),
+                    denominator: den,
+                },
+                mix,
             )
             .unwrap();
         loss_acc += o.loss.to_scalar::<f32>().unwrap();
@@ -211,11 +241,12 @@ fn gradient_accumulation_matches_the_full_batch() {
             .loss(
                 Some(&sl(&teacher)),
                 part2.as_tensor(),
-                &sl(&lab),
-                &sl(&mask),
-                a,
-                temp,
-                own,
+                Targets {
+                    labels: &sl(&lab),
+                    mask: &sl(&mask),
+                    denominator: own,
+                },
+                mix,
             )
             .unwrap();
         for (i, x) in grad_of(&o2.loss, &part2).iter().enumerate() {
@@ -261,11 +292,15 @@ fn masked_rows_are_excluded_even_when_they_hold_garbage() {
             .loss(
                 Some(&teacher),
                 student.as_tensor(),
-                &lab,
-                &mask,
-                0.5,
-                2.0,
-                2.0,
+                Targets {
+                    labels: &lab,
+                    mask: &mask,
+                    denominator: 2.0,
+                },
+                Mix {
+                    temperature: 2.0,
+                    kd_weight: 0.5,
+                },
             )
             .unwrap();
         assert!(out.loss.to_scalar::<f32>().unwrap().is_finite());
@@ -287,16 +322,26 @@ fn bad_inputs_are_clear_errors() {
     let mask = Tensor::ones(3, candle_core::DType::F32, &cpu).unwrap();
     let lab = Tensor::new(&[1u32, 2, 10], &cpu).unwrap();
     let obj = Objective::new(Divergence::Fkl);
-    let e = |r: anyhow::Result<kd::ObjectiveOutput>| r.unwrap_err().to_string();
-    assert!(
-        e(obj.loss(Some(&t), &s, &lab, &mask, 0.5, 1.0, 3.0)).contains("outside the vocabulary")
-    );
+    // The error of one call: teacher logits, labels, KD weight a, temperature T, denominator.
+    let e = |t: &Tensor, lab: &Tensor, kd_weight: f64, temperature: f64, denominator: f64| {
+        let targets = Targets {
+            labels: lab,
+            mask: &mask,
+            denominator,
+        };
+        let mix = Mix {
+            temperature,
+            kd_weight,
+        };
+        obj.loss(Some(t), &s, targets, mix).unwrap_err().to_string()
+    };
+    assert!(e(&t, &lab, 0.5, 1.0, 3.0).contains("outside the vocabulary"));
     let lab = Tensor::new(&[1u32, 2, 3], &cpu).unwrap();
-    assert!(e(obj.loss(Some(&t), &s, &lab, &mask, 1.5, 1.0, 3.0)).contains("KD weight"));
-    assert!(e(obj.loss(Some(&t), &s, &lab, &mask, 0.5, 1.0, 0.0)).contains("denominator"));
-    assert!(e(obj.loss(Some(&t), &s, &lab, &mask, 0.5, 0.0, 3.0)).contains("temperature"));
+    assert!(e(&t, &lab, 1.5, 1.0, 3.0).contains("KD weight"));
+    assert!(e(&t, &lab, 0.5, 1.0, 0.0).contains("denominator"));
+    assert!(e(&t, &lab, 0.5, 0.0, 3.0).contains("temperature"));
     let wide = logits(32, &[3, 12], 1.0);
-    let err = e(obj.loss(Some(&wide), &s, &lab, &mask, 0.5, 1.0, 3.0));
+    let err = e(&wide, &lab, 0.5, 1.0, 3.0);
     assert!(err.contains("common_vocab"), "{err}");
     let short_mask = Tensor::ones(2, candle_core::DType::F32, &cpu).unwrap();
     assert!(

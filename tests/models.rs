@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use pocl::backend::{Backend, Kernels};
-use pocl::kd::{Divergence, Head, Objective};
+use pocl::kd::{Divergence, Head, Mix, Objective, Targets};
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::{self, CausalLm, Input};
 use std::collections::HashMap;
@@ -293,11 +293,15 @@ fn probe_and_kd_loss(m: &dyn CausalLm, teacher: &dyn CausalLm, seq: &[u32]) -> T
                 weight: m.lm_head(),
             },
             vocab,
-            &labels,
-            &loss_mask,
-            0.6,
-            2.0,
-            (n - 2) as f64,
+            Targets {
+                labels: &labels,
+                mask: &loss_mask,
+                denominator: (n - 2) as f64,
+            },
+            Mix {
+                temperature: 2.0,
+                kd_weight: 0.6,
+            },
         )
         .unwrap();
     (probe_loss(m, seq) + kd.loss).unwrap()

@@ -5,7 +5,7 @@
 //! gives O(1) errors) fails while honest rounding passes.
 
 use candle_core::{Device, Tensor};
-use pocl::kd::{Divergence, Head, Objective};
+use pocl::kd::{Divergence, Head, Mix, Objective, Targets};
 use pocl::model::{self, CausalLm, Input};
 use std::path::PathBuf;
 
@@ -144,11 +144,15 @@ fn bf16_teacher_changes_the_kd_loss_and_gradient_only_slightly() {
                     weight: student.lm_head(),
                 },
                 v,
-                &labels,
-                &loss_mask,
-                0.7,
-                2.0,
-                n as f64,
+                Targets {
+                    labels: &labels,
+                    mask: &loss_mask,
+                    denominator: n as f64,
+                },
+                Mix {
+                    temperature: 2.0,
+                    kd_weight: 0.7,
+                },
             )
             .unwrap();
         let g = student

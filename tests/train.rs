@@ -6,7 +6,7 @@ use pocl::backend::Kernels;
 use pocl::config::Recipe;
 use pocl::data::synthetic::SynthConfig;
 use pocl::data::{collate, Example};
-use pocl::kd::{Divergence, Objective};
+use pocl::kd::{Divergence, Mix, Objective, Targets};
 use pocl::model::init::{init, Shape};
 use pocl::model::{self, Input};
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ fn run(recipe: &Path, out: &Path, sets: &[&str]) {
         &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
     )
     .unwrap();
-    pocl::cli::train::train(r, out, false).unwrap();
+    pocl::pipeline::run_recipe(r, out, false).unwrap();
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {
@@ -199,11 +199,15 @@ fn kd_loss(s: &Setup, student_dir: &Path, div: Divergence) -> f64 {
         .loss(
             Some(&t),
             &st,
-            &b.labels,
-            &b.loss_mask,
-            1.0,
-            1.0,
-            b.response_tokens() as f64,
+            Targets {
+                labels: &b.labels,
+                mask: &b.loss_mask,
+                denominator: b.response_tokens() as f64,
+            },
+            Mix {
+                temperature: 1.0,
+                kd_weight: 1.0,
+            },
         )
         .unwrap();
     out.kd

@@ -2,15 +2,19 @@
 //! (warm-up, then the mean of several repetitions; one JSON line per measurement with the peer's
 //! field names), so ratios against PyTorch come from one machine in one sitting.
 
-use crate::kd::{Divergence, Head, Objective};
-use crate::model::config::ModelConfig;
-use crate::model::generate::{generate, GenerationConfig};
-use crate::model::init::{build_with, config_json, Shape};
-use crate::model::{CausalLm, Input};
-use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use clap::{Args, Subcommand};
+use pocl::backend::Backend;
+use pocl::data::Batch;
+use pocl::kd::{Divergence, Mix, Objective};
+use pocl::model::config::ModelConfig;
+use pocl::model::generate::{generate, GenerationConfig};
+use pocl::model::init::{build_with, config_json, Shape};
+use pocl::model::CausalLm;
+use pocl::pipeline::Precision;
+use pocl::train::optim::{AdamW, AdamWConfig};
+use pocl::train::step::{self, Phase};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
@@ -34,11 +38,13 @@ pub struct BenchArgs {
     pub reps: usize,
     /// kd-step: the teacher's matrices in "f32" (as the peer) or "bf16" (recipe key
     /// model.teacher_dtype). The student is f32 either way.
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub teacher_dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub teacher_dtype: Precision,
     /// generate: the decoded model's matrices in "f32" (as the peer) or "bf16" (frozen, packed).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 fn gpt2(
@@ -48,6 +54,7 @@ fn gpt2(
     seed: u64,
     frozen: bool,
     bf16: bool,
+    backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
     let shape = Shape {
         hidden,
@@ -62,7 +69,7 @@ fn gpt2(
         seed,
         frozen,
         bf16,
-        &crate::backend::Backend::cpu(),
+        backend,
     )
 }
 
@@ -90,11 +97,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         .build_global()
         .ok();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let dev = &Device::Cpu;
+    let backend = a.device.backend()?;
+    let dev = &backend.device;
     match cmd {
         BenchCommand::KdStep(a) => {
-            let teacher = gpt2(768, 12, 12, 1, true, a.teacher_dtype == "bf16")?;
-            let student = gpt2(512, 6, 8, 2, false, false)?;
+            let bf16 = a.teacher_dtype == Precision::Bf16;
+            let teacher = gpt2(768, 12, 12, 1, true, bf16, &backend)?;
+            let student = gpt2(512, 6, 8, 2, false, false, &backend)?;
             let (b, t) = (4, 128);
             let ids = Tensor::from_vec(random_ids(&mut rng, b * t), (b, t), dev)?;
             let pos = Tensor::from_vec(
@@ -106,9 +115,30 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let mask: Vec<f32> = (0..b * t)
                 .map(|i| if i % t < 32 { 0.0 } else { 1.0 })
                 .collect();
-            let mask = Tensor::from_vec(mask, b * t, dev)?;
-            let labels = Tensor::zeros(b * t, candle_core::DType::U32, dev)?;
-            let objective = Objective::new(Divergence::Fkl);
+            let mask = Tensor::from_vec(mask, (b, t), dev)?;
+            let labels = Tensor::zeros((b, t), candle_core::DType::U32, dev)?;
+            // One micro-batch of the whole batch, through training's own step.
+            let micro = [Batch {
+                ids: (0..b as u64).collect(),
+                input_ids: ids,
+                attention_mask: key_mask,
+                position_ids: pos,
+                labels,
+                loss_mask: mask,
+            }];
+            let models = step::Models {
+                student: student.as_ref(),
+                teacher: Some(teacher.as_ref()),
+                objective: Objective {
+                    kernels: backend.kernels,
+                    ..Objective::new(Divergence::Fkl)
+                },
+                kd_vocab: VOCAB,
+            };
+            let mix = Mix {
+                temperature: 1.0,
+                kd_weight: 1.0,
+            };
             let mut opt = AdamW::new(
                 student.params().iter(),
                 AdamWConfig {
@@ -116,71 +146,30 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     weight_decay: 0.01,
                     ..Default::default()
                 },
-                objective.kernels,
+                backend.kernels,
             )?;
-            let denom = crate::kd::step_denominator(std::slice::from_ref(&mask))?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
-            let mut step = |phases: &mut [f64; 5]| -> Result<()> {
+            let mut timed_step = |phases: &mut [f64; 5]| -> Result<()> {
                 let mut clock = Instant::now();
-                let mut lap = |i: usize| {
-                    phases[i] += clock.elapsed().as_secs_f64();
+                let mut lap = |p: Phase| {
+                    phases[p as usize] += clock.elapsed().as_secs_f64();
                     clock = Instant::now();
                 };
-                student.params().zero_grad();
-                let input = Input {
-                    ids: &ids,
-                    positions: &pos,
-                    key_mask: &key_mask,
-                };
-                let th = teacher.hidden(&input, None)?;
-                lap(0);
-                let sh = student.hidden(&input, None)?;
-                lap(1);
-                let out = objective.loss_from_heads(
-                    Some(Head {
-                        hidden: &th,
-                        weight: teacher.lm_head(),
-                    }),
-                    Head {
-                        hidden: &sh,
-                        weight: student.lm_head(),
-                    },
-                    VOCAB,
-                    &labels,
-                    &mask,
-                    1.0,
-                    1.0,
-                    denom,
-                )?;
-                lap(2);
-                let store = out.loss.backward()?;
-                drop(out); // the graph, with its activations
-                lap(3);
-                let grads = student.params().grads(&store)?;
-                drop(store);
-                let (_, coef) = clip_coef(&grads, 1.0, objective.kernels)?;
-                opt.update(&grads, coef, 1e-4)?;
-                lap(4);
+                step::optimizer_step(&models, &mut opt, &micro, mix, 1e-4, 1.0, &mut lap)?;
                 Ok(())
             };
             for _ in 0..2 {
-                step(&mut phases)?;
+                timed_step(&mut phases)?;
             }
             phases = [0.0; 5];
             let t0 = Instant::now();
             for _ in 0..a.reps {
-                step(&mut phases)?;
+                timed_step(&mut phases)?;
             }
-            let names = [
-                "teacher_forward",
-                "student_forward",
-                "fused_head_loss",
-                "student_backward",
-                "optimizer",
-            ];
-            let breakdown: serde_json::Map<String, serde_json::Value> = names
+            let breakdown: serde_json::Map<String, serde_json::Value> = Phase::ALL
                 .iter()
+                .map(|p| p.name())
                 .zip(phases)
                 .map(|(n, s)| {
                     (
@@ -192,13 +181,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
             println!(
                 "{}",
-                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype,
+                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype, "backend": backend.label(),
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown})
             );
         }
         BenchCommand::Generate(a) => {
-            let student = gpt2(512, 6, 8, 2, true, a.dtype == "bf16")?;
+            let student = gpt2(512, 6, 8, 2, true, a.dtype == Precision::Bf16, &backend)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.
@@ -211,7 +200,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
                 println!(
                     "{}",
-                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype,
+                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype, "backend": backend.label(),
                         "threads": threads, "new_tokens_per_second": ((bs * 96) as f64 / dt * 10.0).round() / 10.0,
                         "max_rss_mib": max_rss_mib().round()})
                 );

@@ -17,8 +17,9 @@ pub struct ConvertArgs {
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?;
-    crate::model::save(model.as_ref(), &a.out, Some(&a.model))?;
+    // Conversion only reads and rewrites weights: the CPU.
+    let model = pocl::model::load_frozen(&a.model, &pocl::backend::Backend::cpu())?;
+    pocl::model::save(model.as_ref(), &a.out, Some(&a.model))?;
     let n = model.params().num_elements();
     eprintln!("wrote {} ({} parameters, f32)", a.out.display(), n);
     Ok(())

@@ -1,9 +1,9 @@
 //! `pocl data ...`: the built-in benchmark and data file checks.
 
-use crate::data::synthetic::{write_benchmark, SynthConfig};
-use crate::data::{encode_samples, load_jsonl, EncodeOptions, Format, LoadOptions, Template};
 use anyhow::Result;
 use clap::{Args, Subcommand};
+use pocl::data::synthetic::{write_benchmark, SynthConfig};
+use pocl::data::{encode_samples, load_jsonl, EncodeOptions, Format, LoadOptions, Template};
 use std::path::PathBuf;
 
 #[derive(Subcommand)]
@@ -94,9 +94,9 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             }
             if let Some(t) = a.tokenizer {
                 let tok = if t.is_dir() {
-                    crate::tokenizer::Tokenizer::from_dir(&t, None)?
+                    pocl::tokenizer::Tokenizer::from_dir(&t, None)?
                 } else {
-                    crate::tokenizer::Tokenizer::from_file(&t, None)?
+                    pocl::tokenizer::Tokenizer::from_file(&t, None)?
                 };
                 let opts = EncodeOptions {
                     template: a.template,
@@ -105,7 +105,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 };
                 let enc = encode_samples(&tok, &loaded.samples, &opts)?;
                 let n = enc.examples.len().max(1);
-                let mean = |f: &dyn Fn(&crate::data::Example) -> usize| {
+                let mean = |f: &dyn Fn(&pocl::data::Example) -> usize| {
                     enc.examples.iter().map(f).sum::<usize>() as f64 / n as f64
                 };
                 println!(

@@ -1,8 +1,8 @@
 //! `pocl demo`: the whole method on the built-in benchmark, offline (see `demo.rs`).
 
-use crate::demo::{Demo, Plan, Size};
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::demo::{Demo, Plan, Size};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -22,6 +22,8 @@ pub struct DemoArgs {
     /// Redo every phase instead of reusing what an earlier demo in --out produced.
     #[arg(long)]
     pub fresh: bool,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
@@ -39,6 +41,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
         out: a.out,
         plan: Plan::new(size, a.seeds),
         fresh: a.fresh,
+        run: pocl::config::RunSection {
+            device: a.device.device.unwrap_or_default(),
+            kernels: a.device.kernels,
+        },
     }
     .run()
 }

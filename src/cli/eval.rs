@@ -1,10 +1,10 @@
 //! `pocl eval`: the paper's multi-seed ROUGE-L evaluation of a model on test sets.
 
-use crate::data::{load_jsonl, Format, LoadOptions, Sample};
-use crate::eval::evaluate::{evaluate, Decoding, EvalConfig};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use pocl::data::{load_jsonl, Format, LoadOptions, Sample};
+use pocl::eval::evaluate::{evaluate, Decoding, EvalConfig};
+use pocl::pipeline::load_model;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
@@ -25,6 +25,8 @@ pub struct EvalArgs {
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
     /// Forbid repeating n-grams of this size (0 = off).
     #[arg(long, default_value_t = 6)]
     pub no_repeat_ngram: usize,
@@ -55,24 +57,6 @@ pub fn load_samples(
     Ok(samples)
 }
 
-/// The model (frozen; matrices in bf16 when `bf16`), its tokenizer, and its EOS ids
-/// (config.json + generation_config.json).
-pub fn load_model(
-    dir: &Path,
-    bf16: bool,
-) -> Result<(Box<dyn crate::model::CausalLm>, Tokenizer, Vec<u32>)> {
-    let model = if bf16 {
-        crate::model::load_frozen_bf16(dir, &crate::backend::Backend::cpu())?
-    } else {
-        crate::model::load_frozen(dir, &crate::backend::Backend::cpu())?
-    };
-    let eos = super::generate::eos_ids(dir, &model.config().eos_token_ids);
-    let tok = Tokenizer::from_dir(dir, eos.first().copied())?;
-    crate::eval::evaluate::check_tokenizer(model.as_ref(), &tok)
-        .with_context(|| dir.display().to_string())?;
-    Ok((model, tok, eos))
-}
-
 pub fn run(a: EvalArgs) -> Result<()> {
     let sampling = a.sampling.resolve(true)?;
     if a.prompts.limit == Some(0) {
@@ -87,7 +71,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .with_context(|| format!("{}: not a file name", path.display()))?;
         sets.push((name, load_samples(path, a.prompts.format, a.prompts.limit)?));
     }
-    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype == "bf16")?;
+    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let cfg = EvalConfig {
         seeds: a.seeds,
         decoding: Decoding {

@@ -16,16 +16,19 @@ pub struct ForwardArgs {
     /// Output safetensors file; receives the f32 tensor `logits` [len, vocab].
     #[arg(long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: ForwardArgs) -> Result<()> {
-    let model = crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?;
+    let model = pocl::model::load_frozen(&a.model, &a.device.backend()?)?;
     check_ids(&a.ids, model.config().vocab_size)?;
-    let logits = crate::model::forward_ids(model.as_ref(), &a.ids)
+    let logits = pocl::model::forward_ids(model.as_ref(), &a.ids)
         .with_context(|| format!("forward pass of {}", a.model.display()))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let logits = logits.to_device(&candle_core::Device::Cpu)?;
     let bytes = safetensors::serialize([("logits", &logits)], Some(meta))?;
-    crate::write_atomic(&a.output, &bytes)
+    pocl::write_atomic(&a.output, &bytes)
 }
 
 /// Token ids must index the vocabulary; caught before the model would fail obscurely.

@@ -1,9 +1,10 @@
 //! `pocl generate`: continue a prompt with a model.
 
-use crate::model::generate::{generate, GenerationConfig};
-use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::model::generate::{generate, GenerationConfig};
+use pocl::pipeline::{eos_ids, load_frozen};
+use pocl::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -21,6 +22,8 @@ pub struct GenerateArgs {
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Forbid repeating n-grams of this size (0 = off).
@@ -32,11 +35,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
-    let model = if a.sampling.dtype == "bf16" {
-        crate::model::load_frozen_bf16(&a.model, &crate::backend::Backend::cpu())?
-    } else {
-        crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?
-    };
+    let model = load_frozen(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let cfg = model.config();
     let eos_ids = eos_ids(&a.model, &cfg.eos_token_ids);
     let tok = if a.prompt.is_some() || a.json || a.ids.is_none() {
@@ -72,28 +71,4 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         println!("{text}");
     }
     Ok(())
-}
-
-/// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
-pub fn eos_ids(dir: &std::path::Path, from_config: &[u32]) -> Vec<u32> {
-    let mut ids = from_config.to_vec();
-    if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            let extra: Vec<u32> = match v.get("eos_token_id") {
-                Some(serde_json::Value::Array(a)) => a
-                    .iter()
-                    .filter_map(|x| x.as_u64())
-                    .map(|x| x as u32)
-                    .collect(),
-                Some(x) => x.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-                None => vec![],
-            };
-            for e in extra {
-                if !ids.contains(&e) {
-                    ids.push(e);
-                }
-            }
-        }
-    }
-    ids
 }

@@ -6,14 +6,15 @@
 //! temperature 1, top-k 0, top-p 1, no n-gram ban, 512 − 256 = 256 new tokens, prompts cut to
 //! 256 tokens, seed 10. `--greedy` gives deterministic, seed-free answers instead.
 
-use super::eval::{load_model, load_samples};
-use crate::data::format::write_dolly_jsonl;
-use crate::data::Sample;
-use crate::eval::evaluate::{
-    generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding, Generated,
-};
+use super::eval::load_samples;
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::data::format::write_dolly_jsonl;
+use pocl::data::seqkd::{teacher_data, TeacherData};
+use pocl::eval::evaluate::{
+    generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding,
+};
+use pocl::pipeline::load_model;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -32,6 +33,8 @@ pub struct GenerateDataArgs {
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub sampling: super::sampling::SamplingArgs,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
     /// Each sample's RNG is derived from (seed, sample id), so answers do not depend on batching.
     #[arg(long, default_value_t = 10)]
     pub seed: u64,
@@ -40,40 +43,6 @@ pub struct GenerateDataArgs {
     pub no_repeat_ngram: usize,
     #[command(flatten)]
     pub prompts: super::sampling::PromptArgs,
-}
-
-/// The SeqKD samples and what was left out.
-#[derive(Debug, Default)]
-pub struct TeacherData {
-    /// The input samples, in order, with the teacher's answer as response (instruction, context
-    /// and category kept; extra references dropped: they belonged to the old response).
-    pub samples: Vec<Sample>,
-    /// Ids of the samples dropped for an empty (or whitespace-only) answer, which training would
-    /// skip anyway (`SkipReason::EmptyResponse`).
-    pub empty: Vec<u64>,
-    /// Kept answers that ended at the token limit without an EOS.
-    pub unfinished: usize,
-    /// New tokens in the kept answers.
-    pub tokens: usize,
-}
-
-/// Pairs samples with the teacher's answers (`answers[i]` answers `samples[i]`).
-pub fn teacher_data(samples: &[Sample], answers: &[Generated], eos_ids: &[u32]) -> TeacherData {
-    let mut d = TeacherData::default();
-    for (s, g) in samples.iter().zip(answers) {
-        if g.text.trim().is_empty() {
-            d.empty.push(s.id);
-            continue;
-        }
-        d.tokens += g.ids.len();
-        d.unfinished += !g.ids.iter().any(|t| eos_ids.contains(t)) as usize;
-        d.samples.push(Sample {
-            response: g.text.clone(),
-            extra_references: Vec::new(),
-            ..s.clone()
-        });
-    }
-    d
 }
 
 pub fn run(a: GenerateDataArgs) -> Result<()> {
@@ -90,7 +59,7 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
             a.data.display()
         );
     }
-    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype == "bf16")?;
+    let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let dec = Decoding {
         sampling,
         max_new_tokens: a.max_new_tokens,

@@ -1,8 +1,8 @@
 //! `pocl init`: a new, randomly initialised model directory (HF layout) for a tokenizer.
 
-use crate::model::init::{init, Shape};
 use anyhow::Result;
 use clap::Args;
+use pocl::model::init::{init, Shape};
 use std::path::PathBuf;
 
 #[derive(Args)]

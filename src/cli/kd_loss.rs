@@ -1,9 +1,9 @@
 //! `pocl kd-loss`: evaluates one KD loss and its gradient on logits stored in safetensors files,
 //! so users can check their own loss setups against pocl (and we can run conformance checks).
 
-use crate::kd::{self, Divergence};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
+use pocl::kd::{self, Divergence};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
@@ -98,8 +98,8 @@ pub fn run(args: Args) -> Result<()> {
                  --student-tokenizer so pocl can check that the tokenizers agree on the common prefix"
             );
         };
-        let ttok = crate::tokenizer::Tokenizer::from_file(ttok, None)?;
-        let stok = crate::tokenizer::Tokenizer::from_file(stok, None)?;
+        let ttok = pocl::tokenizer::Tokenizer::from_file(ttok, None)?;
+        let stok = pocl::tokenizer::Tokenizer::from_file(stok, None)?;
         let v = kd::vocab::common_vocab(&ttok, &stok, tvocab, svocab)?;
         (
             kd::vocab::narrow_to_prefix(&teacher, v)?,
@@ -176,5 +176,5 @@ fn write_grad(path: &Path, g: &[f32], n: usize, v: usize) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("gradient tensor: {e}"))?;
     let out = safetensors::tensor::serialize([("grad", view)], None)
         .map_err(|e| anyhow::anyhow!("serialising the gradient: {e}"))?;
-    crate::write_atomic(path, &out).with_context(|| format!("writing {}", path.display()))
+    pocl::write_atomic(path, &out).with_context(|| format!("writing {}", path.display()))
 }

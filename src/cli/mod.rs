@@ -7,6 +7,7 @@ pub mod bench;
 pub mod convert;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod eval;
 pub mod forward;
 pub mod generate;

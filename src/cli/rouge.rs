@@ -18,8 +18,8 @@ pub struct RougeArgs {
 }
 
 pub fn run(args: RougeArgs) -> Result<()> {
-    let preds = crate::eval::rouge::read_predictions(&args.predictions)?;
-    let refs = crate::eval::rouge::read_references(&args.references)?;
+    let preds = pocl::eval::rouge::read_predictions(&args.predictions)?;
+    let refs = pocl::eval::rouge::read_references(&args.references)?;
     if preds.len() != refs.len() {
         anyhow::bail!(
             "{} has {} lines but {} has {}: one line per sample in both",
@@ -29,7 +29,7 @@ pub fn run(args: RougeArgs) -> Result<()> {
             refs.len()
         );
     }
-    let scores = crate::eval::score_corpus(&preds, &refs)?;
+    let scores = pocl::eval::score_corpus(&preds, &refs)?;
     if args.json {
         println!("{}", serde_json::to_string(&scores)?);
     } else {

@@ -1,9 +1,10 @@
 //! The decoding and prompt flags shared by `generate`, `eval` and `generate-data`.
 
-use crate::data::{Format, Template};
-use crate::model::generate::Sampling;
 use anyhow::{bail, Result};
 use clap::Args;
+use pocl::data::{Format, Template};
+use pocl::model::generate::Sampling;
+use pocl::pipeline::Precision;
 
 #[derive(Args, Clone, Debug)]
 pub struct SamplingArgs {
@@ -21,8 +22,8 @@ pub struct SamplingArgs {
     pub top_p: Option<f64>,
     /// The model's matrices in "f32" (exact; the default) or "bf16" (converted once: ~2.5x
     /// faster decoding on CPUs with AMX, at bf16's precision, so answers can differ slightly).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
-    pub dtype: String,
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 }
 
 impl SamplingArgs {

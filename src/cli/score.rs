@@ -1,11 +1,11 @@
 //! `pocl score`: the POCL difficulty measurer on its own (ROUGE-L of the student's greedy answers,
 //! teacher-forced CE, ranks, RRF and buckets), e.g. to inspect or reuse across runs.
 
-use crate::curriculum::fuse::Metric;
-use crate::curriculum::measure::{self, MeasureConfig};
-use crate::data::{EncodeOptions, Format, LoadOptions, Template};
 use anyhow::Result;
 use clap::Args;
+use pocl::curriculum::fuse::Metric;
+use pocl::curriculum::measure::{self, MeasureConfig};
+use pocl::data::{EncodeOptions, Format, LoadOptions, Template};
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -42,16 +42,18 @@ pub struct ScoreArgs {
     /// Skip malformed records instead of failing.
     #[arg(long)]
     pub skip_bad: bool,
+    #[command(flatten)]
+    pub device: super::device::DeviceArgs,
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
     if a.buckets == 0 {
         anyhow::bail!("--buckets must be at least 1");
     }
-    let model = crate::model::load_frozen(&a.model, &crate::backend::Backend::cpu())?;
-    let eos_ids = super::generate::eos_ids(&a.model, &model.config().eos_token_ids);
-    let tok = crate::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
-    let samples = crate::train::splits::read_samples(
+    let model = pocl::model::load_frozen(&a.model, &a.device.backend()?)?;
+    let eos_ids = pocl::pipeline::eos_ids(&a.model, &model.config().eos_token_ids);
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
+    let samples = pocl::train::splits::read_samples(
         &a.data,
         LoadOptions {
             format: a.format,
@@ -64,7 +66,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         max_len: a.max_len,
     };
     let (examples, refs) =
-        crate::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
+        pocl::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
     let cfg = MeasureConfig {
         max_new_tokens: a.max_new_tokens,
         no_repeat_ngram: 6,
@@ -73,11 +75,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         rrf_k: a.rrf_k,
         buckets: a.buckets,
     };
-    let pad = model
-        .config()
-        .pad_token_id
-        .or(eos_ids.first().copied())
-        .unwrap_or(0);
+    let pad = pocl::pipeline::pad_id(model.config(), &eos_ids);
     let t0 = std::time::Instant::now();
     let scores = measure::measure(model.as_ref(), &tok, &examples, &refs, &eos_ids, pad, &cfg)?;
     measure::write_scores(&a.out, &scores)?;

@@ -1,8 +1,8 @@
 //! `pocl tokenize`: how a model's tokenizer splits a text.
 
-use crate::tokenizer::Tokenizer;
 use anyhow::Result;
 use clap::Args;
+use pocl::tokenizer::Tokenizer;
 use std::path::PathBuf;
 
 #[derive(Args)]

@@ -4,6 +4,7 @@
 
 use super::fuse::{fuse, Metric, Scored};
 use crate::data::{collate, Example};
+use crate::eval::evaluate::batched_by_length;
 use crate::eval::rouge::rouge_l_multi;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::{CausalLm, Input};
@@ -47,7 +48,8 @@ pub fn response_ce(
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(batch_size.max(1)) {
-        let b = collate(&chunk.iter().collect::<Vec<_>>(), pad_id)?;
+        let b = collate(&chunk.iter().collect::<Vec<_>>(), pad_id)?
+            .to_device(&model.backend().device)?;
         let input = Input {
             ids: &b.input_ids,
             positions: &b.position_ids,
@@ -70,8 +72,8 @@ pub fn response_ce(
     Ok(out)
 }
 
-/// Greedy answers to every example's prompt, decoded. Prompts are generated in batches of
-/// similar length (less padding), and returned in input order.
+/// Greedy answers to every example's prompt, decoded, in input order (generated in batches of
+/// similar length: `eval::evaluate::batched_by_length`).
 pub fn answers(
     model: &dyn CausalLm,
     tok: &Tokenizer,
@@ -79,19 +81,17 @@ pub fn answers(
     cfg: &GenerationConfig,
     batch_size: usize,
 ) -> Result<Vec<String>> {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| (examples[i].prompt_ids.len(), i));
-    let mut out = vec![String::new(); examples.len()];
-    for chunk in order.chunks(batch_size.max(1)) {
-        let prompts: Vec<Vec<u32>> = chunk
+    let lens: Vec<usize> = examples.iter().map(|e| e.prompt_ids.len()).collect();
+    batched_by_length(&lens, batch_size, &mut |_| {}, |batch| {
+        let prompts: Vec<Vec<u32>> = batch
             .iter()
             .map(|&i| examples[i].prompt_ids.clone())
             .collect();
-        for (&i, ids) in chunk.iter().zip(generate(model, &prompts, cfg)?) {
-            out[i] = tok.decode(&ids, true)?;
-        }
-    }
-    Ok(out)
+        generate(model, &prompts, cfg)?
+            .iter()
+            .map(|ids| tok.decode(ids, true))
+            .collect()
+    })
 }
 
 /// Scores every example (`references[i]` holds the acceptable answers of `examples[i]`; ROUGE-L

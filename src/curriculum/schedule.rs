@@ -2,6 +2,7 @@
 //! of each stage (POCL.md §3). Every curriculum kind, the paper's method, its ablations and the
 //! plain baseline, is one `Kind` of the same schedule, decided here.
 
+use crate::kd::Mix;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,8 +64,8 @@ pub struct Stage {
     pub index: usize,
     /// Buckets 0..=b are active; `None` means all data (kinds without buckets).
     pub last_bucket: Option<usize>,
-    pub temperature: f64,
-    pub kd_weight: f64,
+    /// The stage's temperature and KD weight.
+    pub mix: Mix,
 }
 
 fn lerp(a: f64, b: f64, s: usize, n: usize) -> f64 {
@@ -90,8 +91,10 @@ impl Schedule {
         Stage {
             index: s,
             last_bucket,
-            temperature,
-            kd_weight,
+            mix: Mix {
+                temperature,
+                kd_weight,
+            },
         }
     }
 }
@@ -115,8 +118,8 @@ mod tests {
     fn pocl_defaults_are_the_papers() {
         let s = paper(Kind::Pocl);
         let st: Vec<Stage> = (0..4).map(|i| s.stage(i)).collect();
-        let t: Vec<f64> = st.iter().map(|x| x.temperature).collect();
-        let a: Vec<f64> = st.iter().map(|x| x.kd_weight).collect();
+        let t: Vec<f64> = st.iter().map(|x| x.mix.temperature).collect();
+        let a: Vec<f64> = st.iter().map(|x| x.mix.kd_weight).collect();
         let b: Vec<Option<usize>> = st.iter().map(|x| x.last_bucket).collect();
         for (got, want) in t.iter().zip([1.0, 4.0 / 3.0, 5.0 / 3.0, 2.0]) {
             assert!((got - want).abs() < 1e-12);
@@ -131,13 +134,13 @@ mod tests {
     fn ablations_change_one_thing_each() {
         let bs = paper(Kind::BabyStep);
         assert_eq!(
-            (bs.stage(0).temperature, bs.stage(3).temperature),
+            (bs.stage(0).mix.temperature, bs.stage(3).mix.temperature),
             (1.0, 1.0)
         );
         assert_eq!(bs.stage(1).last_bucket, Some(1));
         let to = paper(Kind::TemperatureOnly);
         assert_eq!(to.stage(0).last_bucket, None, "all data from the start");
-        assert_eq!(to.stage(3).temperature, 2.0);
+        assert_eq!(to.stage(3).mix.temperature, 2.0);
         assert!(Kind::Anti.needs_scores() && !Kind::RandomOrder.needs_scores());
         let none = Schedule {
             stages: 1,
@@ -148,8 +151,10 @@ mod tests {
             Stage {
                 index: 0,
                 last_bucket: None,
-                temperature: 1.0,
-                kd_weight: 1.0
+                mix: Mix {
+                    temperature: 1.0,
+                    kd_weight: 1.0
+                }
             }
         );
     }

@@ -1,10 +1,11 @@
 //! Instruction data: JSONL formats ([`format`]), the prompt template ([`template`]), the
 //! tokenization rules, batching and masks ([`batch`], the one place that decides them), and the
-//! built-in synthetic benchmark ([`synthetic`]).
+//! built-in synthetic benchmark ([`synthetic`]), SeqKD data from a teacher's answers ([`seqkd`]).
 
 pub mod batch;
 pub mod format;
 pub mod jsonl;
+pub mod seqkd;
 pub mod synthetic;
 pub mod template;
 

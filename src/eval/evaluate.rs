@@ -5,7 +5,8 @@
 //! Reproducibility: every sample draws from its own RNG, seeded from (seed, sample id) by
 //! [`sample_seed`], so an answer depends only on the model, the prompt, the decoding settings and
 //! that pair, never on the batch size or on which prompts share its batch. Prompts are generated
-//! in batches of similar length (sorted by token count, then restored to file order) for speed.
+//! in batches of similar length for speed ([`batched_by_length`], which the difficulty measurer
+//! uses too).
 //!
 //! The std over seeds is the sample standard deviation (ddof = 1, numpy's `std(ddof=1)`), the
 //! usual estimate from 5 seeds; it is 0 for a single seed.
@@ -34,7 +35,7 @@ pub struct Decoding {
     /// Prompts generated together; does not change any answer, only the speed.
     pub batch_size: usize,
     /// A row stops after one of these; empty = the model config's `eos_token_id`s. Callers that
-    /// have the model directory should pass `cli::generate::eos_ids` (adds generation_config.json).
+    /// have the model directory should pass `pipeline::eos_ids` (adds generation_config.json).
     pub eos_ids: Vec<u32>,
 }
 
@@ -345,24 +346,53 @@ pub fn generate_prepared_with_progress(
         },
         seed,
     };
-    let mut order: Vec<usize> = (0..prompts.len()).collect();
-    order.sort_by_key(|&i| (prompts[i].len(), i));
-    let mut out: Vec<Option<Generated>> = vec![None; prompts.len()];
+    let lens: Vec<usize> = prompts.iter().map(Vec::len).collect();
+    batched_by_length(&lens, dec.batch_size, progress, |batch| {
+        let rows: Vec<Vec<u32>> = batch.iter().map(|&i| prompts[i].clone()).collect();
+        let seeds: Vec<u64> = batch.iter().map(|&i| sample_seed(seed, ids[i])).collect();
+        generate_seeded_rows(model, &rows, &gc, &seeds)?
+            .into_iter()
+            .map(|new| {
+                let text = tok.decode(&new, true)?;
+                Ok(Generated { ids: new, text })
+            })
+            .collect()
+    })
+}
+
+/// Answers prompts in batches of at most `batch_size` (at least 1) prompts of similar length:
+/// sorted by token count, ties by position, so a batch holds little padding. `answer(positions)`
+/// answers the prompts at `positions`, one result each in that order; `progress(done)` follows
+/// each batch with the number answered so far. Returns the results in input order.
+pub fn batched_by_length<T>(
+    prompt_lens: &[usize],
+    batch_size: usize,
+    progress: &mut dyn FnMut(usize),
+    mut answer: impl FnMut(&[usize]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut order: Vec<usize> = (0..prompt_lens.len()).collect();
+    order.sort_by_key(|&i| (prompt_lens[i], i));
+    let mut out: Vec<Option<T>> = (0..prompt_lens.len()).map(|_| None).collect();
     let mut done = 0;
-    for chunk in order.chunks(dec.batch_size) {
-        let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-        let seeds: Vec<u64> = chunk.iter().map(|&i| sample_seed(seed, ids[i])).collect();
-        for (&i, new) in chunk
-            .iter()
-            .zip(generate_seeded_rows(model, &batch, &gc, &seeds)?)
-        {
-            let text = tok.decode(&new, true)?;
-            out[i] = Some(Generated { ids: new, text });
+    for batch in order.chunks(batch_size.max(1)) {
+        let results = answer(batch)?;
+        if results.len() != batch.len() {
+            bail!(
+                "{} answers to a batch of {} prompts",
+                results.len(),
+                batch.len()
+            );
         }
-        done += chunk.len();
+        for (&i, r) in batch.iter().zip(results) {
+            out[i] = Some(r);
+        }
+        done += batch.len();
         progress(done);
     }
-    Ok(out.into_iter().map(|g| g.expect("every row")).collect())
+    Ok(out
+        .into_iter()
+        .map(|r| r.expect("every prompt answered"))
+        .collect())
 }
 
 /// [`prepare_prompts`] then [`generate_prepared`]: one answer per sample, in sample order.
@@ -603,6 +633,25 @@ mod tests {
         all.dedup();
         assert_eq!(all.len(), 2500);
         assert_eq!(sample_seed(10, 3), sample_seed(10, 3));
+    }
+
+    #[test]
+    fn length_batches_group_similar_prompts_and_keep_input_order() {
+        let lens = [5, 1, 3, 1, 9];
+        let mut batches = Vec::new();
+        let mut seen = Vec::new();
+        let out = batched_by_length(&lens, 2, &mut |done| seen.push(done), |batch| {
+            batches.push(batch.to_vec());
+            Ok(batch.iter().map(|&i| i * 10).collect())
+        })
+        .unwrap();
+        assert_eq!(out, vec![0, 10, 20, 30, 40], "results in input order");
+        assert_eq!(
+            batches,
+            vec![vec![1, 3], vec![2, 0], vec![4]],
+            "by length, ties by position"
+        );
+        assert_eq!(seen, vec![2, 4, 5]);
     }
 
     #[test]

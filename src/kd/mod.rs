@@ -20,7 +20,7 @@
 //!
 //! ```
 //! use candle_core::{Device, Tensor, Var};
-//! use pocl::kd::{Divergence, Objective};
+//! use pocl::kd::{Divergence, Mix, Objective, Targets};
 //! # fn main() -> anyhow::Result<()> {
 //! let dev = Device::Cpu;
 //! let teacher = Tensor::randn(0f32, 1., (2, 3, 10), &dev)?; // [batch, seq, vocab]
@@ -31,7 +31,9 @@
 //! let den = pocl::kd::step_denominator(&[mask.clone()])?;
 //! let objective = Objective::new(Divergence::parse("srkl", None, None)?);
 //! // Stage-dependent KD weight a = 0.7 and temperature T = 1.33 from the curriculum.
-//! let out = objective.loss(Some(&teacher), student.as_tensor(), &labels, &mask, 0.7, 1.33, den)?;
+//! let mix = Mix { temperature: 1.33, kd_weight: 0.7 };
+//! let targets = Targets { labels: &labels, mask: &mask, denominator: den };
+//! let out = objective.loss(Some(&teacher), student.as_tensor(), targets, mix)?;
 //! let grads = out.loss.backward()?;
 //! assert!(grads.get(&student).is_some());
 //! println!("loss {} (ce {}, kd {})", out.loss.to_scalar::<f32>()?, out.ce, out.kd);
@@ -43,13 +45,15 @@ pub mod divergence;
 pub mod fastmath;
 pub mod head;
 pub mod kernel;
+pub mod loss_kind;
 pub mod naive;
 pub mod objective;
 pub mod vocab;
 
 pub use divergence::{Divergence, DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCE_NAMES, LOG_PROB_FLOOR};
 pub use head::Head;
-pub use objective::{Objective, ObjectiveOutput};
+pub use loss_kind::LossKind;
+pub use objective::{Mix, Objective, ObjectiveOutput, Targets};
 
 use crate::ops::Kernels;
 use anyhow::{bail, Context, Result};
@@ -143,8 +147,9 @@ pub(crate) fn label_ids(labels: &Tensor, n: usize) -> Result<Vec<u32>> {
 }
 
 /// The loss denominator of one optimizer step: the number of counted (response) tokens over ALL
-/// its micro-batches, i.e. the sum of their masks. Pass it to every [`Objective::loss`] call of
-/// the step, so that accumulating the micro-batch gradients gives the full-batch gradient.
+/// its micro-batches, i.e. the sum of their masks. Pass it (in [`Targets`]) to every
+/// [`Objective::loss`] call of the step, so that accumulating the micro-batch gradients gives the
+/// full-batch gradient.
 pub fn step_denominator(masks: &[Tensor]) -> Result<f64> {
     let mut total = 0.0;
     for m in masks {

@@ -1,6 +1,6 @@
 //! The training objective of POCL.md §3: loss = (1 − a)·CE(student, labels) + a·T²·D_T(teacher ‖
-//! student), with the KD weight a and the temperature T supplied per step by the curriculum.
-//! Both terms are computed by ONE fused kernel pass that writes one combined gradient.
+//! student), with the KD weight a and the temperature T supplied per step by the curriculum (one
+//! [`Mix`]). Both terms are computed by ONE fused kernel pass that writes one combined gradient.
 
 use super::divergence::Divergence;
 use super::head::{flat_hidden, FusedHeadOp, Head};
@@ -24,6 +24,38 @@ pub struct Objective {
     pub kernels: Kernels,
 }
 
+/// A stage's temperature T and KD weight a, the two numbers the curriculum sets per stage:
+/// loss = (1 − a)·CE + a·T²·D_T. They always travel together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Mix {
+    /// T > 0: divides teacher and student logits inside the divergence (the CE term is at T = 1).
+    pub temperature: f64,
+    /// a ∈ [0, 1]; 0 is pure cross-entropy and needs no teacher.
+    pub kd_weight: f64,
+}
+
+impl Mix {
+    /// Cross-entropy alone (a = 0, T = 1): the dev loss.
+    pub const CE_ONLY: Mix = Mix {
+        temperature: 1.0,
+        kd_weight: 0.0,
+    };
+}
+
+/// What the student's rows are scored against: `labels` \[N\] (or \[B, T\]), already shifted so that
+/// row i predicts labels\[i\]; `mask` (1 = counted row, 0 = prompt or padding); and the
+/// `denominator` every sum is divided by.
+///
+/// `denominator` must be the number of response tokens of the whole optimizer step (all
+/// micro-batches together, [`super::step_denominator`]), so that accumulating the gradients of
+/// the micro-batches gives exactly the gradient of the full batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets<'a> {
+    pub labels: &'a Tensor,
+    pub mask: &'a Tensor,
+    pub denominator: f64,
+}
+
 /// The scalar loss (differentiable w.r.t. the student logits) and its detached parts for logging.
 #[derive(Debug, Clone)]
 pub struct ObjectiveOutput {
@@ -43,37 +75,28 @@ impl Objective {
         }
     }
 
-    /// (1 − a)·CE + a·scale·D_T, each a SUM over rows with mask = 1 divided by `denominator`.
-    ///
-    /// `denominator` must be the number of response tokens of the whole optimizer step (all
-    /// micro-batches together), so that accumulating the gradients of the micro-batches gives
-    /// exactly the gradient of the full batch. `kd_weight` a ∈ [0, 1]; a = 0 is pure SFT and
-    /// needs no teacher. Logits are [N, V] or [B, T, V] (labels / mask \[N\] or \[B, T\]), already
-    /// shifted so that row i predicts labels\[i\].
-    #[allow(clippy::too_many_arguments)]
+    /// (1 − a)·CE + a·scale·D_T, each a SUM over rows with mask = 1 divided by the targets'
+    /// denominator. Logits are [N, V] or [B, T, V]; a = 0 needs no teacher.
     pub fn loss(
         &self,
         teacher: Option<&Tensor>,
         student: &Tensor,
-        labels: &Tensor,
-        mask: &Tensor,
-        kd_weight: f64,
-        temperature: f64,
-        denominator: f64,
+        targets: Targets,
+        mix: Mix,
     ) -> Result<ObjectiveOutput> {
         let s = as_rows(student, "student")?;
         let n = s.dim(0)?;
         let teacher = match teacher {
-            Some(t) if kd_weight > 0.0 => {
+            Some(t) if mix.kd_weight > 0.0 => {
                 let t = as_rows(t, "teacher")?;
                 check_same_shape(&t, &s)?;
                 Some(t)
             }
             _ => None,
         };
-        let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
-        let weights = mask_weights(mask, n)?;
-        let labels = label_ids(labels, n)?;
+        let spec = self.spec(mix, targets.denominator, teacher.is_some())?;
+        let weights = mask_weights(targets.mask, n)?;
+        let labels = label_ids(targets.labels, n)?;
         let (loss, parts) = apply(
             self.kernels,
             spec,
@@ -82,26 +105,22 @@ impl Objective {
             weights,
             Some(labels),
         )?;
-        Ok(self.output(loss, parts, temperature, denominator))
+        Ok(self.output(loss, parts, mix, targets.denominator))
     }
 
     /// The same loss from the models' final hidden states and lm heads, with the head matmuls
     /// fused into the loss kernel (see [`super::head`]): no [tokens, vocab] logits are made.
     /// `vocab` is the width both models' logits are compared over (the common prefix of
     /// [`super::vocab::common_vocab`]; the full vocabulary when the models agree).
-    #[allow(clippy::too_many_arguments)]
     pub fn loss_from_heads(
         &self,
         teacher: Option<Head>,
         student: Head,
         vocab: usize,
-        labels: &Tensor,
-        mask: &Tensor,
-        kd_weight: f64,
-        temperature: f64,
-        denominator: f64,
+        targets: Targets,
+        mix: Mix,
     ) -> Result<ObjectiveOutput> {
-        let teacher = teacher.filter(|_| kd_weight > 0.0);
+        let teacher = teacher.filter(|_| mix.kd_weight > 0.0);
         if self.kernels == Kernels::Portable {
             // The logits materialised, then the composed loss.
             let logits = |h: Head, who: &str| -> Result<Tensor> {
@@ -112,15 +131,7 @@ impl Objective {
             let t = teacher
                 .map(|t| logits(t, "teacher").map(|l| l.detach()))
                 .transpose()?;
-            return self.loss(
-                t.as_ref(),
-                &logits(student, "student")?,
-                labels,
-                mask,
-                kd_weight,
-                temperature,
-                denominator,
-            );
+            return self.loss(t.as_ref(), &logits(student, "student")?, targets, mix);
         }
         let Weight::F32 {
             w, out_in: true, ..
@@ -128,11 +139,11 @@ impl Objective {
         else {
             bail!("the student's lm head must be an f32 [vocab, d] matrix (a trainable model)")
         };
-        let spec = self.spec(kd_weight, temperature, denominator, teacher.is_some())?;
+        let spec = self.spec(mix, targets.denominator, teacher.is_some())?;
         let h = flat_hidden(student.hidden, "student")?;
         let n = h.dim(0)?;
-        let weights = mask_weights(mask, n)?;
-        let labels = label_ids(labels, n)?;
+        let weights = mask_weights(targets.mask, n)?;
+        let labels = label_ids(targets.labels, n)?;
         let t = match teacher {
             Some(t) => Some((
                 flat_hidden(t.hidden, "teacher")?.detach(),
@@ -157,17 +168,15 @@ impl Objective {
         let parts = op.parts.clone();
         let loss = h.apply_op2(&w, op)?;
         let p = *parts.lock().unwrap();
-        Ok(self.output(loss, p, temperature, denominator))
+        Ok(self.output(loss, p, mix, targets.denominator))
     }
 
     /// Checks the per-step arguments and folds a, T², 1/T and the denominator into the kernel's spec.
-    fn spec(
-        &self,
-        kd_weight: f64,
-        temperature: f64,
-        denominator: f64,
-        has_teacher: bool,
-    ) -> Result<LossSpec> {
+    fn spec(&self, mix: Mix, denominator: f64, has_teacher: bool) -> Result<LossSpec> {
+        let Mix {
+            temperature,
+            kd_weight,
+        } = mix;
         if !(0.0..=1.0).contains(&kd_weight) {
             bail!("the KD weight must lie in [0, 1], got {kd_weight}");
         }
@@ -191,13 +200,13 @@ impl Objective {
         &self,
         loss: Tensor,
         (ce, kd): (f64, f64),
-        temperature: f64,
+        mix: Mix,
         denominator: f64,
     ) -> ObjectiveOutput {
         ObjectiveOutput {
             loss,
             ce: ce / denominator,
-            kd: kd * t2_scale(temperature, self.t2) / denominator,
+            kd: kd * t2_scale(mix.temperature, self.t2) / denominator,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::demo::Demo;
 use crate::eval::evaluate::EvalReport;
+use crate::kd::LossKind;
 use anyhow::Result;
 use std::fmt::Write;
 
@@ -24,23 +25,23 @@ fn cell((m, s): (f64, f64)) -> String {
 
 /// Seconds a finished run spent training (from its last checkpoint's trainer state).
 pub fn train_seconds(run_dir: &std::path::Path) -> Option<f64> {
-    let p =
-        crate::train::trainer::last_checkpoint(run_dir).join(crate::train::checkpoint::STATE_FILE);
+    let p = crate::train::checkpoint::last_checkpoint(run_dir)
+        .join(crate::train::checkpoint::STATE_FILE);
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
     v["train_seconds"].as_f64()
 }
 
-pub fn method_label(m: &str) -> String {
+pub fn method_label(m: LossKind) -> String {
     match m {
-        "sft" => "SFT student".into(),
-        other => other.to_uppercase(),
+        LossKind::Sft => "SFT student".into(),
+        other => other.name().to_uppercase(),
     }
 }
 
 /// Builds report.md from the runs `(name, method, pocl, seed)` and their evaluations.
 pub fn demo_report(
     demo: &Demo,
-    runs: &[(String, String, bool, u64)],
+    runs: &[(String, LossKind, bool, u64)],
     results: &[(String, EvalReport)],
     measure_seconds: f64,
 ) -> Result<String> {
@@ -77,13 +78,13 @@ pub fn demo_report(
         writeln!(md, "| Teacher (SFT) | {} |", cells.join(" | "))?;
     }
     // Per (method, pocl): per-set means over the training seeds.
-    let mut rows: Vec<(String, bool)> = Vec::new();
-    for (_, m, pocl, _) in runs {
-        if !rows.contains(&(m.clone(), *pocl)) {
-            rows.push((m.clone(), *pocl));
+    let mut rows: Vec<(LossKind, bool)> = Vec::new();
+    for &(_, m, pocl, _) in runs {
+        if !rows.contains(&(m, pocl)) {
+            rows.push((m, pocl));
         }
     }
-    let mut averages: Vec<((String, bool), f64)> = Vec::new();
+    let mut averages: Vec<((LossKind, bool), f64)> = Vec::new();
     for (m, pocl) in &rows {
         let reports: Vec<&EvalReport> = runs
             .iter()
@@ -97,12 +98,12 @@ pub fn demo_report(
             )));
         }
         let avg = mean_std(&reports.iter().map(|r| r.average.mean).collect::<Vec<_>>());
-        averages.push(((m.clone(), *pocl), avg.0));
+        averages.push(((*m, *pocl), avg.0));
         cells.push(cell(avg));
         let label = if *pocl {
-            format!("{} + POCL", method_label(m))
+            format!("{} + POCL", method_label(*m))
         } else {
-            method_label(m)
+            method_label(*m)
         };
         writeln!(md, "| {label} | {} |", cells.join(" | "))?;
     }
@@ -111,11 +112,11 @@ pub fn demo_report(
         md,
         "| method | without POCL | with POCL | difference |\n|---|---|---|---|"
     )?;
-    for m in &p.methods {
+    for &m in &p.methods {
         let find = |pocl: bool| {
             averages
                 .iter()
-                .find(|((mm, pp), _)| mm == m && *pp == pocl)
+                .find(|((mm, pp), _)| *mm == m && *pp == pocl)
                 .map(|(_, a)| *a)
         };
         if let (Some(a), Some(b)) = (find(false), find(true)) {
@@ -193,16 +194,9 @@ pub fn demo_plots(demo: &Demo) -> Result<Vec<(String, String)>> {
     let (Some(method), Some(seed)) = (p.methods.first(), p.train_seeds.first()) else {
         return Ok(vec![]);
     };
-    let kd = read_jsonl(
-        &demo
-            .out
-            .join(format!("runs/{method}-s{seed}/metrics.jsonl")),
-    );
-    let pocl = read_jsonl(
-        &demo
-            .out
-            .join(format!("runs/{method}-pocl-s{seed}/metrics.jsonl")),
-    );
+    let metrics = |run: String| read_jsonl(&crate::train::metrics::path(&demo.out.join(run)));
+    let kd = metrics(format!("runs/{method}-s{seed}"));
+    let pocl = metrics(format!("runs/{method}-pocl-s{seed}"));
     // Stage boundaries of the POCL run, in samples seen.
     let mut markers = Vec::new();
     let mut seen = 0.0;
@@ -216,7 +210,7 @@ pub fn demo_plots(demo: &Demo) -> Result<Vec<(String, String)>> {
             seen += r["samples"].as_f64().unwrap_or(0.0);
         }
     }
-    let label = method_label(method);
+    let label = method_label(*method);
     let mut out = Vec::new();
     for (file, title, kind, key, y) in [
         (

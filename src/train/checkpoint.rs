@@ -10,10 +10,45 @@ use candle_core::{Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "trainer_state.json";
+
+/// The resumable checkpoint of the run in `run_dir`, replaced as training goes.
+pub fn last_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints/last")
+}
+
+/// The checkpoint with the best dev ROUGE-L (or dev loss) so far.
+pub fn best_checkpoint(run_dir: &Path) -> PathBuf {
+    run_dir.join("checkpoints/best")
+}
+
+/// Readies `run_dir` for a new run, or for continuing the one there when `resume` is set:
+/// repairs a checkpoint replacement that was interrupted, and refuses to resume nothing or to mix
+/// a new run into an old one.
+pub fn prepare_run_dir(run_dir: &Path, resume: bool) -> Result<()> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let last = last_checkpoint(run_dir);
+    model::recover_dir(&last)?;
+    model::recover_dir(&best_checkpoint(run_dir))?;
+    if resume && !last.join(STATE_FILE).is_file() {
+        bail!(
+            "{}: nothing to resume (no checkpoint in {})",
+            run_dir.display(),
+            last.display()
+        );
+    }
+    if !resume && last.exists() {
+        bail!(
+            "{}: already holds a run; pass --resume to continue it or choose another directory",
+            run_dir.display()
+        );
+    }
+    Ok(())
+}
 
 /// A seeded RNG's exact position, so a resumed run draws the same numbers.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

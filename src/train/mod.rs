@@ -1,6 +1,11 @@
-//! Training: optimiser, clipping and learning-rate schedule (the trainer loop comes with issue 5).
+//! Training: the trainer's setup and loop ([`trainer`]), one optimiser step ([`step`]), dev
+//! evaluation ([`dev`]), metrics.jsonl ([`metrics`]), resumable checkpoints ([`checkpoint`]), the
+//! optimiser, clipping and learning-rate schedule ([`optim`]), and the data splits ([`splits`]).
 
 pub mod checkpoint;
+pub mod dev;
+pub mod metrics;
 pub mod optim;
 pub mod splits;
+pub mod step;
 pub mod trainer;

@@ -1,37 +1,30 @@
-//! The distillation trainer: one process runs every stage of the curriculum, resumably.
+//! The distillation trainer: setup and the loop. One process runs every stage of the
+//! curriculum, resumably.
 //!
-//! Per optimiser step: the batch's micro-batches are collated first so the loss denominator is
-//! the response-token count of the whole step (the rule lives in `kd::Objective`); each
-//! micro-batch runs the frozen teacher forward and the student forward/backward, gradients are
-//! summed, clipped globally, and AdamW applies them. Per epoch: dev loss and dev ROUGE-L, best
-//! checkpoint by dev ROUGE-L. Per stage: the active buckets, temperature and KD weight come from
-//! `curriculum::schedule`; the optimiser and cosine schedule restart unless told otherwise.
+//! Per stage: the active buckets, temperature and KD weight come from `curriculum::schedule`;
+//! the optimiser and cosine schedule restart unless told otherwise. Per batch: one optimiser
+//! step ([`super::step`]; GKD first answers the prompts with the student). Per epoch: dev loss
+//! and dev ROUGE-L ([`super::dev`]), best checkpoint by dev ROUGE-L. Every record goes to
+//! metrics.jsonl ([`super::metrics`]); checkpoints ([`super::checkpoint`]) make a killed run
+//! resumable with the same result.
 
-use super::checkpoint::{self, RngState};
-use super::optim::{accumulate, clip_coef, AdamW, AdamWConfig, LrSchedule};
+use super::checkpoint::{self, best_checkpoint, last_checkpoint, RngState};
+use super::optim::{AdamW, AdamWConfig, LrSchedule};
+use super::{dev, metrics, step};
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
-use crate::data::{collate, Example};
-use crate::kd::{Divergence, Head, Objective};
+use crate::data::Example;
+use crate::kd::{Mix, Objective};
 use crate::model::generate::{generate, GenerationConfig, Sampling};
-use crate::model::{self, CausalLm, Input};
+use crate::model::{self, CausalLm};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-/// One micro-batch's contribution to an optimiser step.
-struct MicroResult {
-    loss: f64,
-    ce: f64,
-    kd: f64,
-    grads: Vec<Option<candle_core::Tensor>>,
-}
 
 /// Where training stands; saved in every checkpoint so `--resume` continues exactly.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -82,26 +75,18 @@ pub struct Trainer {
     started: Instant,
 }
 
-pub fn last_checkpoint(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints/last")
-}
-
-pub fn best_checkpoint(run_dir: &Path) -> PathBuf {
-    run_dir.join("checkpoints/best")
-}
-
-/// The divergence and on-policy fraction a loss name stands for (`gkd` = on-policy jsd).
+/// The objective and on-policy probability λ (0 unless the loss is on-policy) of a recipe.
 pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
     let o = &recipe.objective;
-    let (name, on_policy) = match o.loss.as_str() {
-        "gkd" => ("jsd", recipe.gkd.lambda),
-        "sft" => ("fkl", 0.0),
-        n => (n, 0.0),
+    let divergence = o
+        .loss
+        .divergence(o.alpha, o.beta)
+        .context("objective.loss")?;
+    let on_policy = if o.loss.on_policy() {
+        recipe.gkd.lambda
+    } else {
+        0.0
     };
-    // α and β are recipe-wide defaults; each divergence takes only its own.
-    let alpha = matches!(name, "skl" | "srkl").then_some(o.alpha);
-    let beta = (name == "jsd").then_some(o.beta);
-    let divergence = Divergence::parse(name, alpha, beta).context("objective.loss")?;
     Ok((
         Objective {
             divergence,
@@ -116,49 +101,28 @@ impl Trainer {
     /// Prepares a run in `run_dir`, or continues the one there when `resume` is set.
     pub fn new(
         recipe: Recipe,
+        backend: &crate::backend::Backend,
         run_dir: &Path,
         resume: bool,
         data: super::splits::Splits,
         scores: Option<Vec<Scored>>,
     ) -> Result<Self> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        checkpoint::prepare_run_dir(run_dir, resume)?;
         let last = last_checkpoint(run_dir);
-        model::recover_dir(&last)?;
-        model::recover_dir(&best_checkpoint(run_dir))?;
-        if resume && !last.join(checkpoint::STATE_FILE).is_file() {
-            bail!(
-                "{}: nothing to resume (no checkpoint in {})",
-                run_dir.display(),
-                last.display()
-            );
-        }
-        if !resume && last.exists() {
-            bail!(
-                "{}: already holds a run; pass --resume to continue it or choose another directory",
-                run_dir.display()
-            );
-        }
         let student_dir = if resume {
             last.clone()
         } else {
             recipe.model.student.clone()
         };
-        let backend = recipe.run.backend()?;
-        let student = model::load(&student_dir, &backend)?;
+        let student = model::load(&student_dir, backend)?;
         let (mut objective, on_policy) = objective_of(&recipe)?;
         objective.kernels = backend.kernels;
         let eos_ids =
-            crate::cli::generate::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
+            crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
-        let needs_teacher = recipe.objective.loss != "sft";
-        let (teacher, kd_vocab) = if needs_teacher {
+        let (teacher, kd_vocab) = if recipe.objective.loss.needs_teacher() {
             let dir = recipe.model.teacher.as_ref().expect("validated");
-            let t = if recipe.model.teacher_dtype == "bf16" {
-                model::load_frozen_bf16(dir, &backend)?
-            } else {
-                model::load_frozen(dir, &backend)?
-            };
+            let t = crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?;
             let tt = Tokenizer::from_dir(dir, None)?;
             let v = crate::kd::vocab::common_vocab(
                 &tt,
@@ -177,11 +141,7 @@ impl Trainer {
         } else {
             (None, student.config().vocab_size)
         };
-        let pad_id = student
-            .config()
-            .pad_token_id
-            .or(eos_ids.first().copied())
-            .unwrap_or(0);
+        let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
         let opt = AdamW::new(
             student.params().iter(),
@@ -197,7 +157,7 @@ impl Trainer {
             if let Some(r) = &state.rng {
                 rng = r.restore()?;
             }
-            truncate_metrics(&run_dir.join("metrics.jsonl"), state.metrics_lines)?;
+            metrics::truncate(run_dir, state.metrics_lines)?;
         } else {
             let resolved = toml::to_string_pretty(&recipe)?;
             crate::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
@@ -253,7 +213,7 @@ impl Trainer {
                 }
                 self.state.stage_started = true;
                 self.log(serde_json::json!({"type": "stage", "stage": st.index, "step": self.state.global_step,
-                    "active_samples": active.len(), "temperature": st.temperature, "kd_weight": st.kd_weight,
+                    "active_samples": active.len(), "temperature": st.mix.temperature, "kd_weight": st.mix.kd_weight,
                     "last_bucket": st.last_bucket, "steps_per_epoch": steps_per_epoch}))?;
             }
             let lr = self.lr_schedule(steps_per_epoch as u64 * epochs as u64);
@@ -279,7 +239,7 @@ impl Trainer {
                     } else {
                         self.state.global_step
                     });
-                    let m = self.step(&batch, st.temperature, st.kd_weight, step_lr)?;
+                    let m = self.step(&batch, st.mix, step_lr)?;
                     self.state.batch_in_epoch += 1;
                     self.state.global_step += 1;
                     self.state.stage_step += 1;
@@ -288,8 +248,8 @@ impl Trainer {
                         "epoch {}/{epochs} loss {:.4} T {:.2} a {:.2}",
                         self.state.epoch + 1,
                         m["loss"].as_f64().unwrap_or(f64::NAN),
-                        st.temperature,
-                        st.kd_weight
+                        st.mix.temperature,
+                        st.mix.kd_weight
                     );
                     bar.advance(1, &status);
                     let mut rec = m;
@@ -298,8 +258,8 @@ impl Trainer {
                     rec["epoch"] = self.state.epoch.into();
                     rec["step"] = self.state.global_step.into();
                     rec["lr"] = step_lr.into();
-                    rec["temperature"] = st.temperature.into();
-                    rec["kd_weight"] = st.kd_weight.into();
+                    rec["temperature"] = st.mix.temperature.into();
+                    rec["kd_weight"] = st.mix.kd_weight.into();
                     rec["elapsed_s"] = elapsed.into();
                     self.log(rec)?;
                     let every = self.recipe.checkpoint.every_steps;
@@ -364,108 +324,32 @@ impl Trainer {
     }
 
     /// One optimiser step on the training positions `batch`; returns the step's metrics.
-    fn step(
-        &mut self,
-        batch: &[usize],
-        temperature: f64,
-        kd_weight: f64,
-        lr: f64,
-    ) -> Result<serde_json::Value> {
+    fn step(&mut self, batch: &[usize], mix: Mix, lr: f64) -> Result<serde_json::Value> {
         let on_policy = self.on_policy > 0.0 && self.rng.random::<f64>() < self.on_policy;
         let examples: Vec<Example> = if on_policy {
             self.student_examples(batch)?
         } else {
             batch.iter().map(|&i| self.train[i].clone()).collect()
         };
-        let micro: Vec<crate::data::Batch> = examples
-            .chunks(self.recipe.optim.micro_batch_size)
-            .map(|c| {
-                collate(&c.iter().collect::<Vec<_>>(), self.pad_id)?
-                    .to_device(&self.student.backend().device)
-            })
-            .collect::<Result<_>>()?;
-        let masks: Vec<candle_core::Tensor> = micro.iter().map(|b| b.loss_mask.clone()).collect();
-        let tokens = crate::kd::step_denominator(&masks)?;
-        let n_params = self.student.params().len();
-        // The in-place gradient buffers start the step empty (torch's zero_grad).
-        self.student.params().zero_grad();
-        // Gradients are added in micro-batch order (deterministic, so resumed runs are exact).
-        // Running micro-batches on parallel threads was measured slower here (PERFORMANCE.md).
-        let per_micro = micro
-            .iter()
-            .map(|b| self.micro_step(b, kd_weight, temperature, tokens));
-        let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; n_params];
-        let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
-        for r in per_micro {
-            let r = r?;
-            loss += r.loss;
-            ce += r.ce;
-            kd += r.kd;
-            accumulate(&mut grads, r.grads)?;
-        }
-        let clip = self.recipe.optim.clip;
-        let max_norm = if clip > 0.0 { clip } else { f64::INFINITY };
-        let (grad_norm, coef) = clip_coef(&grads, max_norm, self.objective.kernels)?;
-        if !grad_norm.is_finite() {
-            bail!(
-                "non-finite gradient norm at step {} (loss {loss})",
-                self.state.global_step + 1
-            );
-        }
-        self.opt.update(&grads, coef, lr)?;
-        Ok(
-            serde_json::json!({"loss": loss, "ce": ce, "kd": kd, "grad_norm": grad_norm, "tokens": tokens,
-            "samples": batch.len(), "on_policy": on_policy}),
-        )
-    }
-
-    /// Forward and backward of one micro-batch; the loss is already divided by the step's tokens.
-    fn micro_step(
-        &self,
-        b: &crate::data::Batch,
-        kd_weight: f64,
-        temperature: f64,
-        tokens: f64,
-    ) -> Result<MicroResult> {
-        let input = Input {
-            ids: &b.input_ids,
-            positions: &b.position_ids,
-            key_mask: &b.attention_mask,
-        };
-        // The heads are fused into the loss: no [tokens, vocab] logits are materialised.
-        let teacher_hidden = match &self.teacher {
-            Some(t) if kd_weight > 0.0 => Some(t.hidden(&input, None)?.detach()),
-            _ => None,
-        };
-        let teacher = match (&self.teacher, &teacher_hidden) {
-            (Some(t), Some(h)) => Some(Head {
-                hidden: h,
-                weight: t.lm_head(),
-            }),
-            _ => None,
-        };
-        let student_hidden = self.student.hidden(&input, None)?;
-        let student = Head {
-            hidden: &student_hidden,
-            weight: self.student.lm_head(),
-        };
-        let out = self.objective.loss_from_heads(
-            teacher,
-            student,
-            self.kd_vocab,
-            &b.labels.flatten_all()?,
-            &b.loss_mask.flatten_all()?,
-            kd_weight,
-            temperature,
-            tokens,
+        let micro = step::collate_micro_batches(
+            &examples,
+            self.recipe.optim.micro_batch_size,
+            self.pad_id,
+            &self.student.backend().device,
         )?;
-        let grads = self.student.params().grads(&out.loss.backward()?)?;
-        Ok(MicroResult {
-            loss: out.loss.to_scalar::<f32>()? as f64,
-            ce: out.ce,
-            kd: out.kd,
-            grads,
-        })
+        let models = step::Models {
+            student: self.student.as_ref(),
+            teacher: self.teacher.as_deref(),
+            objective: self.objective,
+            kd_vocab: self.kd_vocab,
+        };
+        let clip = self.recipe.optim.clip;
+        let out = step::optimizer_step(&models, &mut self.opt, &micro, mix, lr, clip, &mut |_| {})
+            .with_context(|| format!("step {}", self.state.global_step + 1))?;
+        Ok(
+            serde_json::json!({"loss": out.loss, "ce": out.ce, "kd": out.kd, "grad_norm": out.grad_norm,
+            "tokens": out.tokens, "samples": batch.len(), "on_policy": on_policy}),
+        )
     }
 
     /// GKD: the batch's prompts answered by the student (temperature 1, top-p 1), optionally
@@ -533,8 +417,22 @@ impl Trainer {
         if self.dev.is_empty() {
             return Ok(true);
         }
-        let dev_loss = self.dev_loss()?;
-        let dev_rouge = self.dev_rouge()?;
+        let dev_loss = dev::dev_loss(
+            self.student.as_ref(),
+            self.objective,
+            self.kd_vocab,
+            &self.dev,
+            self.recipe.optim.micro_batch_size,
+            self.pad_id,
+        )?;
+        let dev_rouge = dev::dev_rouge(
+            self.student.as_ref(),
+            &self.tokenizer,
+            &self.dev,
+            &self.dev_references,
+            &self.recipe,
+            &self.eos_ids,
+        )?;
         let improved = self.state.best_dev_loss.is_none_or(|b| dev_loss < b);
         if improved {
             self.state.best_dev_loss = Some(dev_loss);
@@ -568,85 +466,6 @@ impl Trainer {
         Ok(improved)
     }
 
-    fn dev_loss(&self) -> Result<f64> {
-        let tokens: usize = self.dev.iter().map(|e| e.response_ids.len()).sum();
-        let mut total = 0.0;
-        for chunk in self.dev.chunks(self.recipe.optim.micro_batch_size) {
-            let b = collate(&chunk.iter().collect::<Vec<_>>(), self.pad_id)?
-                .to_device(&self.student.backend().device)?;
-            let input = Input {
-                ids: &b.input_ids,
-                positions: &b.position_ids,
-                key_mask: &b.attention_mask,
-            };
-            let hidden = self.student.hidden(&input, None)?.detach();
-            // Detached: this loss is never differentiated, so the head computes no gradient.
-            let head = self.student.lm_head().detach();
-            let student = Head {
-                hidden: &hidden,
-                weight: &head,
-            };
-            let out = self.objective.loss_from_heads(
-                None,
-                student,
-                self.kd_vocab,
-                &b.labels.flatten_all()?,
-                &b.loss_mask.flatten_all()?,
-                0.0,
-                1.0,
-                tokens as f64,
-            )?;
-            total += out.ce;
-        }
-        Ok(total)
-    }
-
-    /// Dev ROUGE-L with the final evaluation's own generation path (`eval::evaluate`): the same
-    /// decoding and per-sample seeds, so dev and test scores are comparable (POCL.md §7).
-    fn dev_rouge(&self) -> Result<Option<f64>> {
-        use crate::eval::evaluate::{generate_prepared, Decoding};
-        let n = self.recipe.eval.dev_rouge_samples.min(self.dev.len());
-        if n == 0 {
-            return Ok(None);
-        }
-        let e = &self.recipe.eval;
-        let sampling = if e.greedy {
-            Sampling::Greedy
-        } else {
-            Sampling::Sample {
-                temperature: e.temperature,
-                top_k: e.top_k,
-                top_p: e.top_p,
-            }
-        };
-        let dec = Decoding {
-            sampling,
-            max_new_tokens: e.max_new_tokens,
-            no_repeat_ngram: e.no_repeat_ngram,
-            template: crate::train::splits::encode_options(&self.recipe)?.template,
-            max_prompt_len: self.recipe.data.max_prompt_len,
-            batch_size: self.recipe.curriculum.score_batch_size.max(1),
-            eos_ids: self.eos_ids.clone(),
-        };
-        let dev = &self.dev[..n];
-        let prompts: Vec<Vec<u32>> = dev.iter().map(|x| x.prompt_ids.clone()).collect();
-        let ids: Vec<u64> = dev.iter().map(|x| x.id).collect();
-        let answers = generate_prepared(
-            self.student.as_ref(),
-            &self.tokenizer,
-            &prompts,
-            &ids,
-            &dec,
-            self.recipe.seed,
-        )?;
-        let total: f64 = answers
-            .iter()
-            .zip(&self.dev_references)
-            .map(|(a, r)| 100.0 * crate::eval::rouge::rouge_l_multi(r, &a.text))
-            .sum();
-        Ok(Some(total / n as f64))
-    }
-
     fn save_checkpoint(&mut self) -> Result<()> {
         self.state.rng = Some(RngState::of(&self.rng));
         self.state.train_seconds += self.started.elapsed().as_secs_f64();
@@ -662,14 +481,7 @@ impl Trainer {
 
     fn log(&mut self, record: serde_json::Value) -> Result<()> {
         self.state.metrics_lines += 1;
-        let path = self.run_dir.join("metrics.jsonl");
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        writeln!(f, "{record}")?;
-        Ok(())
+        metrics::append(&self.run_dir, &record)
     }
 }
 
@@ -727,19 +539,6 @@ fn bucket_positions(
         bucket[i] = bucket_of(rank, n, buckets);
     }
     Ok(bucket)
-}
-
-/// Keeps the first `lines` metric records: those written before the checkpoint a run resumes from.
-fn truncate_metrics(path: &Path, lines: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text.lines().take(lines).collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    crate::write_atomic(path, out.as_bytes())
 }
 
 #[cfg(test)]
