@@ -122,15 +122,35 @@ impl Objective {
     ) -> Result<ObjectiveOutput> {
         let teacher = teacher.filter(|_| mix.kd_weight > 0.0);
         if self.kernels == Kernels::Portable {
-            // The logits materialised, then the composed loss.
+            // The logits of the counted rows only (prompt and padding rows contribute nothing;
+            // they are often half the tokens), materialised, then the composed loss.
+            let weights = mask_weights(
+                targets.mask,
+                flat_hidden(student.hidden, "student")?.dim(0)?,
+            )?;
+            let counted: Vec<u32> = (0..weights.len() as u32)
+                .filter(|&i| weights[i as usize] != 0.0)
+                .collect();
+            // With no counted row the loss is 0: one (weight 0) row keeps the graph's shape.
+            let counted = if counted.is_empty() { vec![0] } else { counted };
+            let dev = student.hidden.device();
+            let rows = Tensor::new(counted.as_slice(), dev)?;
             let logits = |h: Head, who: &str| -> Result<Tensor> {
+                let hidden = flat_hidden(h.hidden, who)?.index_select(&rows, 0)?;
                 Ok(Kernels::Portable
-                    .linear(h.weight, &flat_hidden(h.hidden, who)?, None)?
+                    .linear(h.weight, &hidden, None)?
                     .narrow(1, 0, vocab)?)
             };
             let t = teacher
                 .map(|t| logits(t, "teacher").map(|l| l.detach()))
                 .transpose()?;
+            let labels = targets.labels.flatten_all()?.index_select(&rows, 0)?;
+            let mask = targets.mask.flatten_all()?.index_select(&rows, 0)?;
+            let targets = Targets {
+                labels: &labels,
+                mask: &mask,
+                denominator: targets.denominator,
+            };
             return self.loss(t.as_ref(), &logits(student, "student")?, targets, mix);
         }
         let Weight::F32 {
