@@ -15,6 +15,7 @@
 //! - [`pipeline`]: what the `pocl` commands and the demo share: loading a model (in a
 //!   [`pipeline::Precision`]) with its tokenizer and EOS ids, measuring difficulty, running a recipe.
 //! - [`demo`]: the paper's experiment end to end on the built-in benchmark.
+//! - [`output`]: where commands write (no input overwritten, no directory replaced unasked).
 //!
 //! The `pocl` binary's command-line interface (`src/cli/`) lives outside the library and only
 //! calls into it.
@@ -28,6 +29,7 @@ pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
+pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod report;

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod dev;
 pub mod metrics;
 pub mod optim;
+pub mod run_dir;
 pub mod splits;
 pub mod step;
 pub mod trainer;
