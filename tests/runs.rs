@@ -450,3 +450,35 @@ fn bad_recipes_fail_before_any_work() {
     assert!(!stderr(&o).contains("measuring"), "{}", stderr(&o));
     assert!(!run.exists(), "nothing written");
 }
+
+#[test]
+fn a_failed_write_leaves_no_temporary_behind() {
+    let s = setup("failed-write", "");
+    let temporaries = |dir: &Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n.contains(".tmp"))
+            .collect()
+    };
+    // A file written over a directory: the rename fails.
+    std::fs::create_dir_all(s.dir.join("out/target")).unwrap();
+    assert!(pocl::write_atomic(&s.dir.join("out/target"), b"x").is_err());
+    assert_eq!(temporaries(&s.dir.join("out")), Vec::<String>::new());
+    // A model save whose extra file cannot be written.
+    let model = pocl::model::load_frozen(
+        &s.dir.join("models/student"),
+        &pocl::backend::Backend::cpu(),
+    )
+    .unwrap();
+    let saved = pocl::model::save_with(
+        model.as_ref(),
+        &s.dir.join("out/model"),
+        None,
+        &[("no/such/dir", vec![1])],
+    );
+    assert!(saved.is_err());
+    assert_eq!(temporaries(&s.dir.join("out")), Vec::<String>::new());
+    assert!(!s.dir.join("out/model").exists());
+}
