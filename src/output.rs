@@ -22,13 +22,13 @@ pub fn same_path(a: &Path, b: &Path) -> bool {
     identity(a) == identity(b)
 }
 
-/// Refuses an output `out` (given as `flag`) that is, or lies inside, one of `inputs`
-/// (each with its flag): writing it would destroy what is being read.
+/// Refuses an output `out` (given as `flag`) that is one of `inputs` (each with its flag), or a
+/// directory holding one: writing (or replacing) it would destroy what is being read.
 pub fn refuse_input_as_output(flag: &str, out: &Path, inputs: &[(&str, &Path)]) -> Result<()> {
     let o = identity(out);
     for (in_flag, input) in inputs {
         let i = identity(input);
-        if o == i || o.starts_with(&i) {
+        if i.starts_with(&o) {
             bail!(
                 "{flag} {}: is the input given by {in_flag}; write the output elsewhere",
                 out.display()
@@ -73,12 +73,10 @@ mod tests {
         assert!(
             refuse_input_as_output("--out", &dir.join("o.jsonl"), &[("--data", &data)]).is_ok()
         );
-        assert!(refuse_input_as_output(
-            "--out",
-            &dir.join("m/sub"),
-            &[("--model", &dir.join("m"))]
-        )
-        .is_err());
+        // A directory output holding an input, and a new file beside a model's files.
+        let (m, inside) = (dir.join("m"), dir.join("m/x"));
+        assert!(refuse_input_as_output("--out", &m, &[("--data", &inside)]).is_err());
+        assert!(refuse_input_as_output("--out", &dir.join("m/new"), &[("--model", &m)]).is_ok());
         assert!(check_new_dir("--out", &data, true).is_err());
         assert!(check_new_dir("--out", &dir.join("m"), false).is_err());
         assert!(check_new_dir("--out", &dir.join("m"), true).is_ok());

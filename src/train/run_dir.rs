@@ -205,7 +205,9 @@ impl Inputs {
         if recipe.objective.loss.needs_teacher() {
             add("model.teacher", recipe.model.teacher.as_ref())?;
         }
-        add("curriculum.scores", recipe.curriculum.scores.as_ref())?;
+        if recipe.curriculum.kind.needs_scores() {
+            add("curriculum.scores", recipe.curriculum.scores.as_ref())?;
+        }
         Ok(Inputs {
             files,
             measured_for: None,
