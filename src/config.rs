@@ -303,7 +303,32 @@ fn keyed_message(e: &toml::de::Error) -> String {
     }
 }
 
+/// Whether `--set KEY=...` may change a run on `--resume`: keys that change how the run is
+/// evaluated, checkpointed or computed, never what it computes.
+pub fn resumable_key(key: &str) -> bool {
+    let key = key.trim();
+    key.starts_with("eval.")
+        || key.starts_with("checkpoint.")
+        || key == "run.device"
+        || key == "run.kernels"
+}
+
 impl Recipe {
+    /// The recipe of the run in `run_dir` (its recipe.toml) with `overrides` of the keys a
+    /// resumed run may change ([`resumable_key`]); any other key is refused by name.
+    pub fn load_for_resume(run_dir: &Path, overrides: &[String]) -> Result<Self> {
+        for o in overrides {
+            let key = o.split_once('=').map_or(o.as_str(), |(k, _)| k);
+            if !resumable_key(key) {
+                bail!(
+                    "--set {}: cannot change on --resume (only eval.*, checkpoint.*, run.device, run.kernels); start a new run to change it",
+                    key.trim()
+                );
+            }
+        }
+        Recipe::load(&run_dir.join("recipe.toml"), overrides)
+    }
+
     /// Reads a recipe, applies `section.key=value` overrides, resolves relative paths against
     /// the recipe's directory, and validates it.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
@@ -333,7 +358,10 @@ impl Recipe {
         let mut r: Recipe = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| anyhow!("{}: {}", path.display(), keyed_message(&e)))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so that the resolved recipe a run directory keeps (and `--resume` reads
+        // from another directory) names the same files.
+        let base = std::path::absolute(path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
         let resolve = |p: &mut PathBuf| {
             if !p.as_os_str().is_empty() && p.is_relative() {
                 *p = base.join(&*p);
@@ -360,6 +388,23 @@ impl Recipe {
         }
         if self.data.train.as_os_str().is_empty() {
             bail!("data.train: required");
+        }
+        if self.out.as_ref().is_some_and(|o| o.as_os_str().is_empty()) {
+            bail!("out: empty; give the run directory");
+        }
+        let e = &self.eval;
+        let positive = e.temperature > 0.0 && e.temperature.is_finite();
+        if !e.greedy && !positive {
+            bail!(
+                "eval.temperature: must be > 0 (got {}); or set eval.greedy = true",
+                e.temperature
+            );
+        }
+        if !(e.top_p > 0.0 && e.top_p <= 1.0) {
+            bail!("eval.top_p: must be in (0, 1] (got {})", e.top_p);
+        }
+        if e.dev_rouge_samples > 0 && e.max_new_tokens == 0 {
+            bail!("eval.max_new_tokens: must be at least 1 when eval.dev_rouge_samples > 0");
         }
         if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);

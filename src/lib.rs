@@ -15,6 +15,7 @@
 //! - [`pipeline`]: what the `pocl` commands and the demo share: loading a model (in a
 //!   [`pipeline::Precision`]) with its tokenizer and EOS ids, measuring difficulty, running a recipe.
 //! - [`demo`]: the paper's experiment end to end on the built-in benchmark.
+//! - [`output`]: where commands write (no input overwritten, no directory replaced unasked).
 //!
 //! The `pocl` binary's command-line interface (`src/cli/`) lives outside the library and only
 //! calls into it.
@@ -28,6 +29,7 @@ pub mod eval;
 pub mod kd;
 pub mod model;
 pub mod ops;
+pub mod output;
 pub mod pipeline;
 pub mod progress;
 pub mod report;
@@ -48,12 +50,18 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         .context("output path has no file name")?
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.sync_all().ok();
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    Ok(())
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().ok();
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    })();
+    if written.is_err() {
+        // A failed write (full disk, read-only target) leaves no temporary beside the target.
+        std::fs::remove_file(&tmp).ok();
+    }
+    written
 }

@@ -9,7 +9,8 @@ use crate::curriculum::measure::{self, MeasureConfig};
 use crate::model::config::ModelConfig;
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
-use crate::train::checkpoint::{best_checkpoint, last_checkpoint};
+use crate::train::checkpoint::{best_checkpoint, last_checkpoint, prepare_run_dir};
+use crate::train::run_dir::{self, Inputs, SCORES_FILE};
 use crate::train::splits::Splits;
 use crate::train::trainer::Trainer;
 use anyhow::{bail, Context, Result};
@@ -129,8 +130,84 @@ pub fn measure_difficulty(
     Ok((scores, seconds))
 }
 
+/// The vocabulary width the KD loss compares over (the teacher's and student's common ids; the
+/// student's own for SFT). Fails, naming both directories, when the teacher's tokenizer does not
+/// match the student's.
+pub fn kd_vocab(recipe: &Recipe, student_tok: &Tokenizer, student_vocab: usize) -> Result<usize> {
+    if !recipe.objective.loss.needs_teacher() {
+        return Ok(student_vocab);
+    }
+    let dir = recipe
+        .model
+        .teacher
+        .as_ref()
+        .context("model.teacher: required")?;
+    let teacher_vocab = ModelConfig::from_dir(dir)?.vocab_size;
+    let teacher_tok = Tokenizer::from_dir(dir, None)?;
+    crate::kd::vocab::common_vocab(&teacher_tok, student_tok, teacher_vocab, student_vocab)
+        .with_context(|| {
+            format!(
+                "teacher {} vs student {}",
+                dir.display(),
+                recipe.model.student.display()
+            )
+        })
+}
+
+/// The difficulty scores of a run: the recipe's `curriculum.scores`, else the run's own
+/// scores.jsonl when it was measured from these very inputs and settings, else measured now
+/// (and recorded in `inputs`).
+fn scores_of(
+    recipe: &Recipe,
+    run_dir: &Path,
+    inputs: &mut Inputs,
+    backend: &Backend,
+    tok: &Tokenizer,
+    eos: &[u32],
+    data: &Splits,
+) -> Result<Vec<Scored>> {
+    if let Some(path) = &recipe.curriculum.scores {
+        if !path.is_file() {
+            bail!(
+                "curriculum.scores: {} does not exist (leave the key out to measure)",
+                path.display()
+            )
+        }
+        return measure::read_scores(path);
+    }
+    let own = run_dir.join(SCORES_FILE);
+    let key = inputs.measurement_key(recipe);
+    if own.is_file() {
+        let fp = run_dir::fingerprint(&own)?;
+        let recorded = run_dir::recorded(run_dir)?.unwrap_or_default();
+        let same = recorded.measured_for.as_deref() == Some(key.as_str())
+            && recorded.files.get(SCORES_FILE) == Some(&fp);
+        if same {
+            inputs.files.insert(SCORES_FILE.into(), fp);
+            inputs.measured_for = Some(key);
+            return measure::read_scores(&own);
+        }
+        eprintln!(
+            "{}: measured from other data, model or settings; measuring again",
+            own.display()
+        );
+    }
+    let student = load_frozen(&recipe.model.student, Precision::F32, backend)?;
+    let (s, _) = measure_difficulty(recipe, student.as_ref(), tok, eos, data, &own)?;
+    inputs
+        .files
+        .insert(SCORES_FILE.into(), run_dir::fingerprint(&own)?);
+    inputs.measured_for = Some(key);
+    run_dir::record(run_dir, inputs)?;
+    Ok(s)
+}
+
 /// Runs (or resumes) the recipe in `run_dir`: measures difficulty first when the curriculum needs
 /// it and no scores are given (cached as RUN/scores.jsonl), then trains every stage.
+///
+/// Everything that can be refused is checked before any work: the recipe (when loaded), the
+/// device, the tokenizers, the data, the run directory (a lock held for the whole run, debris of
+/// killed processes removed, a resumed run's inputs unchanged since it started).
 ///
 /// The student is loaded once, by the trainer. Only a measurement loads it a second time, frozen:
 /// the measurer decodes through the kernels of a frozen model, and its scores must not depend on
@@ -143,41 +220,45 @@ pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
     let config = ModelConfig::from_dir(&student_dir)?;
     let eos = eos_ids(&student_dir, &config.eos_token_ids);
     let tok = Tokenizer::from_dir(&student_dir, eos.first().copied())?;
+    kd_vocab(&recipe, &tok, config.vocab_size)?;
     let data = Splits::load(&recipe, &tok)?;
     eprintln!(
         "data: {} training and {} dev examples",
         data.train.len(),
         data.dev.len()
     );
-    std::fs::create_dir_all(run_dir)?;
-    let scores = if recipe.curriculum.kind.needs_scores() {
-        match &recipe.curriculum.scores {
-            Some(path) if !path.is_file() => {
-                bail!(
-                    "curriculum.scores: {} does not exist (leave the key out to measure)",
-                    path.display()
-                )
-            }
-            Some(path) => Some(measure::read_scores(path)?),
-            None if run_dir.join("scores.jsonl").is_file() => {
-                Some(measure::read_scores(&run_dir.join("scores.jsonl"))?)
-            }
-            None => {
-                let student = load_frozen(&student_dir, Precision::F32, &backend)?;
-                let (s, _) = measure_difficulty(
-                    &recipe,
-                    student.as_ref(),
-                    &tok,
-                    &eos,
-                    &data,
-                    &run_dir.join("scores.jsonl"),
-                )?;
-                Some(s)
-            }
+    if !resume {
+        run_dir::check_is_run_dir(run_dir)?;
+    }
+    let _lock = run_dir::lock(run_dir)?;
+    run_dir::clean_debris(run_dir)?;
+    prepare_run_dir(run_dir, resume)?;
+    let mut inputs = Inputs::of(&recipe)?;
+    if resume {
+        let own = run_dir.join(SCORES_FILE);
+        if own.is_file() {
+            inputs
+                .files
+                .insert(SCORES_FILE.into(), run_dir::fingerprint(&own)?);
         }
+        run_dir::check_unchanged(run_dir, &inputs)?;
+    }
+    let scores = if recipe.curriculum.kind.needs_scores() {
+        Some(scores_of(
+            &recipe,
+            run_dir,
+            &mut inputs,
+            &backend,
+            &tok,
+            &eos,
+            &data,
+        )?)
     } else {
         None
     };
+    if !resume {
+        run_dir::record(run_dir, &inputs)?;
+    }
     let mut trainer = Trainer::new(recipe, &backend, run_dir, resume, data, scores)?;
     trainer.run()?;
     eprintln!(

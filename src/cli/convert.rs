@@ -11,12 +11,17 @@ pub struct ConvertArgs {
     /// Source model directory (HF layout; sharded, f16/bf16 and hub-style keys accepted).
     #[arg(long)]
     pub model: PathBuf,
-    /// Destination directory (replaced atomically if it exists).
+    /// Destination directory (refused if it exists and is not empty, unless --force; then
+    /// replaced atomically).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace what is at --out.
+    #[arg(long)]
+    pub force: bool,
 }
 
 pub fn run(a: ConvertArgs) -> Result<()> {
+    pocl::output::check_new_dir("--out", &a.out, a.force)?;
     // Conversion only reads and rewrites weights: the CPU.
     let model = pocl::model::load_frozen(&a.model, &pocl::backend::Backend::cpu())?;
     pocl::model::save(model.as_ref(), &a.out, Some(&a.model))?;

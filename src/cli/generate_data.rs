@@ -46,6 +46,11 @@ pub struct GenerateDataArgs {
 }
 
 pub fn run(a: GenerateDataArgs) -> Result<()> {
+    pocl::output::refuse_input_as_output(
+        "--out",
+        &a.out,
+        &[("--data", &a.data), ("--model", &a.model)],
+    )?;
     let sampling = a.sampling.resolve(true)?;
     if a.prompts.limit == Some(0) {
         bail!("--limit must be at least 1");

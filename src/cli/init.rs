@@ -13,8 +13,12 @@ pub struct InitArgs {
     /// Directory holding the tokenizer.json the model is for.
     #[arg(long)]
     pub tokenizer: PathBuf,
+    /// New model directory (refused if it exists and is not empty, unless --force).
     #[arg(long)]
     pub out: PathBuf,
+    /// Replace what is at --out.
+    #[arg(long)]
+    pub force: bool,
     #[arg(long, default_value_t = 128)]
     pub hidden: usize,
     #[arg(long, default_value_t = 4)]
@@ -34,6 +38,8 @@ pub struct InitArgs {
 }
 
 pub fn run(a: InitArgs) -> Result<()> {
+    pocl::output::check_new_dir("--out", &a.out, a.force)?;
+    pocl::output::refuse_input_as_output("--out", &a.out, &[("--tokenizer", &a.tokenizer)])?;
     let shape = Shape {
         hidden: a.hidden,
         layers: a.layers,

@@ -47,6 +47,11 @@ pub struct ScoreArgs {
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
+    pocl::output::refuse_input_as_output(
+        "--out",
+        &a.out,
+        &[("--data", &a.data), ("--model", &a.model)],
+    )?;
     if a.buckets == 0 {
         anyhow::bail!("--buckets must be at least 1");
     }

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use pocl::config::Recipe;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -31,6 +31,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
 }
 
 fn resolve(a: &TrainArgs) -> Result<(Recipe, PathBuf)> {
+    let sets: Vec<String> = a.sets.iter().cloned().chain(a.device.as_sets()).collect();
     if a.resume {
         let Some(dir) = a.out.clone().or_else(|| {
             a.config
@@ -40,13 +41,13 @@ fn resolve(a: &TrainArgs) -> Result<(Recipe, PathBuf)> {
         }) else {
             bail!("--resume needs the run directory (--out DIR)");
         };
-        // The run's own recipe, exactly as it started, so the resumed run is the same run.
-        return Ok((Recipe::load(&dir.join("recipe.toml"), &[])?, dir));
+        // The run's own recipe, as it started, so the resumed run is the same run; only the keys
+        // that do not change what it computes may be overridden.
+        return Ok((Recipe::load_for_resume(&dir, &sets)?, dir));
     }
     let Some(config) = &a.config else {
         bail!("give --config RECIPE.toml (or --resume --out RUN_DIR)")
     };
-    let sets: Vec<String> = a.sets.iter().cloned().chain(a.device.as_sets()).collect();
     let recipe = Recipe::load(config, &sets)?;
     let Some(dir) = a.out.clone().or_else(|| recipe.out.clone()) else {
         bail!(
@@ -54,5 +55,13 @@ fn resolve(a: &TrainArgs) -> Result<(Recipe, PathBuf)> {
             config.display()
         );
     };
+    // The recipe's folder holds the user's files (a run directory's own recipe.toml aside).
+    let recipe_dir = config.parent().filter(|p| !p.as_os_str().is_empty());
+    if pocl::output::same_path(&dir, recipe_dir.unwrap_or(Path::new("."))) {
+        bail!(
+            "out {}: is the recipe's own directory; give a directory for the run",
+            dir.display()
+        );
+    }
     Ok((recipe, dir))
 }

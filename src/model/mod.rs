@@ -207,7 +207,37 @@ pub fn save_with(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let filled = fill_dir(model, &tmp, side_files_from, extra);
+    if filled.is_err() {
+        // A failed save (full disk, unreadable side file) leaves no temporary directory behind.
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+    filled?;
+    // Replace: out -> .name.old, tmp -> out, drop old. A kill between the two renames leaves
+    // only .name.old, which `recover_dir` puts back.
+    recover_dir(out)?;
+    let old = parent.join(format!(".{name}.old"));
+    if old.exists() {
+        std::fs::remove_dir_all(&old)?; // stale: `out` holds a complete newer version
+    }
+    if out.exists() {
+        std::fs::rename(out, &old).with_context(|| format!("cannot replace {}", out.display()))?;
+    }
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).ok();
+    }
+    Ok(())
+}
+
+/// Writes the files of a saved model into the new directory `tmp` (see [`save_with`]).
+fn fill_dir(
+    model: &dyn CausalLm,
+    tmp: &Path,
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let config = serde_json::to_string_pretty(&model.config().to_saved_json())?;
     std::fs::write(tmp.join("config.json"), config)?;
     std::fs::write(
@@ -226,20 +256,6 @@ pub fn save_with(
     for (name, bytes) in extra {
         std::fs::write(tmp.join(name), bytes)
             .with_context(|| format!("cannot write {name} in {}", tmp.display()))?;
-    }
-    // Replace: out -> .name.old, tmp -> out, drop old. A kill between the two renames leaves
-    // only .name.old, which `recover_dir` puts back.
-    recover_dir(out)?;
-    let old = parent.join(format!(".{name}.old"));
-    if old.exists() {
-        std::fs::remove_dir_all(&old)?; // stale: `out` holds a complete newer version
-    }
-    if out.exists() {
-        std::fs::rename(out, &old).with_context(|| format!("cannot replace {}", out.display()))?;
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot create {}", out.display()))?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).ok();
     }
     Ok(())
 }

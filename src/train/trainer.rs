@@ -107,7 +107,7 @@ impl Trainer {
         data: super::splits::Splits,
         scores: Option<Vec<Scored>>,
     ) -> Result<Self> {
-        checkpoint::prepare_run_dir(run_dir, resume)?;
+        // The caller has readied and locked `run_dir` (`pipeline::run_recipe`).
         let last = last_checkpoint(run_dir);
         let student_dir = if resume {
             last.clone()
@@ -120,26 +120,12 @@ impl Trainer {
         let eos_ids =
             crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
-        let (teacher, kd_vocab) = if recipe.objective.loss.needs_teacher() {
-            let dir = recipe.model.teacher.as_ref().expect("validated");
-            let t = crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?;
-            let tt = Tokenizer::from_dir(dir, None)?;
-            let v = crate::kd::vocab::common_vocab(
-                &tt,
-                &tokenizer,
-                t.config().vocab_size,
-                student.config().vocab_size,
-            )
-            .with_context(|| {
-                format!(
-                    "teacher {} vs student {}",
-                    dir.display(),
-                    recipe.model.student.display()
-                )
-            })?;
-            (Some(t), v)
-        } else {
-            (None, student.config().vocab_size)
+        let kd_vocab = crate::pipeline::kd_vocab(&recipe, &tokenizer, student.config().vocab_size)?;
+        let teacher = match &recipe.model.teacher {
+            Some(dir) if recipe.objective.loss.needs_teacher() => Some(
+                crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?,
+            ),
+            _ => None,
         };
         let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
@@ -157,11 +143,12 @@ impl Trainer {
             if let Some(r) = &state.rng {
                 rng = r.restore()?;
             }
-            metrics::truncate(run_dir, state.metrics_lines)?;
-        } else {
-            let resolved = toml::to_string_pretty(&recipe)?;
-            crate::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
         }
+        // The recipe as it runs (on resume: with the overrides a resumed run may take).
+        let resolved = toml::to_string_pretty(&recipe)?;
+        crate::write_atomic(&run_dir.join("recipe.toml"), resolved.as_bytes())?;
+        // Lines after the checkpoint resumed from, or of a run killed before its first one.
+        metrics::truncate(run_dir, state.metrics_lines)?;
         Ok(Trainer {
             run_dir: run_dir.to_path_buf(),
             student,
