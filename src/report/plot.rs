@@ -320,8 +320,13 @@ pub fn line_chart_rgb(chart: &LineChart, width: u32, height: u32) -> Result<Vec<
             let style = font(11, MARKER);
             let (px, _) = c.backend_coord(&(*x, y_hi));
             let w = drawing(root.estimate_text_size(label, &style))?.0 as i32;
-            row = if px + 3 <= last_right + 4 { 1 - row } else { 0 };
-            last_right = px + 3 * s as i32 + w;
+            let left = px + 3 * s as i32;
+            row = if left <= last_right + 4 * s as i32 {
+                1 - row
+            } else {
+                0
+            };
+            last_right = left + w;
             let at = (3 * s as i32, (3 + 14 * row) * s as i32);
             drawing(c.draw_series(std::iter::once(
                 EmptyElement::at((*x, y_hi + pad)) + Text::new(label.clone(), at, style),
