@@ -11,9 +11,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 use pocl::data::format::write_dolly_jsonl;
 use pocl::data::seqkd::{teacher_data, TeacherData};
-use pocl::eval::evaluate::{
-    generate_prepared_with_progress, prepare_prompts, progress_printer, Decoding,
-};
+use pocl::eval::evaluate::{generate_prepared_with_progress, prepare_prompts, Decoding};
 use pocl::pipeline::load_model;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -77,7 +75,7 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
     let start = Instant::now();
     let prompts = prepare_prompts(model.as_ref(), &tok, &samples, &dec)?;
     let ids: Vec<u64> = samples.iter().map(|s| s.id).collect();
-    let mut progress = progress_printer(true, "teacher answers".into(), ids.len());
+    let mut bar = pocl::progress::Progress::new("teacher answers", ids.len());
     let answers = generate_prepared_with_progress(
         model.as_ref(),
         &tok,
@@ -85,7 +83,7 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
         &ids,
         &dec,
         a.seed,
-        &mut progress,
+        &mut |done| bar.set(done, ""),
     )?;
     let TeacherData {
         samples: out,

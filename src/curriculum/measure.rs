@@ -82,7 +82,8 @@ pub fn answers(
     batch_size: usize,
 ) -> Result<Vec<String>> {
     let lens: Vec<usize> = examples.iter().map(|e| e.prompt_ids.len()).collect();
-    batched_by_length(&lens, batch_size, &mut |_| {}, |batch| {
+    let mut bar = crate::progress::Progress::new("difficulty: student answers", lens.len());
+    batched_by_length(&lens, batch_size, &mut |done| bar.set(done, ""), |batch| {
         let prompts: Vec<Vec<u32>> = batch
             .iter()
             .map(|&i| examples[i].prompt_ids.clone())

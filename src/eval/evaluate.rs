@@ -16,6 +16,7 @@ use crate::eval::rouge_l_multi;
 use crate::model::config::Family;
 use crate::model::generate::{generate_seeded_rows, GenerationConfig, Sampling};
 use crate::model::CausalLm;
+use crate::progress::Progress;
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -426,25 +427,6 @@ pub fn score_answers(samples: &[Sample], answers: &[Generated], dec: &Decoding) 
         .collect()
 }
 
-/// A progress callback for [`generate_prepared_with_progress`]: with `verbose`, a plain stderr
-/// line ("what: done/total, rate, ETA") at most every 10 seconds, and none for short runs.
-pub fn progress_printer(verbose: bool, what: String, total: usize) -> impl FnMut(usize) {
-    let start = Instant::now();
-    let mut last = start;
-    move |done| {
-        if !verbose || done >= total || last.elapsed().as_secs_f64() < 10.0 {
-            return;
-        }
-        last = Instant::now();
-        let secs = start.elapsed().as_secs_f64();
-        let rate = done as f64 / secs.max(1e-9);
-        eprintln!(
-            "{what}: {done}/{total} prompts, {rate:.2}/s, ETA {:.0} s",
-            (total - done) as f64 / rate.max(1e-9)
-        );
-    }
-}
-
 /// A set name as a directory name: characters outside `[A-Za-z0-9._-]` become `_`.
 pub fn set_dir_name(name: &str) -> String {
     let s: String = name
@@ -513,6 +495,12 @@ pub fn evaluate(
         std::fs::create_dir_all(o).with_context(|| format!("cannot create {}", o.display()))?;
     }
     let greedy = cfg.decoding.sampling == Sampling::Greedy;
+    // One progress over every generation of the evaluation (greedy decoding generates once).
+    let runs = if greedy { 1 } else { cfg.seeds.len() };
+    let total = runs * sets.iter().map(|s| s.1.len()).sum::<usize>();
+    let label = format!("eval {}", cfg.model.as_deref().unwrap_or("model"));
+    let mut bar = Progress::new(label, total);
+    let mut answered = 0;
     let mut reports = Vec::with_capacity(sets.len());
     for (((name, samples), prompts), dir) in sets.iter().zip(&prompts).zip(&dirs) {
         let ids: Vec<u64> = samples.iter().map(|s| s.id).collect();
@@ -524,8 +512,6 @@ pub fn evaluate(
             let answers = match &greedy_answers {
                 Some(a) => a.clone(),
                 None => {
-                    let mut report =
-                        progress_printer(cfg.verbose, format!("{name} seed {seed}"), ids.len());
                     let a = generate_prepared_with_progress(
                         model,
                         tok,
@@ -533,9 +519,10 @@ pub fn evaluate(
                         &ids,
                         &cfg.decoding,
                         seed,
-                        &mut report,
+                        &mut |d| bar.set(answered + d, &format!("{name} seed {seed}")),
                     )
                     .with_context(|| format!("test set {name:?}, seed {seed}"))?;
+                    answered += ids.len();
                     if greedy {
                         greedy_answers = Some(a.clone());
                     }
