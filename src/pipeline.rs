@@ -41,6 +41,25 @@ pub fn load_frozen(
     }
 }
 
+/// The width teacher and student logits are compared over (`kd::vocab::common_vocab` of their
+/// tokenizers and configs), read from the two directories without loading any weights.
+pub fn kd_vocab(teacher: &Path, student: &Path) -> Result<usize> {
+    let vocab = |d: &Path| ModelConfig::from_dir(d).map(|c| c.vocab_size);
+    crate::kd::vocab::common_vocab(
+        &Tokenizer::from_dir(teacher, None)?,
+        &Tokenizer::from_dir(student, None)?,
+        vocab(teacher)?,
+        vocab(student)?,
+    )
+    .with_context(|| {
+        format!(
+            "teacher {} vs student {}",
+            teacher.display(),
+            student.display()
+        )
+    })
+}
+
 /// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
 pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
     let mut ids = from_config.to_vec();

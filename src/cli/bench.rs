@@ -129,6 +129,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let models = step::Models {
                 student: student.as_ref(),
                 teacher: Some(teacher.as_ref()),
+                sparse_teacher: None,
                 objective: Objective {
                     kernels: backend.kernels,
                     ..Objective::new(Divergence::Fkl)

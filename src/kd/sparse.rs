@@ -26,8 +26,9 @@
 
 use super::divergence::{cross_entropy_row, row_max, Divergence, RowScratch, LOG_PROB_FLOOR};
 use super::fastmath as fm;
-use super::kernel::{LossSpec, RowLoss};
+use super::kernel::{with_scratch, LossSpec, RowLoss};
 use anyhow::{bail, Result};
+use rayon::prelude::*;
 
 /// One row's sparse teacher at the stage temperature: the token ids of its top K and the log
 /// probabilities of the K + 1 buckets (`log_p[K]` is the rest; −∞ when the rest is empty).
@@ -35,6 +36,79 @@ use anyhow::{bail, Result};
 pub struct SparseRow<'a> {
     pub ids: &'a [u32],
     pub log_p: &'a [f64],
+}
+
+/// The sparse teacher of a batch's counted rows: K ids and K + 1 bucket log-probabilities per
+/// row (a teacher cache's rows, or the same computed live).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SparseTargets {
+    pub k: usize,
+    pub ids: Vec<u32>,
+    pub log_p: Vec<f64>,
+}
+
+impl SparseTargets {
+    pub fn rows(&self) -> usize {
+        self.ids.len() / self.k.max(1)
+    }
+    pub fn row(&self, r: usize) -> SparseRow<'_> {
+        SparseRow {
+            ids: &self.ids[r * self.k..(r + 1) * self.k],
+            log_p: &self.log_p[r * (self.k + 1)..(r + 1) * (self.k + 1)],
+        }
+    }
+}
+
+/// The loss of `out.len()` rows of student `logits` ([rows, width]) against sparse rows
+/// `first..` of `t`, in parallel; with `grad`, dL/dlogits replaces the logits (as the dense
+/// kernel's in-place variant does for the fused head).
+#[allow(clippy::too_many_arguments)]
+pub fn sparse_loss_rows(
+    spec: &LossSpec,
+    t: &SparseTargets,
+    first: usize,
+    logits: &mut [f32],
+    width: usize,
+    labels: Option<&[u32]>,
+    weights: &[f32],
+    out: &mut [RowLoss],
+    grad: bool,
+) -> Result<()> {
+    let n = out.len();
+    if logits.len() != n * width || weights.len() != n || labels.is_some_and(|l| l.len() != n) {
+        bail!(
+            "sparse kd kernel: {} logits, {} weights for {n} rows of {width}",
+            logits.len(),
+            weights.len()
+        );
+    }
+    if first + n > t.rows() {
+        bail!(
+            "the sparse teacher has {} rows but the batch counts at least {} (cache and data disagree)",
+            t.rows(),
+            first + n
+        );
+    }
+    logits
+        .par_chunks_mut(width)
+        .zip(out.par_iter_mut())
+        .enumerate()
+        .try_for_each(|(r, (row, o))| {
+            with_scratch(width, |sc| {
+                let label = labels.map(|l| l[r]);
+                let tr = Some(t.row(first + r));
+                let w = weights[r] as f64;
+                *o = if grad {
+                    let s = row.to_vec();
+                    row.fill(0.0);
+                    sparse_row_loss(spec, tr, label, w, &s, sc, Some(row))
+                } else {
+                    sparse_row_loss(spec, tr, label, w, row, sc, None)
+                }
+                .map_err(|e| anyhow::anyhow!("row {}: {e}", first + r))?;
+                Ok(())
+            })
+        })
 }
 
 /// Σ_b exp(x_b) in the log domain (−∞ for an empty or all −∞ input).

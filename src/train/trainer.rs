@@ -57,6 +57,8 @@ pub struct Trainer {
     pub run_dir: PathBuf,
     student: Box<dyn CausalLm>,
     teacher: Option<Box<dyn CausalLm>>,
+    /// Read instead of running the teacher (`model.teacher_cache`).
+    teacher_cache: Option<crate::cache::TeacherCache>,
     tokenizer: Tokenizer,
     objective: Objective,
     /// On-policy (GKD) probability λ; 0 for off-policy losses.
@@ -120,28 +122,35 @@ impl Trainer {
         let eos_ids =
             crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
+        let cache_dir = recipe
+            .model
+            .teacher_cache
+            .clone()
+            .filter(|_| recipe.objective.loss.needs_teacher());
         let (teacher, kd_vocab) = if recipe.objective.loss.needs_teacher() {
             let dir = recipe.model.teacher.as_ref().expect("validated");
-            let t = crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?;
-            let tt = Tokenizer::from_dir(dir, None)?;
-            let v = crate::kd::vocab::common_vocab(
-                &tt,
-                &tokenizer,
-                t.config().vocab_size,
-                student.config().vocab_size,
-            )
-            .with_context(|| {
-                format!(
-                    "teacher {} vs student {}",
-                    dir.display(),
-                    recipe.model.student.display()
-                )
-            })?;
-            (Some(t), v)
+            let v = crate::pipeline::kd_vocab(dir, &recipe.model.student)?;
+            // With a teacher cache the teacher's weights are never loaded.
+            let t = match cache_dir {
+                Some(_) => None,
+                None => Some(crate::pipeline::load_frozen(
+                    dir,
+                    recipe.model.teacher_dtype,
+                    backend,
+                )?),
+            };
+            (t, v)
         } else {
             (None, student.config().vocab_size)
         };
         let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
+        let teacher_cache = match &cache_dir {
+            Some(d) => Some(
+                crate::cache::open_or_build(&recipe, d, kd_vocab, backend)
+                    .context("model.teacher_cache")?,
+            ),
+            None => None,
+        };
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
         let opt = AdamW::new(
             student.params().iter(),
@@ -166,6 +175,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             student,
             teacher,
+            teacher_cache,
             tokenizer,
             objective,
             on_policy,
@@ -340,6 +350,10 @@ impl Trainer {
         let models = step::Models {
             student: self.student.as_ref(),
             teacher: self.teacher.as_deref(),
+            sparse_teacher: self
+                .teacher_cache
+                .as_ref()
+                .map(|c| c as &dyn crate::cache::SparseTeacher),
             objective: self.objective,
             kd_vocab: self.kd_vocab,
         };
