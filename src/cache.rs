@@ -73,11 +73,22 @@ impl Identity {
                 format!("{:?}", want.temperatures),
             ),
         ];
+        let same_ts = self.temperatures.len() == want.temperatures.len()
+            && (self.temperatures.iter())
+                .zip(&want.temperatures)
+                .all(|(&a, &b)| same_temperature(a, b));
         fields
             .into_iter()
-            .find(|(_, a, b)| a != b)
+            .find(|(f, a, b)| a != b && !(*f == "temperatures" && same_ts))
             .map(|(f, a, b)| format!("{f} differs (cache: {a}, expected: {b})"))
     }
+}
+
+/// Whether a cached temperature serves a stage's: equal up to float rounding (a schedule's
+/// interpolated temperatures can differ in the last bit between two ways of computing them;
+/// the log-sum-exp at either is the same to ~1e-16 relative).
+fn same_temperature(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
 }
 
 /// SHA-256 (hex) of the files' bytes, in the order given.
@@ -386,10 +397,11 @@ impl TeacherCache {
         if want.top_k == 0 {
             cmp.top_k = m.identity.top_k;
         }
+        let cached = &m.identity.temperatures;
         if want
             .temperatures
             .iter()
-            .all(|t| m.identity.temperatures.contains(t))
+            .all(|&t| cached.iter().any(|&c| same_temperature(c, t)))
         {
             cmp.temperatures = m.identity.temperatures.clone();
         }
@@ -462,7 +474,7 @@ impl TeacherCache {
             .identity
             .temperatures
             .iter()
-            .position(|&x| x == t)
+            .position(|&x| same_temperature(x, t))
             .with_context(|| {
                 format!(
                     "{}: temperature {t} is not cached (cached: {:?})",

@@ -24,6 +24,9 @@ const VOCAB: usize = 50257;
 pub enum BenchCommand {
     /// One KD optimiser step: GPT-2-small teacher (124M) -> 6-layer d=512 student, batch 4 x 128, fkl.
     KdStep(BenchArgs),
+    /// The teacher cache's loss against the full-vocabulary loss, per K and temperature, on a
+    /// recipe's models and data (relative error of the summed loss, per divergence).
+    CacheFidelity(super::cache_fidelity::FidelityArgs),
     /// Greedy decoding of the standard student: 32-token prompt, 96 new tokens, batch 1 and 8.
     Generate(BenchArgs),
 }
@@ -93,8 +96,9 @@ fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<u32> {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let a = match &cmd {
-        BenchCommand::KdStep(a) | BenchCommand::Generate(a) => a,
+    let a = match cmd {
+        BenchCommand::CacheFidelity(f) => return super::cache_fidelity::run(f),
+        BenchCommand::KdStep(ref a) | BenchCommand::Generate(ref a) => a,
     };
     let threads = a.threads.unwrap_or_else(num_cpus_or_2);
     rayon::ThreadPoolBuilder::new()
@@ -121,7 +125,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             // One micro-batch of the whole batch, through training's own step.
             let micro = [collate(&examples.iter().collect::<Vec<_>>(), 0)?.to_device(dev)?];
             let mut teacher = Some(teacher);
-            let cache_dir = std::env::temp_dir().join(format!("pocl-bench-cache-{}", std::process::id()));
+            let cache_dir =
+                std::env::temp_dir().join(format!("pocl-bench-cache-{}", std::process::id()));
             let cache = if a.teacher_cache {
                 let identity = Identity {
                     teacher: "bench".into(),
@@ -139,7 +144,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     batch_size: b,
                     pad_id: 0,
                 };
-                build(&cache_dir, teacher.as_deref().expect("loaded"), &examples, &opts)?;
+                build(
+                    &cache_dir,
+                    teacher.as_deref().expect("loaded"),
+                    &examples,
+                    &opts,
+                )?;
                 teacher = None;
                 // Linux: "5" resets the peak-RSS mark (VmHWM), so the teacher's pages do not count.
                 std::fs::write("/proc/self/clear_refs", "5").ok();
@@ -209,6 +219,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             );
             std::fs::remove_dir_all(&cache_dir).ok();
         }
+        BenchCommand::CacheFidelity(_) => unreachable!("handled above"),
         BenchCommand::Generate(a) => {
             let student = gpt2(512, 6, 8, 2, true, a.dtype == Precision::Bf16, &backend)?;
             for bs in [1usize, 8] {

@@ -4,6 +4,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod cache_fidelity;
 pub mod cache_teacher;
 pub mod convert;
 pub mod data;
