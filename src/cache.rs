@@ -581,7 +581,7 @@ pub fn recipe_identity(
     Ok(Identity {
         teacher: hash_model_dir(teacher)?,
         tokenizer: hash_files(&[recipe.model.student.join("tokenizer.json")])?,
-        data: hash_files(&[recipe.data.train.clone()])?,
+        data: hash_files(std::slice::from_ref(&recipe.data.train))?,
         template: template_key(&recipe.data),
         vocab,
         top_k,
