@@ -39,6 +39,9 @@ pub struct ModelSection {
     /// "f32", or "bf16": the teacher's matrices converted once to bf16 (AMX tiles where the CPU
     /// has them; half the teacher's memory). The student always trains in f32.
     pub teacher_dtype: Precision,
+    /// Teacher cache directory (`pocl cache-teacher`): training reads the teacher's top-K
+    /// targets there instead of running the teacher; built first when missing.
+    pub teacher_cache: Option<PathBuf>,
 }
 
 impl Default for ModelSection {
@@ -47,6 +50,7 @@ impl Default for ModelSection {
             teacher: None,
             student: PathBuf::new(),
             teacher_dtype: Precision::F32,
+            teacher_cache: None,
         }
     }
 }
@@ -369,6 +373,7 @@ impl Recipe {
         };
         resolve(&mut r.model.student);
         r.model.teacher.iter_mut().for_each(resolve);
+        r.model.teacher_cache.iter_mut().for_each(resolve);
         resolve(&mut r.data.train);
         r.data.dev.iter_mut().for_each(resolve);
         r.curriculum.scores.iter_mut().for_each(resolve);
@@ -408,6 +413,9 @@ impl Recipe {
         }
         if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);
+        }
+        if self.model.teacher_cache.is_some() && self.objective.loss.on_policy() {
+            bail!("model.teacher_cache: loss \"{}\" trains on the student's own samples, which need the live teacher; remove model.teacher_cache or choose an off-policy loss", self.objective.loss);
         }
         if c.stages == 0 {
             bail!("curriculum.stages: must be at least 1");

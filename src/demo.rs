@@ -127,6 +127,9 @@ pub struct Demo {
     pub run: RunSection,
     /// Redo every phase instead of reusing an earlier demo's results.
     pub fresh: bool,
+    /// Build one teacher cache (`crate::cache`) and train every off-policy KD run on it (run
+    /// names end in `-cached`); GKD keeps its live teacher.
+    pub teacher_cache: bool,
 }
 
 /// Wall time of each run, for the report's compute column.
@@ -308,21 +311,35 @@ impl Demo {
         );
         let measure_seconds = self.measure(&student_base)?;
 
+        let cache_dir = self.out.join("teacher-cache");
+        let cache_seconds = if self.teacher_cache {
+            phase("teacher cache: the teacher run once, shared by every off-policy KD run");
+            Some(self.build_cache(&teacher, &student_base, &cache_dir, &backend)?)
+        } else {
+            None
+        };
+
         phase("baselines and distillation runs");
         let mut runs: Vec<(String, LossKind, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
+        let cached = |m: LossKind| self.teacher_cache && m.needs_teacher() && !m.on_policy();
         for &seed in &p.train_seeds {
             runs.push((format!("sft-s{seed}"), LossKind::Sft, false, seed));
             for &m in &p.methods {
-                runs.push((format!("{m}-s{seed}"), m, false, seed));
-                runs.push((format!("{m}-pocl-s{seed}"), m, true, seed));
+                let tag = if cached(m) { "-cached" } else { "" };
+                runs.push((format!("{m}-s{seed}{tag}"), m, false, seed));
+                runs.push((format!("{m}-pocl-s{seed}{tag}"), m, true, seed));
             }
         }
         for (name, method, pocl, seed) in &runs {
             let kind = if *pocl { Kind::Pocl } else { Kind::None };
             let t = method.needs_teacher().then_some(teacher.as_path());
-            let r = self.recipe(t, &student_base, *method, kind, *seed);
+            let mut r = self.recipe(t, &student_base, *method, kind, *seed);
+            if cached(*method) {
+                r.model.teacher_cache = Some(cache_dir.clone());
+            }
             self.train_once(name, r)?;
         }
+        let cache_line = cache_seconds.map(|s| self.cache_summary(s, &runs));
 
         phase("evaluation: the paper's protocol on the three test sets");
         let sets = self.test_sets()?;
@@ -336,7 +353,10 @@ impl Demo {
         }
 
         phase("report");
-        let report = crate::report::demo_report(self, &runs, &results, measure_seconds)?;
+        let mut report = crate::report::demo_report(self, &runs, &results, measure_seconds)?;
+        if let Some(line) = cache_line {
+            report.push_str(&format!("\n{line}\n"));
+        }
         crate::write_atomic(&self.out.join("report.md"), report.as_bytes())?;
         eprintln!(
             "\n{}\nwrote {} in {:.0}s",
@@ -345,6 +365,65 @@ impl Demo {
             start.elapsed().as_secs_f64()
         );
         Ok(())
+    }
+
+    /// Builds the demo's teacher cache (K = 64, every temperature of the POCL schedule and of the
+    /// fixed-temperature baselines); returns the seconds it took (little when it was already built).
+    fn build_cache(
+        &self,
+        teacher: &Path,
+        student: &Path,
+        dir: &Path,
+        backend: &crate::backend::Backend,
+    ) -> Result<f64> {
+        let r = self.recipe(Some(teacher), student, LossKind::Fkl, Kind::Pocl, 10);
+        let mut temps = crate::cache::schedule_temperatures(&r);
+        let baseline = self.recipe(Some(teacher), student, LossKind::Fkl, Kind::None, 10);
+        for t in crate::cache::schedule_temperatures(&baseline) {
+            if !temps.contains(&t) {
+                temps.push(t);
+            }
+        }
+        let vocab = crate::pipeline::kd_vocab_of_dirs(teacher, student)?;
+        let started = Instant::now();
+        let k = crate::cache::DEFAULT_TOP_K.min(vocab);
+        let per_shard = crate::cache::DEFAULT_EXAMPLES_PER_SHARD;
+        crate::cache::build_for_recipe(&r, dir, vocab, k, Some(temps), per_shard, backend)?;
+        Ok(started.elapsed().as_secs_f64())
+    }
+
+    /// One line for the report: the cache's cost, the cached runs' training time and, when an
+    /// earlier demo in the same directory trained the same runs live, theirs.
+    fn cache_summary(&self, build_seconds: f64, runs: &[(String, LossKind, bool, u64)]) -> String {
+        let seconds = |name: &str| -> Option<f64> {
+            let state =
+                last_checkpoint(&self.run_dir(name)).join(crate::train::checkpoint::STATE_FILE);
+            let v: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(state).ok()?).ok()?;
+            v["train_seconds"].as_f64()
+        };
+        let cached: Vec<&str> = runs
+            .iter()
+            .map(|r| r.0.as_str())
+            .filter(|n| n.ends_with("-cached"))
+            .collect();
+        let on_cache: f64 = cached.iter().filter_map(|n| seconds(n)).sum();
+        let live: Option<f64> = cached
+            .iter()
+            .map(|n| seconds(n.trim_end_matches("-cached")))
+            .sum();
+        let mut line = format!(
+            "Teacher cache: built once in {build_seconds:.1} s and read by {} runs, which trained in {on_cache:.1} s",
+            cached.len()
+        );
+        if let Some(live) = live {
+            line.push_str(&format!(
+                "; the same runs with the live teacher took {live:.1} s: {:.1} s saved including the build",
+                live - on_cache - build_seconds
+            ));
+        }
+        line.push('.');
+        line
     }
 
     /// The benchmark's training text without the prompt template, as one processed-format record

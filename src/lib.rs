@@ -21,6 +21,7 @@
 //! calls into it.
 
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod curriculum;
 pub mod data;

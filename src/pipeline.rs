@@ -42,6 +42,25 @@ pub fn load_frozen(
     }
 }
 
+/// The width teacher and student logits are compared over (`kd::vocab::common_vocab` of their
+/// tokenizers and configs), read from the two directories without loading any weights.
+pub fn kd_vocab_of_dirs(teacher: &Path, student: &Path) -> Result<usize> {
+    let vocab = |d: &Path| ModelConfig::from_dir(d).map(|c| c.vocab_size);
+    crate::kd::vocab::common_vocab(
+        &Tokenizer::from_dir(teacher, None)?,
+        &Tokenizer::from_dir(student, None)?,
+        vocab(teacher)?,
+        vocab(student)?,
+    )
+    .with_context(|| {
+        format!(
+            "teacher {} vs student {}",
+            teacher.display(),
+            student.display()
+        )
+    })
+}
+
 /// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
 pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
     let mut ids = from_config.to_vec();
@@ -133,7 +152,7 @@ pub fn measure_difficulty(
 /// The vocabulary width the KD loss compares over (the teacher's and student's common ids; the
 /// student's own for SFT). Fails, naming both directories, when the teacher's tokenizer does not
 /// match the student's.
-pub fn kd_vocab(recipe: &Recipe, student_tok: &Tokenizer, student_vocab: usize) -> Result<usize> {
+pub fn kd_vocab(recipe: &Recipe, student_vocab: usize) -> Result<usize> {
     if !recipe.objective.loss.needs_teacher() {
         return Ok(student_vocab);
     }
@@ -142,16 +161,7 @@ pub fn kd_vocab(recipe: &Recipe, student_tok: &Tokenizer, student_vocab: usize) 
         .teacher
         .as_ref()
         .context("model.teacher: required")?;
-    let teacher_vocab = ModelConfig::from_dir(dir)?.vocab_size;
-    let teacher_tok = Tokenizer::from_dir(dir, None)?;
-    crate::kd::vocab::common_vocab(&teacher_tok, student_tok, teacher_vocab, student_vocab)
-        .with_context(|| {
-            format!(
-                "teacher {} vs student {}",
-                dir.display(),
-                recipe.model.student.display()
-            )
-        })
+    kd_vocab_of_dirs(dir, &recipe.model.student)
 }
 
 /// The difficulty scores of a run: the recipe's `curriculum.scores`, else the run's own
@@ -220,7 +230,7 @@ pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
     let config = ModelConfig::from_dir(&student_dir)?;
     let eos = eos_ids(&student_dir, &config.eos_token_ids);
     let tok = Tokenizer::from_dir(&student_dir, eos.first().copied())?;
-    kd_vocab(&recipe, &tok, config.vocab_size)?;
+    kd_vocab(&recipe, config.vocab_size)?;
     let data = Splits::load(&recipe, &tok)?;
     eprintln!(
         "data: {} training and {} dev examples",

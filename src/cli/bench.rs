@@ -3,10 +3,10 @@
 //! field names), so ratios against PyTorch come from one machine in one sitting.
 
 use anyhow::Result;
-use candle_core::Tensor;
 use clap::{Args, Subcommand};
 use pocl::backend::Backend;
-use pocl::data::Batch;
+use pocl::cache::{build, BuildOptions, Identity, SparseTeacher, TeacherCache};
+use pocl::data::{collate, Example};
 use pocl::kd::{Divergence, Mix, Objective};
 use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
@@ -24,6 +24,9 @@ const VOCAB: usize = 50257;
 pub enum BenchCommand {
     /// One KD optimiser step: GPT-2-small teacher (124M) -> 6-layer d=512 student, batch 4 x 128, fkl.
     KdStep(BenchArgs),
+    /// The teacher cache's loss against the full-vocabulary loss, per K and temperature, on a
+    /// recipe's models and data (relative error of the summed loss, per divergence).
+    CacheFidelity(super::cache_fidelity::FidelityArgs),
     /// Greedy decoding of the standard student: 32-token prompt, 96 new tokens, batch 1 and 8.
     Generate(BenchArgs),
 }
@@ -43,6 +46,11 @@ pub struct BenchArgs {
     /// generate: the decoded model's matrices in "f32" (as the peer) or "bf16" (frozen, packed).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// kd-step: read the teacher's top-64 targets from a teacher cache (built first, in a
+    /// temporary directory) instead of running the teacher; the teacher is dropped before the
+    /// timed steps and the peak-RSS mark is reset, so max_rss_mib is without the teacher.
+    #[arg(long)]
+    pub teacher_cache: bool,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -88,8 +96,9 @@ fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<u32> {
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
-    let a = match &cmd {
-        BenchCommand::KdStep(a) | BenchCommand::Generate(a) => a,
+    let a = match cmd {
+        BenchCommand::CacheFidelity(f) => return super::cache_fidelity::run(f),
+        BenchCommand::KdStep(ref a) | BenchCommand::Generate(ref a) => a,
     };
     let threads = a.threads.unwrap_or_else(num_cpus_or_2);
     rayon::ThreadPoolBuilder::new()
@@ -105,30 +114,53 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let teacher = gpt2(768, 12, 12, 1, true, bf16, &backend)?;
             let student = gpt2(512, 6, 8, 2, false, false, &backend)?;
             let (b, t) = (4, 128);
-            let ids = Tensor::from_vec(random_ids(&mut rng, b * t), (b, t), dev)?;
-            let pos = Tensor::from_vec(
-                (0..b).flat_map(|_| 0..t as u32).collect::<Vec<_>>(),
-                (b, t),
-                dev,
-            )?;
-            let key_mask = Tensor::ones((b, t), candle_core::DType::U32, dev)?;
-            let mask: Vec<f32> = (0..b * t)
-                .map(|i| if i % t < 32 { 0.0 } else { 1.0 })
+            // Prompts of 33 tokens and responses of 96: rows 32..127 of each sequence count.
+            let examples: Vec<Example> = (0..b as u64)
+                .map(|id| Example {
+                    id,
+                    prompt_ids: random_ids(&mut rng, 33),
+                    response_ids: random_ids(&mut rng, t + 1 - 33),
+                })
                 .collect();
-            let mask = Tensor::from_vec(mask, (b, t), dev)?;
-            let labels = Tensor::zeros((b, t), candle_core::DType::U32, dev)?;
             // One micro-batch of the whole batch, through training's own step.
-            let micro = [Batch {
-                ids: (0..b as u64).collect(),
-                input_ids: ids,
-                attention_mask: key_mask,
-                position_ids: pos,
-                labels,
-                loss_mask: mask,
-            }];
+            let micro = [collate(&examples.iter().collect::<Vec<_>>(), 0)?.to_device(dev)?];
+            let mut teacher = Some(teacher);
+            let cache_dir =
+                std::env::temp_dir().join(format!("pocl-bench-cache-{}", std::process::id()));
+            let cache = if a.teacher_cache {
+                let identity = Identity {
+                    teacher: "bench".into(),
+                    tokenizer: "bench".into(),
+                    data: "bench".into(),
+                    template: "bench".into(),
+                    vocab: VOCAB,
+                    top_k: pocl::cache::DEFAULT_TOP_K,
+                    temperatures: vec![1.0],
+                };
+                std::fs::remove_dir_all(&cache_dir).ok();
+                let opts = BuildOptions {
+                    identity: identity.clone(),
+                    examples_per_shard: b,
+                    batch_size: b,
+                    pad_id: 0,
+                };
+                build(
+                    &cache_dir,
+                    teacher.as_deref().expect("loaded"),
+                    &examples,
+                    &opts,
+                )?;
+                teacher = None;
+                // Linux: "5" resets the peak-RSS mark (VmHWM), so the teacher's pages do not count.
+                std::fs::write("/proc/self/clear_refs", "5").ok();
+                Some(TeacherCache::open(&cache_dir, &identity)?)
+            } else {
+                None
+            };
             let models = step::Models {
                 student: student.as_ref(),
-                teacher: Some(teacher.as_ref()),
+                teacher: teacher.as_deref(),
+                sparse_teacher: cache.as_ref().map(|c| c as &dyn SparseTeacher),
                 objective: Objective {
                     kernels: backend.kernels,
                     ..Objective::new(Divergence::Fkl)
@@ -181,11 +213,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
             println!(
                 "{}",
-                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype, "backend": backend.label(),
+                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(),
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown})
             );
+            std::fs::remove_dir_all(&cache_dir).ok();
         }
+        BenchCommand::CacheFidelity(_) => unreachable!("handled above"),
         BenchCommand::Generate(a) => {
             let student = gpt2(512, 6, 8, 2, true, a.dtype == Precision::Bf16, &backend)?;
             for bs in [1usize, 8] {

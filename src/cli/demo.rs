@@ -22,6 +22,10 @@ pub struct DemoArgs {
     /// Redo every phase instead of reusing what an earlier demo in --out produced.
     #[arg(long)]
     pub fresh: bool,
+    /// Train the off-policy KD runs on one teacher cache built once (pocl cache-teacher),
+    /// reporting the time saved against live-teacher runs already in --out.
+    #[arg(long)]
+    pub teacher_cache: bool,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -41,6 +45,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         out: a.out,
         plan: Plan::new(size, a.seeds),
         fresh: a.fresh,
+        teacher_cache: a.teacher_cache,
         run: pocl::config::RunSection {
             device: a.device.device.unwrap_or_default(),
             kernels: a.device.kernels,

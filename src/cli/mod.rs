@@ -4,6 +4,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 pub mod bench;
+pub mod cache_fidelity;
+pub mod cache_teacher;
 pub mod convert;
 pub mod data;
 pub mod demo;
@@ -35,6 +37,8 @@ pub struct Cli {
 pub enum Command {
     /// The paper's experiment on the built-in benchmark: KD with and without POCL, report.md.
     Demo(demo::DemoArgs),
+    /// Run the teacher once over a data file and store its top-K targets (a teacher cache).
+    CacheTeacher(cache_teacher::CacheTeacherArgs),
     /// Run a distillation recipe (all curriculum stages) into a run directory.
     Train(train::TrainArgs),
     /// Measure sample difficulty with the student (POCL's ROUGE-L + CE rank fusion).
@@ -69,6 +73,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),
+        Command::CacheTeacher(a) => cache_teacher::run(a),
         Command::Score(a) => score::run(a),
         Command::Data(cmd) => data::run(cmd),
         Command::Rouge(a) => rouge::run(a),

@@ -245,6 +245,12 @@ impl Batch {
 }
 
 /// Builds a batch (on the CPU) from examples; `t` is the longest sequence length minus one.
+/// The positions of an example whose next token is a response token: the rows the loss counts
+/// (mask 1 in [`collate`]) and the rows a teacher cache stores.
+pub fn counted_rows(e: &Example) -> std::ops::Range<usize> {
+    e.prompt_ids.len().max(1) - 1..e.len().saturating_sub(1)
+}
+
 pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
     if examples.is_empty() {
         bail!("cannot collate an empty batch");
@@ -271,14 +277,14 @@ pub fn collate(examples: &[&Example], pad_id: u32) -> Result<Batch> {
             .chain(&e.response_ids)
             .copied()
             .collect();
-        let p = e.prompt_ids.len();
+        let counted = counted_rows(e);
         for i in 0..seq.len() - 1 {
             let k = row * t + i;
             input[k] = seq[i];
             labels[k] = seq[i + 1];
             attn[k] = 1.0;
             pos[k] = i as u32;
-            mask[k] = if i + 1 >= p { 1.0 } else { 0.0 };
+            mask[k] = if counted.contains(&i) { 1.0 } else { 0.0 };
         }
     }
     let dev = Device::Cpu;

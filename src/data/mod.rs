@@ -10,8 +10,8 @@ pub mod synthetic;
 pub mod template;
 
 pub use batch::{
-    collate, encode_sample, encode_samples, prompt_ids, Batch, EncodeOptions, Encoded, Example,
-    SkipReason,
+    collate, counted_rows, encode_sample, encode_samples, prompt_ids, Batch, EncodeOptions,
+    Encoded, Example, SkipReason,
 };
 pub use format::{load_jsonl, seeded_split, Format, LoadOptions, Loaded};
 pub use template::Template;

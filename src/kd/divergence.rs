@@ -147,6 +147,10 @@ impl RowScratch {
             u: vec![0.0; width],
         }
     }
+    /// The student-exponentials row, for the sparse kernel (`kd::sparse`).
+    pub(crate) fn q_mut(&mut self) -> &mut [f64] {
+        &mut self.q
+    }
     pub fn ensure(&mut self, width: usize) {
         if self.p.len() < width {
             *self = RowScratch::new(width);

@@ -12,6 +12,7 @@
 //! in-place gradient buffer (`ops::grad`) instead, confirmed by the backward pass.
 
 use super::kernel::{gradient_buffer, loss_rows, loss_rows_in_place, LossSpec, RowLoss, Rows};
+use super::sparse::{sparse_loss_rows, SparseTargets};
 use crate::ops::bf16::PackedBf16;
 use crate::ops::gemm::{matmul, View};
 use crate::ops::grad::GradBuffer;
@@ -62,6 +63,8 @@ pub(crate) struct FusedHeadOp {
     pub vocab: usize,
     /// Teacher hidden [N, dt] (contiguous f32) and head [Vt, dt].
     pub teacher: Option<(Tensor, Weight)>,
+    /// Or a sparse teacher (top-K + rest), one row per counted row in order.
+    pub sparse: Option<Arc<SparseTargets>>,
     pub want_grad: bool,
     /// The student head's in-place gradient buffer: dL/dW is written there (pending until the
     /// backward pass) instead of into a fresh tensor for candle.
@@ -91,6 +94,7 @@ impl FusedHeadOp {
             labels,
             vocab,
             teacher,
+            sparse: None,
             want_grad,
             grad_buffer,
             grads: Mutex::new(None),
@@ -223,7 +227,7 @@ impl FusedHeadOp {
                 grad_w[from..].fill(0.0);
             }
             let mut first_w = overwrite_w;
-            for pass in active.chunks(p) {
+            for (pi, pass) in active.chunks(p).enumerate() {
                 let rp = pass.len();
                 gather(hs, ds, pass, &mut hs_p);
                 matmul(
@@ -267,7 +271,14 @@ impl FusedHeadOp {
                     let mut out_c = vec![RowLoss::default(); r];
                     let logits = &mut sg[o * v..(o + r) * v];
                     let (spec, labels) = (&self.spec, labels.as_deref());
-                    if self.want_grad {
+                    if let Some(sp) = &self.sparse {
+                        // Row k of this chunk is counted row pi·p + o + k of the batch.
+                        let first = pi * p + o;
+                        let g = self.want_grad;
+                        sparse_loss_rows(
+                            spec, sp, first, logits, v, labels, &weights, &mut out_c, g,
+                        )
+                    } else if self.want_grad {
                         // The gradient replaces the logits.
                         loss_rows_in_place(spec, t_rows, logits, v, labels, &weights, &mut out_c)
                     } else {

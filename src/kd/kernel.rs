@@ -246,7 +246,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::new(0));
 }
 
-fn with_scratch<R>(width: usize, f: impl FnOnce(&mut RowScratch) -> R) -> R {
+pub(crate) fn with_scratch<R>(width: usize, f: impl FnOnce(&mut RowScratch) -> R) -> R {
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut sc) => {
             sc.ensure(width);

@@ -48,6 +48,7 @@ pub mod kernel;
 pub mod loss_kind;
 pub mod naive;
 pub mod objective;
+pub mod sparse;
 pub mod vocab;
 
 pub use divergence::{Divergence, DEFAULT_ALPHA, DEFAULT_BETA, DIVERGENCE_NAMES, LOG_PROB_FLOOR};

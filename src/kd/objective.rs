@@ -5,12 +5,14 @@
 use super::divergence::Divergence;
 use super::head::{flat_hidden, FusedHeadOp, Head};
 use super::kernel::LossSpec;
+use super::sparse::SparseTargets;
 use super::{
     apply, as_rows, check_same_shape, check_temperature, label_ids, mask_weights, t2_scale,
 };
 use crate::ops::{Kernels, Weight};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
+use std::sync::Arc;
 
 /// The KD objective: which divergence, whether the T² rule scales it, and which kernels
 /// compute it.
@@ -120,7 +122,36 @@ impl Objective {
         targets: Targets,
         mix: Mix,
     ) -> Result<ObjectiveOutput> {
+        self.heads_loss(teacher, None, student, vocab, targets, mix)
+    }
+
+    /// [`Self::loss_from_heads`] against a sparse teacher (top-K + rest, [`super::sparse`]; one
+    /// row of `teacher` per counted row of the targets, in order), e.g. from a teacher cache.
+    pub fn loss_from_sparse(
+        &self,
+        teacher: Arc<SparseTargets>,
+        student: Head,
+        vocab: usize,
+        targets: Targets,
+        mix: Mix,
+    ) -> Result<ObjectiveOutput> {
+        self.heads_loss(None, Some(teacher), student, vocab, targets, mix)
+    }
+
+    fn heads_loss(
+        &self,
+        teacher: Option<Head>,
+        sparse: Option<Arc<SparseTargets>>,
+        student: Head,
+        vocab: usize,
+        targets: Targets,
+        mix: Mix,
+    ) -> Result<ObjectiveOutput> {
         let teacher = teacher.filter(|_| mix.kd_weight > 0.0);
+        let sparse = sparse.filter(|_| mix.kd_weight > 0.0);
+        if sparse.is_some() && self.kernels == Kernels::Portable {
+            bail!("a sparse teacher (teacher cache) needs the fused CPU kernels (run.kernels = \"fused\")");
+        }
         if self.kernels == Kernels::Portable {
             // The logits of the counted rows only (prompt and padding rows contribute nothing;
             // they are often half the tokens), materialised, then the composed loss.
@@ -159,7 +190,11 @@ impl Objective {
         else {
             bail!("the student's lm head must be an f32 [vocab, d] matrix (a trainable model)")
         };
-        let spec = self.spec(mix, targets.denominator, teacher.is_some())?;
+        let spec = self.spec(
+            mix,
+            targets.denominator,
+            teacher.is_some() || sparse.is_some(),
+        )?;
         let h = flat_hidden(student.hidden, "student")?;
         let n = h.dim(0)?;
         let weights = mask_weights(targets.mask, n)?;
@@ -184,7 +219,8 @@ impl Objective {
         let want_grad = h.track_op() || w.track_op();
         // A trainable head's dL/dW goes into its gradient buffer; only when w itself is tracked.
         let buffer = student.weight.grad_buffer().cloned();
-        let op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad, buffer);
+        let mut op = FusedHeadOp::new(spec, weights, Some(labels), vocab, t, want_grad, buffer);
+        op.sparse = sparse;
         let parts = op.parts.clone();
         let loss = h.apply_op2(&w, op)?;
         let p = *parts.lock().unwrap();

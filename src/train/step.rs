@@ -8,6 +8,7 @@
 //! threads was measured slower here (PERFORMANCE.md).
 
 use super::optim::{accumulate, clip_coef, AdamW};
+use crate::cache::SparseTeacher;
 use crate::data::{collate, Batch, Example};
 use crate::kd::{Head, Mix, Objective, Targets};
 use crate::model::{CausalLm, Input};
@@ -19,6 +20,8 @@ pub struct Models<'a> {
     pub student: &'a dyn CausalLm,
     /// Frozen; `None` for SFT (then the KD weight must be 0).
     pub teacher: Option<&'a dyn CausalLm>,
+    /// Sparse teacher targets (a teacher cache) used instead of `teacher` when given.
+    pub sparse_teacher: Option<&'a dyn SparseTeacher>,
     pub objective: Objective,
     /// The width the two models' logits are compared over (`kd::vocab::common_vocab`).
     pub kd_vocab: usize,
@@ -127,10 +130,14 @@ pub fn optimizer_step(
             mask: &b.loss_mask.flatten_all()?,
             denominator: tokens,
         };
-        let out =
-            models
-                .objective
-                .loss_from_heads(teacher, student, models.kd_vocab, targets, mix)?;
+        let objective = &models.objective;
+        let out = match models.sparse_teacher {
+            Some(c) if mix.kd_weight > 0.0 => {
+                let t = std::sync::Arc::new(c.targets(b, mix.temperature)?);
+                objective.loss_from_sparse(t, student, models.kd_vocab, targets, mix)?
+            }
+            _ => objective.loss_from_heads(teacher, student, models.kd_vocab, targets, mix)?,
+        };
         phase_done(Phase::FusedHeadLoss);
         let store = out.loss.backward()?;
         loss += out.loss.to_scalar::<f32>()? as f64;

@@ -57,6 +57,8 @@ pub struct Trainer {
     pub run_dir: PathBuf,
     student: Box<dyn CausalLm>,
     teacher: Option<Box<dyn CausalLm>>,
+    /// Read instead of running the teacher (`model.teacher_cache`).
+    teacher_cache: Option<crate::cache::TeacherCache>,
     tokenizer: Tokenizer,
     objective: Objective,
     /// On-policy (GKD) probability λ; 0 for off-policy losses.
@@ -120,14 +122,27 @@ impl Trainer {
         let eos_ids =
             crate::pipeline::eos_ids(&recipe.model.student, &student.config().eos_token_ids);
         let tokenizer = Tokenizer::from_dir(&recipe.model.student, eos_ids.first().copied())?;
-        let kd_vocab = crate::pipeline::kd_vocab(&recipe, &tokenizer, student.config().vocab_size)?;
-        let teacher = match &recipe.model.teacher {
-            Some(dir) if recipe.objective.loss.needs_teacher() => Some(
+        let kd_vocab = crate::pipeline::kd_vocab(&recipe, student.config().vocab_size)?;
+        let cache_dir = recipe
+            .model
+            .teacher_cache
+            .clone()
+            .filter(|_| recipe.objective.loss.needs_teacher());
+        // With a teacher cache the teacher's weights are never loaded.
+        let teacher = match (&recipe.model.teacher, &cache_dir) {
+            (Some(dir), None) if recipe.objective.loss.needs_teacher() => Some(
                 crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?,
             ),
             _ => None,
         };
         let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
+        let teacher_cache = match &cache_dir {
+            Some(d) => Some(
+                crate::cache::open_or_build(&recipe, d, kd_vocab, backend)
+                    .context("model.teacher_cache")?,
+            ),
+            None => None,
+        };
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
         let opt = AdamW::new(
             student.params().iter(),
@@ -153,6 +168,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             student,
             teacher,
+            teacher_cache,
             tokenizer,
             objective,
             on_policy,
@@ -327,6 +343,10 @@ impl Trainer {
         let models = step::Models {
             student: self.student.as_ref(),
             teacher: self.teacher.as_deref(),
+            sparse_teacher: self
+                .teacher_cache
+                .as_ref()
+                .map(|c| c as &dyn crate::cache::SparseTeacher),
             objective: self.objective,
             kd_vocab: self.kd_vocab,
         };

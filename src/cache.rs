@@ -1,0 +1,659 @@
+//! The teacher cache (issue 15): the teacher run once over a data file, its sparse targets
+//! stored per response token, so that training reads them instead of running the teacher.
+//!
+//! A cache is a directory: `manifest.json` (what the cache was built from, its layout, and one
+//! entry per finished shard with its SHA-256) and `shard-NNNNN.bin` files, memory-mapped when
+//! read. The divergence math on the stored targets, and the approximation it makes, are in
+//! [`crate::kd::sparse`].
+//!
+//! Per counted (response) token row, one fixed-size record (little endian):
+//! K token ids (u16 when the vocabulary fits, else u32), most probable first; K logits as f16,
+//! relative to the row's top logit (z_k − z_max, so the first is 0); then per temperature T two
+//! f32: log p_top = z_max/T − lse_T (the exact log-sum-exp of the FULL row) and log p_rest (the
+//! exact mass outside the top K). A token's log-probability at T is then (z_k − z_max)/T +
+//! log p_top, exact up to the f16 rounding of its logit. K = 64 with four temperatures and a
+//! vocabulary below 65 536: 64·2 + 64·2 + 4·8 = 288 bytes per token.
+//!
+//! A shard file: magic `POCLTC01`, the example count (u64), per example (id, first row, rows) as
+//! three u64, then the records. Building writes shard by shard (temp file + rename, then the
+//! manifest), so a killed build resumes at the first missing shard; a finished cache whose
+//! identity differs from what a run expects is refused with the field that differs, and a shard
+//! whose bytes do not hash to the manifest's SHA-256 is refused when the cache is opened.
+
+use crate::data::{collate, counted_rows, Batch, Example};
+use crate::kd::sparse::teacher_buckets;
+pub use crate::kd::sparse::SparseTargets;
+use crate::model::{CausalLm, Input};
+use anyhow::{bail, Context, Result};
+use half::f16;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Default K: keeps the demo's cached loss within 2% of the live one (README, "Teacher cache").
+pub const DEFAULT_TOP_K: usize = 64;
+/// Examples per shard unless told otherwise: the unit of resumption and of checksumming.
+pub const DEFAULT_EXAMPLES_PER_SHARD: usize = 256;
+const MAGIC: &[u8; 8] = b"POCLTC01";
+const FORMAT: u32 = 1;
+const MANIFEST: &str = "manifest.json";
+
+/// What a cache was built from; a run refuses a cache whose identity differs from its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Identity {
+    /// SHA-256 of the teacher's config.json and weight files.
+    pub teacher: String,
+    /// SHA-256 of the tokenizer.json the data was encoded with.
+    pub tokenizer: String,
+    /// SHA-256 of the data file.
+    pub data: String,
+    /// The prompt template and length limits the data was encoded with.
+    pub template: String,
+    /// The width the teacher's rows were compared over (the common vocabulary prefix).
+    pub vocab: usize,
+    pub top_k: usize,
+    pub temperatures: Vec<f64>,
+}
+
+impl Identity {
+    /// The first field (by its manifest name) where `self` (the cache) differs from `want`
+    /// (the run), with both values.
+    pub fn mismatch(&self, want: &Identity) -> Option<String> {
+        let fields: [(&str, String, String); 7] = [
+            ("teacher", self.teacher.clone(), want.teacher.clone()),
+            ("tokenizer", self.tokenizer.clone(), want.tokenizer.clone()),
+            ("data", self.data.clone(), want.data.clone()),
+            ("template", self.template.clone(), want.template.clone()),
+            ("vocab", self.vocab.to_string(), want.vocab.to_string()),
+            ("top_k", self.top_k.to_string(), want.top_k.to_string()),
+            (
+                "temperatures",
+                format!("{:?}", self.temperatures),
+                format!("{:?}", want.temperatures),
+            ),
+        ];
+        let same_ts = self.temperatures.len() == want.temperatures.len()
+            && (self.temperatures.iter())
+                .zip(&want.temperatures)
+                .all(|(&a, &b)| same_temperature(a, b));
+        fields
+            .into_iter()
+            .find(|(f, a, b)| a != b && !(*f == "temperatures" && same_ts))
+            .map(|(f, a, b)| format!("{f} differs (cache: {a}, expected: {b})"))
+    }
+}
+
+/// Whether a cached temperature serves a stage's: equal up to float rounding (a schedule's
+/// interpolated temperatures can differ in the last bit between two ways of computing them;
+/// the log-sum-exp at either is the same to ~1e-16 relative).
+fn same_temperature(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(b.abs())
+}
+
+/// SHA-256 (hex) of the files' bytes, in the order given.
+pub fn hash_files(files: &[PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    for f in files {
+        let mut file = std::fs::File::open(f).with_context(|| format!("{}", f.display()))?;
+        std::io::copy(&mut file, &mut h).with_context(|| format!("reading {}", f.display()))?;
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// SHA-256 of a model directory's config.json and its safetensors files (sorted by name).
+pub fn hash_model_dir(dir: &Path) -> Result<String> {
+    let mut files = vec![dir.join("config.json")];
+    let mut weights: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    weights.sort();
+    files.extend(weights);
+    hash_files(&files)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ShardInfo {
+    file: String,
+    examples: usize,
+    rows: u64,
+    sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Manifest {
+    format: u32,
+    identity: Identity,
+    /// Bytes per token id in a record: 2 or 4.
+    id_bytes: usize,
+    examples_per_shard: usize,
+    total_examples: usize,
+    shards: Vec<ShardInfo>,
+    complete: bool,
+}
+
+/// The byte layout of one token record.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    k: usize,
+    temps: usize,
+    id_bytes: usize,
+}
+
+impl Record {
+    fn bytes(&self) -> usize {
+        self.k * (self.id_bytes + 2) + self.temps * 8
+    }
+
+    /// Appends the record of one teacher row `z` (f32 logits over the compared vocabulary).
+    fn encode(&self, z: &[f32], temperatures: &[f64], out: &mut Vec<u8>) {
+        let (ids, lps) = teacher_buckets(z, self.k, temperatures);
+        let zmax = z[ids[0] as usize];
+        for &i in &ids {
+            match self.id_bytes {
+                2 => out.extend_from_slice(&(i as u16).to_le_bytes()),
+                _ => out.extend_from_slice(&i.to_le_bytes()),
+            }
+        }
+        for &i in &ids {
+            out.extend_from_slice(&f16::from_f32(z[i as usize] - zmax).to_le_bytes());
+        }
+        for lp in &lps {
+            out.extend_from_slice(&(lp[0] as f32).to_le_bytes());
+            out.extend_from_slice(&(lp[self.k] as f32).to_le_bytes());
+        }
+    }
+
+    /// The ids and the K + 1 bucket log-probabilities at temperature index `ti`.
+    fn decode(
+        &self,
+        rec: &[u8],
+        ti: usize,
+        temperature: f64,
+        ids: &mut Vec<u32>,
+        lp: &mut Vec<f64>,
+    ) {
+        let k = self.k;
+        let (idb, rest) = rec.split_at(k * self.id_bytes);
+        let (zb, tb) = rest.split_at(2 * k);
+        ids.extend(idb.chunks_exact(self.id_bytes).map(|c| match c.len() {
+            2 => u16::from_le_bytes([c[0], c[1]]) as u32,
+            _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        }));
+        let f = |o: usize| f32::from_le_bytes([tb[o], tb[o + 1], tb[o + 2], tb[o + 3]]) as f64;
+        let (top, rest) = (f(8 * ti), f(8 * ti + 4));
+        lp.extend(
+            zb.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64() / temperature + top),
+        );
+        lp.push(rest);
+    }
+}
+
+/// How to build a cache.
+#[derive(Clone, Debug)]
+pub struct BuildOptions {
+    pub identity: Identity,
+    /// Examples per shard (the unit of resumption and of checksumming).
+    pub examples_per_shard: usize,
+    /// Sequences per teacher forward pass.
+    pub batch_size: usize,
+    pub pad_id: u32,
+}
+
+/// Builds (or finishes building) the cache in `dir` for `examples` with `teacher`. A directory
+/// holding a cache of another identity is refused, never overwritten. Prints a line per shard.
+pub fn build(
+    dir: &Path,
+    teacher: &dyn CausalLm,
+    examples: &[Example],
+    opts: &BuildOptions,
+) -> Result<()> {
+    let id = &opts.identity;
+    if id.top_k == 0 || id.top_k > id.vocab {
+        bail!(
+            "top_k = {} must lie between 1 and the vocabulary ({})",
+            id.top_k,
+            id.vocab
+        );
+    }
+    if id.temperatures.is_empty() || id.temperatures.iter().any(|t| !(t.is_finite() && *t > 0.0)) {
+        bail!(
+            "temperatures must be finite and positive, got {:?}",
+            id.temperatures
+        );
+    }
+    if teacher.config().vocab_size < id.vocab {
+        bail!(
+            "the teacher's vocabulary {} is smaller than {}",
+            teacher.config().vocab_size,
+            id.vocab
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let eps = opts.examples_per_shard.max(1);
+    let mut manifest = match read_manifest(dir)? {
+        Some(m) => {
+            if let Some(d) = m.identity.mismatch(id) {
+                bail!("{}: the cache there was built from something else: {d}; choose another directory or delete it", dir.display());
+            }
+            if m.examples_per_shard != eps || m.total_examples != examples.len() {
+                bail!("{}: the cache there has {} examples in shards of {}, this build {} in shards of {eps}", dir.display(), m.total_examples, m.examples_per_shard, examples.len());
+            }
+            m
+        }
+        None => Manifest {
+            format: FORMAT,
+            identity: id.clone(),
+            id_bytes: if id.vocab <= 1 << 16 { 2 } else { 4 },
+            examples_per_shard: eps,
+            total_examples: examples.len(),
+            shards: vec![],
+            complete: false,
+        },
+    };
+    let rec = Record {
+        k: id.top_k,
+        temps: id.temperatures.len(),
+        id_bytes: manifest.id_bytes,
+    };
+    let n_shards = examples.len().div_ceil(eps);
+    for s in manifest.shards.len()..n_shards {
+        let chunk = &examples[s * eps..((s + 1) * eps).min(examples.len())];
+        let bytes = shard_bytes(teacher, chunk, opts, rec)?;
+        let file = format!("shard-{s:05}.bin");
+        crate::write_atomic(&dir.join(&file), &bytes)?;
+        let rows = chunk.iter().map(|e| counted_rows(e).len() as u64).sum();
+        manifest.shards.push(ShardInfo {
+            file,
+            examples: chunk.len(),
+            rows,
+            sha256: hex(&Sha256::digest(&bytes)),
+        });
+        manifest.complete = manifest.shards.len() == n_shards;
+        write_manifest(dir, &manifest)?;
+        eprintln!("teacher cache: shard {}/{n_shards} written", s + 1);
+    }
+    if !manifest.complete {
+        manifest.complete = true;
+        write_manifest(dir, &manifest)?;
+    }
+    Ok(())
+}
+
+fn shard_bytes(
+    teacher: &dyn CausalLm,
+    chunk: &[Example],
+    opts: &BuildOptions,
+    rec: Record,
+) -> Result<Vec<u8>> {
+    let id = &opts.identity;
+    let mut head = Vec::from(&MAGIC[..]);
+    head.extend_from_slice(&(chunk.len() as u64).to_le_bytes());
+    let mut body = Vec::new();
+    let mut row = 0u64;
+    for e in chunk {
+        let n = counted_rows(e).len() as u64;
+        for x in [e.id, row, n] {
+            head.extend_from_slice(&x.to_le_bytes());
+        }
+        row += n;
+    }
+    for part in chunk.chunks(opts.batch_size.max(1)) {
+        let b = collate(&part.iter().collect::<Vec<_>>(), opts.pad_id)?
+            .to_device(&teacher.backend().device)?;
+        for z in counted_logits(teacher, &b, id.vocab)? {
+            rec.encode(&z, &id.temperatures, &mut body);
+        }
+    }
+    head.extend_from_slice(&body);
+    Ok(head)
+}
+
+/// The teacher's logits (narrowed to `vocab`) of every counted row (loss mask 1) of `b`, in
+/// row-major order: the rows a cache stores.
+fn counted_logits(teacher: &dyn CausalLm, b: &Batch, vocab: usize) -> Result<Vec<Vec<f32>>> {
+    let input = Input {
+        ids: &b.input_ids,
+        positions: &b.position_ids,
+        key_mask: &b.attention_mask,
+    };
+    let logits = teacher.logits(&input, None)?.narrow(2, 0, vocab)?;
+    let mut rows = Vec::new();
+    for (r, m) in counted_mask(b)?.iter().enumerate() {
+        let l = logits.get(r)?;
+        for (i, _) in m.iter().enumerate().filter(|(_, &x)| x != 0.0) {
+            rows.push(l.get(i)?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(rows)
+}
+
+/// The batch's loss mask, [b][t] on the host.
+fn counted_mask(b: &Batch) -> Result<Vec<Vec<f32>>> {
+    Ok(b.loss_mask
+        .to_device(&candle_core::Device::Cpu)?
+        .to_vec2::<f32>()?)
+}
+
+fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let p = dir.join(MANIFEST);
+    let text = match std::fs::read_to_string(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("{}", p.display())),
+    };
+    let m: Manifest = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a teacher-cache manifest", p.display()))?;
+    if m.format != FORMAT {
+        bail!(
+            "{}: format {} (this pocl reads format {FORMAT})",
+            p.display(),
+            m.format
+        );
+    }
+    Ok(Some(m))
+}
+
+fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
+    crate::write_atomic(
+        &dir.join(MANIFEST),
+        serde_json::to_string_pretty(m)?.as_bytes(),
+    )
+}
+
+/// Where a step's sparse teacher targets come from: a cache, or the teacher run live.
+pub trait SparseTeacher: Send + Sync {
+    /// The targets of every counted row (loss mask 1) of `batch`, row-major, at `temperature`.
+    fn targets(&self, batch: &Batch, temperature: f64) -> Result<SparseTargets>;
+}
+
+/// An opened, verified cache.
+pub struct TeacherCache {
+    dir: PathBuf,
+    manifest: Manifest,
+    rec: Record,
+    maps: Vec<memmap2::Mmap>,
+    /// example id -> (shard, first record offset in bytes, rows)
+    index: HashMap<u64, (usize, usize, usize)>,
+}
+
+impl TeacherCache {
+    /// Opens the cache in `dir`, checks it against `want` (temperatures: the cache must hold
+    /// every one of `want`'s; top_k: any when `want.top_k` is 0) and every shard's checksum.
+    pub fn open(dir: &Path, want: &Identity) -> Result<Self> {
+        let m = read_manifest(dir)?
+            .with_context(|| format!("{}: no teacher cache ({MANIFEST} missing)", dir.display()))?;
+        if !m.complete {
+            bail!("{}: the cache is incomplete ({} of {} shards); run pocl cache-teacher again to finish it", dir.display(), m.shards.len(), m.total_examples.div_ceil(m.examples_per_shard.max(1)));
+        }
+        let mut cmp = want.clone();
+        if want.top_k == 0 {
+            cmp.top_k = m.identity.top_k;
+        }
+        let cached = &m.identity.temperatures;
+        if want
+            .temperatures
+            .iter()
+            .all(|&t| cached.iter().any(|&c| same_temperature(c, t)))
+        {
+            cmp.temperatures = m.identity.temperatures.clone();
+        }
+        if let Some(d) = m.identity.mismatch(&cmp) {
+            bail!(
+                "{}: stale teacher cache: {d}; rebuild it with pocl cache-teacher",
+                dir.display()
+            );
+        }
+        let rec = Record {
+            k: m.identity.top_k,
+            temps: m.identity.temperatures.len(),
+            id_bytes: m.id_bytes,
+        };
+        let mut maps = Vec::new();
+        let mut index = HashMap::new();
+        for (s, sh) in m.shards.iter().enumerate() {
+            let p = dir.join(&sh.file);
+            let f = std::fs::File::open(&p).with_context(|| format!("{}", p.display()))?;
+            // SAFETY: the map is read-only and private to this process; a concurrent writer
+            // could change its bytes, which the checksum below and the bounds checks contain.
+            let map =
+                unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}", p.display()))?;
+            if hex(&Sha256::digest(&map[..])) != sh.sha256 {
+                bail!("{}: corrupted shard (its SHA-256 differs from the manifest's); rebuild the cache", p.display());
+            }
+            let bad = || anyhow::anyhow!("{}: malformed shard header", p.display());
+            if map.len() < 16 || &map[..8] != MAGIC {
+                return Err(bad());
+            }
+            let u = |o: usize| -> Result<u64> {
+                map.get(o..o + 8)
+                    .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+                    .ok_or_else(bad)
+            };
+            let n = u(8)? as usize;
+            let body = 16 + 24 * n;
+            if n != sh.examples || map.len() != body + sh.rows as usize * rec.bytes() {
+                return Err(bad());
+            }
+            for e in 0..n {
+                let (id, first, rows) = (u(16 + 24 * e)?, u(24 + 24 * e)?, u(32 + 24 * e)?);
+                if first + rows > sh.rows {
+                    return Err(bad());
+                }
+                index.insert(id, (s, body + first as usize * rec.bytes(), rows as usize));
+            }
+            maps.push(map);
+        }
+        Ok(TeacherCache {
+            dir: dir.to_path_buf(),
+            manifest: m,
+            rec,
+            maps,
+            index,
+        })
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.manifest.identity
+    }
+
+    /// Bytes per cached token row.
+    pub fn record_bytes(&self) -> usize {
+        self.rec.bytes()
+    }
+
+    fn temperature_index(&self, t: f64) -> Result<usize> {
+        self.manifest
+            .identity
+            .temperatures
+            .iter()
+            .position(|&x| same_temperature(x, t))
+            .with_context(|| {
+                format!(
+                    "{}: temperature {t} is not cached (cached: {:?})",
+                    self.dir.display(),
+                    self.manifest.identity.temperatures
+                )
+            })
+    }
+}
+
+impl SparseTeacher for TeacherCache {
+    fn targets(&self, batch: &Batch, temperature: f64) -> Result<SparseTargets> {
+        let ti = self.temperature_index(temperature)?;
+        let mut out = SparseTargets {
+            k: self.rec.k,
+            ..Default::default()
+        };
+        for (&id, m) in batch.ids.iter().zip(counted_mask(batch)?) {
+            let &(s, off, rows) = self.index.get(&id).with_context(|| {
+                format!(
+                    "{}: sample {id} is not in the teacher cache (built from another data file?)",
+                    self.dir.display()
+                )
+            })?;
+            let now = m.iter().filter(|&&x| x != 0.0).count();
+            if rows != now {
+                bail!(
+                    "{}: sample {id} has {rows} cached tokens but {now} response tokens now",
+                    self.dir.display()
+                );
+            }
+            let rb = self.rec.bytes();
+            for r in 0..rows {
+                let rec = &self.maps[s][off + r * rb..off + (r + 1) * rb];
+                self.rec
+                    .decode(rec, ti, temperature, &mut out.ids, &mut out.log_p);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The same targets computed from the teacher at every step, through the same encoding (so
+/// equal to a cache's bit for bit): the reference a cached run is tested against.
+pub struct LiveSparse<'a> {
+    pub teacher: &'a dyn CausalLm,
+    pub vocab: usize,
+    pub top_k: usize,
+}
+
+impl SparseTeacher for LiveSparse<'_> {
+    fn targets(&self, batch: &Batch, temperature: f64) -> Result<SparseTargets> {
+        let rec = Record {
+            k: self.top_k,
+            temps: 1,
+            id_bytes: if self.vocab <= 1 << 16 { 2 } else { 4 },
+        };
+        let mut out = SparseTargets {
+            k: self.top_k,
+            ..Default::default()
+        };
+        let mut buf = Vec::new();
+        for z in counted_logits(self.teacher, batch, self.vocab)? {
+            buf.clear();
+            rec.encode(&z, &[temperature], &mut buf);
+            rec.decode(&buf, 0, temperature, &mut out.ids, &mut out.log_p);
+        }
+        Ok(out)
+    }
+}
+
+/// How the data was read and encoded, as an identity field (recipe spellings).
+pub fn template_key(d: &crate::config::DataSection) -> String {
+    format!(
+        "template={} format={} max_prompt_len={} max_len={} skip_bad={}",
+        d.template, d.format, d.max_prompt_len, d.max_len, d.skip_bad
+    )
+}
+
+/// The temperatures a recipe's schedule uses in stages with a KD term.
+pub fn schedule_temperatures(recipe: &crate::config::Recipe) -> Vec<f64> {
+    let schedule = recipe.schedule();
+    let mut ts: Vec<f64> = Vec::new();
+    for s in 0..schedule.stages {
+        let mix = schedule.stage(s).mix;
+        if mix.kd_weight > 0.0 && !ts.contains(&mix.temperature) {
+            ts.push(mix.temperature);
+        }
+    }
+    ts
+}
+
+/// The identity a recipe's run expects of its cache (top_k 0: any K is accepted on opening).
+pub fn recipe_identity(
+    recipe: &crate::config::Recipe,
+    vocab: usize,
+    top_k: usize,
+) -> Result<Identity> {
+    let teacher = recipe
+        .model
+        .teacher
+        .as_ref()
+        .context("model.teacher: required with a teacher cache")?;
+    Ok(Identity {
+        teacher: hash_model_dir(teacher)?,
+        tokenizer: hash_files(&[recipe.model.student.join("tokenizer.json")])?,
+        data: hash_files(std::slice::from_ref(&recipe.data.train))?,
+        template: template_key(&recipe.data),
+        vocab,
+        top_k,
+        temperatures: schedule_temperatures(recipe),
+    })
+}
+
+/// Every example of the recipe's training file, encoded as training encodes them, by id: what
+/// a cache covers, so that any seed's train / dev split finds its samples.
+fn all_examples(recipe: &crate::config::Recipe) -> Result<Vec<Example>> {
+    use crate::train::splits;
+    let tok = crate::tokenizer::Tokenizer::from_dir(&recipe.model.student, None)?;
+    let samples = splits::read_samples(&recipe.data.train, splits::load_options(recipe)?)?;
+    let what = recipe.data.train.display().to_string();
+    let (mut ex, _) = splits::encode(&tok, &samples, &splits::encode_options(recipe)?, &what)?;
+    ex.sort_by_key(|e| e.id);
+    Ok(ex)
+}
+
+/// Builds (or finishes) the cache of a recipe's teacher and training file in `dir`, with `top_k`
+/// and the schedule's temperatures unless `temperatures` are given.
+pub fn build_for_recipe(
+    recipe: &crate::config::Recipe,
+    dir: &Path,
+    vocab: usize,
+    top_k: usize,
+    temperatures: Option<Vec<f64>>,
+    examples_per_shard: usize,
+    backend: &crate::backend::Backend,
+) -> Result<()> {
+    let mut identity = recipe_identity(recipe, vocab, top_k)?;
+    if let Some(t) = temperatures {
+        identity.temperatures = t;
+    }
+    let examples = all_examples(recipe)?;
+    let teacher_dir = recipe.model.teacher.as_ref().context("model.teacher")?;
+    let teacher = crate::pipeline::load_frozen(teacher_dir, recipe.model.teacher_dtype, backend)?;
+    let opts = BuildOptions {
+        identity,
+        examples_per_shard,
+        // One sequence per forward pass: no padding, so a row's logits do not depend on
+        // which other samples shared its batch.
+        batch_size: 1,
+        pad_id: 0,
+    };
+    eprintln!(
+        "teacher cache: {} for {} samples",
+        dir.display(),
+        examples.len()
+    );
+    build(dir, teacher.as_ref(), &examples, &opts)
+}
+
+/// Opens the recipe's cache (`model.teacher_cache`), building it first (K = [`DEFAULT_TOP_K`],
+/// the schedule's temperatures) when it is missing or unfinished.
+pub fn open_or_build(
+    recipe: &crate::config::Recipe,
+    dir: &Path,
+    vocab: usize,
+    backend: &crate::backend::Backend,
+) -> Result<TeacherCache> {
+    if !read_manifest(dir)?.is_some_and(|m| m.complete) {
+        let k = DEFAULT_TOP_K.min(vocab);
+        build_for_recipe(
+            recipe,
+            dir,
+            vocab,
+            k,
+            None,
+            DEFAULT_EXAMPLES_PER_SHARD,
+            backend,
+        )?;
+    }
+    TeacherCache::open(dir, &recipe_identity(recipe, vocab, 0)?)
+}

@@ -1,0 +1,529 @@
+//! The teacher cache (issue 15): the sparse (top-K + rest) divergences against the dense kernel.
+
+use pocl::kd::divergence::{divergence_row, RowScratch};
+use pocl::kd::sparse::{sparse_divergence_row, teacher_buckets, SparseRow};
+use pocl::kd::Divergence;
+
+fn rnd(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e3779b97f4a7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        })
+        .collect()
+}
+
+fn all_divergences() -> Vec<Divergence> {
+    ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
+        .iter()
+        .map(|n| Divergence::parse(n, None, None).unwrap())
+        .collect()
+}
+
+/// (D, gradient dD/db) of the sparse teacher made from `t` with `k` tokens, at temperature T.
+fn sparse(div: Divergence, t: &[f32], s: &[f32], k: usize, temp: f64) -> (f64, Vec<f32>) {
+    let (ids, lps) = teacher_buckets(t, k, &[temp]);
+    let mut g = vec![0f32; s.len()];
+    let row = SparseRow {
+        ids: &ids,
+        log_p: &lps[0],
+    };
+    let mut sc = RowScratch::new(s.len());
+    let d = sparse_divergence_row(div, row, s, 1.0 / temp, &mut sc, Some((&mut g, 1.0))).unwrap();
+    (d, g)
+}
+
+fn dense(div: Divergence, t: &[f32], s: &[f32], temp: f64) -> (f64, Vec<f32>) {
+    let mut g = vec![0f32; s.len()];
+    let mut sc = RowScratch::new(s.len());
+    let d = divergence_row(div, t, s, 1.0 / temp, &mut sc, Some((&mut g, 1.0))).unwrap();
+    (d, g)
+}
+
+fn max_abs(a: &[f32]) -> f32 {
+    a.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+#[test]
+fn sparse_equals_the_full_vocabulary_kernel_when_k_is_the_vocabulary() {
+    let v = 50;
+    for (seed, div) in all_divergences().into_iter().enumerate() {
+        for temp in [1.0, 1.5, 2.0] {
+            let (t, s) = (rnd(seed as u64, v, 8.0), rnd(100 + seed as u64, v, 8.0));
+            let (ds, gs) = sparse(div, &t, &s, v, temp);
+            let (dd, gd) = dense(div, &t, &s, temp);
+            assert!(
+                (ds - dd).abs() <= 1e-10 * dd.abs().max(1e-12),
+                "{div} T={temp}: sparse {ds} vs dense {dd}"
+            );
+            let err = max_diff(&gs, &gd);
+            assert!(
+                err <= 1e-6 * max_abs(&gd),
+                "{div} T={temp}: gradient differs by {err} (top {})",
+                max_abs(&gd)
+            );
+        }
+    }
+}
+
+/// p̂ and q̂: the distributions conditioned on the rest (tokens outside the teacher's top K), and
+/// the two rest masses.
+fn rest_parts(t: &[f32], s: &[f32], k: usize, temp: f64) -> (Vec<f64>, Vec<f64>, f64, f64) {
+    let soft = |x: &[f32]| -> Vec<f64> {
+        let m = x.iter().fold(f64::MIN, |m, &v| m.max(v as f64 / temp));
+        let e: Vec<f64> = x.iter().map(|&v| (v as f64 / temp - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        e.iter().map(|v| v / z).collect()
+    };
+    let (p, q) = (soft(t), soft(s));
+    let (ids, _) = teacher_buckets(t, k, &[temp]);
+    let rest: Vec<usize> = (0..t.len())
+        .filter(|j| !ids.contains(&(*j as u32)))
+        .collect();
+    let (pr, qr): (f64, f64) = (
+        rest.iter().map(|&j| p[j]).sum(),
+        rest.iter().map(|&j| q[j]).sum(),
+    );
+    (
+        rest.iter().map(|&j| p[j] / pr).collect(),
+        rest.iter().map(|&j| q[j] / qr).collect(),
+        pr,
+        qr,
+    )
+}
+
+fn kl(a: &[f64], b: &[f64]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| if *x > 0.0 { x * (x / y).ln() } else { 0.0 })
+        .sum()
+}
+
+#[test]
+fn sparse_error_for_k_below_the_vocabulary_stays_within_its_bound() {
+    let v = 60;
+    for (seed, div) in all_divergences().into_iter().enumerate() {
+        for temp in [1.0, 2.0] {
+            for k in [1, 5, 20, 59] {
+                let (t, s) = (rnd(7 + seed as u64, v, 6.0), rnd(70 + seed as u64, v, 6.0));
+                let (ds, _) = sparse(div, &t, &s, k, temp);
+                let (dd, _) = dense(div, &t, &s, temp);
+                let gap = dd - ds;
+                let (ph, qh, pr, qr) = rest_parts(&t, &s, k, temp);
+                let tol = 1e-10 * dd.abs().max(1.0);
+                // Merging outcomes never increases an f-divergence.
+                assert!(
+                    gap >= -tol,
+                    "{div} T={temp} K={k}: sparse {ds} > dense {dd}"
+                );
+                let what = format!("{div} T={temp} K={k}: gap {gap}");
+                match div {
+                    // Chain rule: the gap is the rest's mass times the divergence inside it.
+                    Divergence::Fkl => assert!((gap - pr * kl(&ph, &qh)).abs() <= tol, "{what}"),
+                    Divergence::Rkl => assert!((gap - qr * kl(&qh, &ph)).abs() <= tol, "{what}"),
+                    Divergence::Tvd => assert!(gap <= pr.min(qr) + tol, "{what}"),
+                    Divergence::Jsd { beta } => {
+                        let w = beta.min(1.0 - beta);
+                        assert!(gap <= (pr + qr) * (1.0 + (1.0 / w).ln()) + tol, "{what}")
+                    }
+                    Divergence::Skl { alpha } | Divergence::Srkl { alpha } => {
+                        assert!(
+                            gap <= (pr + qr) * (1.0 + (1.0 / alpha).ln()) + tol,
+                            "{what}"
+                        )
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sparse_gradient_matches_finite_differences() {
+    let (v, k, temp) = (30, 6, 1.5);
+    for (seed, div) in all_divergences().into_iter().enumerate() {
+        if div == Divergence::Tvd {
+            continue; // piecewise linear: covered against the dense kernel at K = V
+        }
+        let t = rnd(3 + seed as u64, v, 5.0);
+        // Logits on a 1/1024 grid, so that ±h below is exact in f32.
+        let s: Vec<f32> = rnd(30 + seed as u64, v, 5.0)
+            .iter()
+            .map(|x| (x * 1024.0).round() / 1024.0)
+            .collect();
+        let (_, g) = sparse(div, &t, &s, k, temp);
+        let h = 1.0 / 256.0;
+        let mut fd = vec![0f32; v];
+        for j in 0..v {
+            let (mut a, mut b) = (s.clone(), s.clone());
+            a[j] += h;
+            b[j] -= h;
+            // dD/ds = dD/db / T, and the kernel returns dD/db.
+            let d = (sparse(div, &t, &a, k, temp).0 - sparse(div, &t, &b, k, temp).0)
+                / (2.0 * h as f64);
+            fd[j] = (d * temp) as f32;
+        }
+        let err = max_diff(&g, &fd);
+        assert!(
+            err <= 1e-3 * max_abs(&fd),
+            "{div}: gradient vs finite differences {err} (top {})",
+            max_abs(&fd)
+        );
+    }
+}
+
+// ---- The cache on disk and in training, with tiny models on the built-in benchmark ----
+
+use pocl::cache::{build_for_recipe, recipe_identity, LiveSparse, SparseTeacher, TeacherCache};
+use pocl::config::Recipe;
+use pocl::data::synthetic::SynthConfig;
+use pocl::model::init::{init, Shape};
+use std::path::{Path, PathBuf};
+
+struct Setup {
+    dir: PathBuf,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        std::fs::remove_dir_all(&self.dir).ok();
+    }
+}
+
+/// A small benchmark, a teacher and a student (random GPT-2s), and a recipe using a cache.
+fn setup(tag: &str, n_train: usize) -> (Setup, Recipe) {
+    let dir = std::env::temp_dir().join(format!("pocl-cache-{tag}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    let cfg = SynthConfig {
+        n_train,
+        n_dev: 8,
+        n_test: 8,
+        vocab_size: 300,
+        ..SynthConfig::default()
+    };
+    pocl::data::synthetic::write_benchmark(&dir.join("data"), &cfg).unwrap();
+    let shape = |hidden, layers| Shape {
+        hidden,
+        layers,
+        heads: 2,
+        kv_heads: 2,
+        intermediate: 0,
+        max_positions: 128,
+    };
+    init(
+        "gpt2",
+        &shape(32, 2),
+        &dir.join("data"),
+        &dir.join("teacher"),
+        1,
+    )
+    .unwrap();
+    init(
+        "gpt2",
+        &shape(16, 1),
+        &dir.join("data"),
+        &dir.join("student"),
+        2,
+    )
+    .unwrap();
+    let text = r#"seed = 3
+[model]
+teacher = "teacher"
+student = "student"
+teacher_cache = "cache"
+[data]
+train = "data/train.jsonl"
+dev = "data/dev.jsonl"
+max_prompt_len = 64
+max_len = 96
+[curriculum]
+kind = "temperature-only"
+stages = 2
+epochs_per_stage = 1
+t_start = 2.0
+[optim]
+lr = 3e-3
+batch_size = 8
+micro_batch_size = 1
+[eval]
+dev_rouge_samples = 0
+"#;
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    let r = Recipe::load(&p, &[]).unwrap();
+    (Setup { dir }, r)
+}
+
+fn vocab(r: &Recipe) -> usize {
+    pocl::pipeline::kd_vocab_of_dirs(r.model.teacher.as_ref().unwrap(), &r.model.student).unwrap()
+}
+
+fn build(r: &Recipe, dir: &Path, k: usize, per_shard: usize) {
+    let be = pocl::backend::Backend::cpu();
+    build_for_recipe(r, dir, vocab(r), k, None, per_shard, &be).unwrap();
+}
+
+fn open_err(r: &Recipe, dir: &Path) -> String {
+    match TeacherCache::open(dir, &recipe_identity(r, vocab(r), 0).unwrap()) {
+        Ok(_) => panic!("the cache in {} was accepted", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn cached_steps_equal_steps_on_the_same_sparse_targets_computed_live() {
+    use pocl::kd::{Mix, Objective};
+    use pocl::train::optim::{AdamW, AdamWConfig};
+    use pocl::train::step::{collate_micro_batches, optimizer_step, Models};
+    let (s, r) = setup("steps", 24);
+    let cache_dir = s.dir.join("cache");
+    build(&r, &cache_dir, 16, 10);
+    let be = pocl::backend::Backend::cpu();
+    let v = vocab(&r);
+    let cache = TeacherCache::open(&cache_dir, &recipe_identity(&r, v, 0).unwrap()).unwrap();
+    // K = 16 and one temperature (both stages at T = 2), ids in two bytes: 16·2 + 16·2 + 8.
+    assert_eq!(cache.record_bytes(), 16 * 4 + 8);
+    let teacher = pocl::model::load_frozen(r.model.teacher.as_ref().unwrap(), &be).unwrap();
+    let live = LiveSparse {
+        teacher: teacher.as_ref(),
+        vocab: v,
+        top_k: 16,
+    };
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&r.model.student, None).unwrap();
+    let samples = pocl::data::load_jsonl(&r.data.train, Default::default())
+        .unwrap()
+        .samples;
+    let opts = pocl::data::EncodeOptions {
+        max_prompt_len: 64,
+        max_len: 96,
+        ..Default::default()
+    };
+    let ex = pocl::data::encode_samples(&tok, &samples, &opts)
+        .unwrap()
+        .examples;
+    let run = |src: &dyn SparseTeacher| -> Vec<(f64, f64)> {
+        let student = pocl::model::load(&r.model.student, &be).unwrap();
+        let obj = Objective::new(Divergence::parse("srkl", None, None).unwrap());
+        let mut opt =
+            AdamW::new(student.params().iter(), AdamWConfig::default(), obj.kernels).unwrap();
+        let models = Models {
+            student: student.as_ref(),
+            teacher: None,
+            sparse_teacher: Some(src),
+            objective: obj,
+            kd_vocab: v,
+        };
+        [(2.0, 0.7), (2.0, 1.0), (2.0, 0.9)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(temperature, kd_weight))| {
+                let micro =
+                    collate_micro_batches(&ex[i * 6..(i + 1) * 6], 1, 0, &be.device).unwrap();
+                let mix = Mix {
+                    temperature,
+                    kd_weight,
+                };
+                let o =
+                    optimizer_step(&models, &mut opt, &micro, mix, 1e-3, 1.0, &mut |_| {}).unwrap();
+                (o.loss, o.kd)
+            })
+            .collect()
+    };
+    let (a, b) = (run(&cache), run(&live));
+    assert!(a.iter().all(|(l, kd)| l.is_finite() && *kd > 0.0), "{a:?}");
+    assert_eq!(a, b, "cached vs live sparse step losses");
+    // A temperature the cache does not hold is refused, naming the cached ones.
+    let micro = collate_micro_batches(&ex[..2], 1, 0, &be.device).unwrap();
+    let e = cache.targets(&micro[0], 1.5).unwrap_err().to_string();
+    assert!(e.contains("temperature 1.5 is not cached"), "{e}");
+}
+
+#[test]
+fn a_run_with_a_cache_builds_it_once_and_reuses_it() {
+    let (s, r) = setup("run", 16);
+    let out = s.dir.join("run");
+    pocl::pipeline::run_recipe(r.clone(), &out, false).unwrap();
+    assert!(
+        s.dir.join("cache/manifest.json").is_file(),
+        "built before training"
+    );
+    let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let kd: Vec<f64> = m
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|x| x["type"] == "step")
+        .map(|x| x["kd"].as_f64().unwrap())
+        .collect();
+    assert!(!kd.is_empty() && kd.iter().all(|k| *k > 0.0), "{kd:?}");
+    // A second run reuses the cache as it is.
+    let shard = s.dir.join("cache/shard-00000.bin");
+    let modified = std::fs::metadata(&shard).unwrap().modified().unwrap();
+    pocl::pipeline::run_recipe(r.clone(), &s.dir.join("run2"), false).unwrap();
+    assert_eq!(
+        modified,
+        std::fs::metadata(&shard).unwrap().modified().unwrap()
+    );
+    // The teacher's weights are part of the cache's identity.
+    std::fs::remove_file(s.dir.join("teacher/model.safetensors")).unwrap();
+    let e = format!(
+        "{:#}",
+        pocl::pipeline::run_recipe(r.clone(), &s.dir.join("run3"), false).unwrap_err()
+    );
+    assert!(e.contains("teacher differs"), "{e}");
+}
+
+#[test]
+fn a_stale_or_mismatched_cache_is_refused_naming_the_field() {
+    let (s, r) = setup("stale", 16);
+    let dir = s.dir.join("cache");
+    build(&r, &dir, 8, 100);
+    assert!(TeacherCache::open(&dir, &recipe_identity(&r, vocab(&r), 0).unwrap()).is_ok());
+    let mut r2 = r.clone();
+    r2.data.max_len = 80;
+    assert!(
+        open_err(&r2, &dir).contains("template differs"),
+        "{}",
+        open_err(&r2, &dir)
+    );
+    let mut r3 = r.clone();
+    r3.curriculum.t_start = 1.5;
+    assert!(
+        open_err(&r3, &dir).contains("temperatures differs"),
+        "{}",
+        open_err(&r3, &dir)
+    );
+    let mut r4 = r.clone();
+    r4.model.teacher = Some(s.dir.join("student"));
+    assert!(
+        open_err(&r4, &dir).contains("teacher differs"),
+        "{}",
+        open_err(&r4, &dir)
+    );
+    // The data file changed after the cache was built.
+    let data = std::fs::read_to_string(&r.data.train).unwrap();
+    let first = data.lines().next().unwrap().to_string();
+    std::fs::write(&r.data.train, format!("{data}{first}\n")).unwrap();
+    assert!(
+        open_err(&r, &dir).contains("data differs"),
+        "{}",
+        open_err(&r, &dir)
+    );
+    // Building over a cache of something else is refused too, and leaves it as it was.
+    let before = std::fs::read(dir.join("manifest.json")).unwrap();
+    let e = format!(
+        "{:#}",
+        build_for_recipe(
+            &r2,
+            &dir,
+            vocab(&r2),
+            8,
+            None,
+            100,
+            &pocl::backend::Backend::cpu()
+        )
+        .unwrap_err()
+    );
+    assert!(e.contains("data differs"), "{e}");
+    assert_eq!(before, std::fs::read(dir.join("manifest.json")).unwrap());
+}
+
+#[test]
+fn a_corrupted_shard_or_manifest_is_detected() {
+    let (s, r) = setup("corrupt", 16);
+    let dir = s.dir.join("cache");
+    build(&r, &dir, 8, 100);
+    let shard = dir.join("shard-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x10;
+    std::fs::write(&shard, &bytes).unwrap();
+    let e = open_err(&r, &dir);
+    assert!(e.contains("shard-00000.bin: corrupted shard"), "{e}");
+    std::fs::write(dir.join("manifest.json"), "{\"format\": 1").unwrap();
+    let e = open_err(&r, &dir);
+    assert!(
+        e.contains("manifest.json: not a teacher-cache manifest"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_killed_build_resumes_to_the_same_cache() {
+    let (s, r) = setup("kill", 160);
+    let whole = s.dir.join("whole");
+    build(&r, &whole, 8, 4);
+    let dir = s.dir.join("cache");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pocl"))
+        .args(["cache-teacher", "--config"])
+        .arg(s.dir.join("recipe.toml"))
+        .args(["--top-k", "8", "--examples-per-shard", "4"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let manifest = dir.join("manifest.json");
+    let started = std::time::Instant::now();
+    loop {
+        let shards = std::fs::read_to_string(&manifest)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .map_or(0, |m| m["shards"].as_array().unwrap().len());
+        if shards >= 2 {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 120, "no shard written");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    assert_eq!(m["complete"], false, "killed before the end");
+    let e = open_err(&r, &dir);
+    assert!(e.contains("the cache is incomplete"), "{e}");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_pocl"))
+        .args(["cache-teacher", "--config"])
+        .arg(s.dir.join("recipe.toml"))
+        .args(["--top-k", "8", "--examples-per-shard", "4"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let files = |d: &Path| {
+        let mut f: Vec<(String, Vec<u8>)> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| {
+                (
+                    p.file_name().unwrap().to_string_lossy().into_owned(),
+                    std::fs::read(&p).unwrap(),
+                )
+            })
+            .collect();
+        f.sort();
+        f
+    };
+    assert_eq!(
+        files(&dir),
+        files(&whole),
+        "the resumed cache equals an uninterrupted one"
+    );
+}
+
+#[test]
+fn gkd_with_a_cache_is_refused_with_one_line() {
+    let (s, _) = setup("gkd", 8);
+    let e = format!(
+        "{:#}",
+        Recipe::load(&s.dir.join("recipe.toml"), &["objective.loss=gkd".into()]).unwrap_err()
+    );
+    assert!(
+        e.contains("recipe.toml: model.teacher_cache: loss \"gkd\""),
+        "{e}"
+    );
+}
