@@ -145,8 +145,19 @@ pub fn optimizer_step(
     }
     let max_norm = if clip > 0.0 { clip } else { f64::INFINITY };
     let (grad_norm, coef) = clip_coef(&grads, max_norm, models.objective.kernels)?;
-    if !grad_norm.is_finite() {
-        bail!("non-finite gradient norm (loss {loss})");
+    if !(grad_norm.is_finite() && loss.is_finite()) {
+        // Name the part that went non-finite first: the losses are read before the gradients.
+        let part = if !ce.is_finite() {
+            "the cross-entropy part of the loss"
+        } else if !kd.is_finite() {
+            "the KD divergence part of the loss"
+        } else {
+            "the gradient (the loss parts were finite)"
+        };
+        bail!(
+            "non-finite values in {part}: ce {ce}, kd {kd}, gradient norm {grad_norm}; \
+             the weights were not updated (lower optim.lr, or check the data and models)"
+        );
     }
     opt.update(&grads, coef, lr)?;
     phase_done(Phase::Optimizer);
