@@ -7,7 +7,7 @@ use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
 use crate::curriculum::measure;
 use crate::model::config::ModelConfig;
-use crate::model::context::{fit_sequences, notice_once};
+use crate::model::context::Limits;
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{best_checkpoint, last_checkpoint};
@@ -157,12 +157,25 @@ fn run_recipe_in(mut recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()>
     {
         positions = positions.min(ModelConfig::from_dir(teacher)?.max_positions);
     }
-    let d = &mut recipe.data;
-    let (max_prompt_len, max_len, notice) = fit_sequences(positions, d.max_prompt_len, d.max_len);
-    if let Some(n) = notice {
-        notice_once(&format!("{n} (data.max_len, data.max_prompt_len)"));
-        (d.max_prompt_len, d.max_len) = (max_prompt_len, max_len);
+    let mut limits = Limits::new(positions);
+    let r = &mut recipe;
+    limits.sequences(
+        ("data.max_prompt_len", &mut r.data.max_prompt_len),
+        ("data.max_len", &mut r.data.max_len),
+    );
+    // Answers to the training prompts, where the recipe generates any.
+    let prompt = r.data.max_prompt_len;
+    if r.eval.dev_rouge_samples > 0 {
+        limits.new_tokens("eval.max_new_tokens", prompt, &mut r.eval.max_new_tokens);
     }
+    if r.objective.loss.on_policy() {
+        limits.new_tokens("gkd.max_new_tokens", prompt, &mut r.gkd.max_new_tokens);
+    }
+    if r.curriculum.kind.needs_scores() && r.curriculum.scores.is_none() {
+        let score = &mut r.curriculum.score_max_new_tokens;
+        limits.new_tokens("curriculum.score_max_new_tokens", prompt, score);
+    }
+    limits.notice();
     let data = Splits::load(&recipe, &tok)?;
     eprintln!(
         "data: {} training and {} dev examples",

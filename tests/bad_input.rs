@@ -5,72 +5,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn fixture(rel: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
-}
-
-/// A tensor name and the edit applied to its f32 values.
-type Patch<'a> = (&'a str, &'a dyn Fn(&mut [f32]));
-
-/// Copies the tiny GPT-2 fixture to `dst`, with its config.json edited by `edit` and its
-/// weights by `patch` (tensor name, f32 values).
-fn model_copy(
-    dst: &Path,
-    edit: impl Fn(&mut serde_json::Value),
-    patch: Option<Patch>,
-) {
-    let src = fixture("models/gpt2");
-    std::fs::create_dir_all(dst).unwrap();
-    for f in ["tokenizer.json", "generation_config.json"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    edit(&mut config);
-    std::fs::write(dst.join("config.json"), config.to_string()).unwrap();
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| (name, v.shape().to_vec(), v.data().to_vec()))
-        .collect();
-    if let Some((name, f)) = patch {
-        let t = tensors.iter_mut().find(|t| t.0 == name).unwrap();
-        let mut vals: Vec<f32> =
-            t.2.chunks_exact(4)
-                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-                .collect();
-        f(&mut vals);
-        t.2 = vals.iter().flat_map(|x| x.to_le_bytes()).collect();
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
-        .iter()
-        .map(|(n, s, d)| {
-            let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
-                .unwrap();
-            (n.clone(), v)
-        })
-        .collect();
-    let out = safetensors::tensor::serialize(views, None).unwrap();
-    std::fs::write(dst.join("model.safetensors"), out).unwrap();
-}
-
-/// An f32 safetensors file holding `name` = `values` of `shape`.
-fn write_tensor(path: &Path, name: &str, shape: &[usize], values: &[f32]) {
-    let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let v = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.to_vec(), &bytes)
-        .unwrap();
-    std::fs::write(
-        path,
-        safetensors::tensor::serialize([(name, v)], None).unwrap(),
-    )
-    .unwrap();
-}
+mod inputs;
+use inputs::{fixture, model_copy, pocl_in, sft_recipe, write_tensor};
 
 /// Every file under `dir` with its contents.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -165,12 +102,7 @@ impl Workspace {
         recipe("lrnan", "[optim]\nlr_min = nan\n");
         recipe("evalnew", "[eval]\nmax_new_tokens = 0\n");
         recipe("stages", "[curriculum]\nstages = 10\n");
-        std::fs::write(
-            d.join("under-file.toml"),
-            "out = \"a-file/run\"\n[model]\nstudent = \"good\"\n[objective]\nloss = \"sft\"\n\
-             [curriculum]\nkind = \"none\"\n[data]\ntrain = \"train.jsonl\"\ndev = \"train.jsonl\"\n",
-        )
-        .unwrap();
+        sft_recipe(d, "sft.toml", "good", "train.jsonl", "");
         // Logits [3 tokens, 5 vocab]; the student's row 2 holds a NaN, the teacher's row 1 +Inf.
         let good: Vec<f32> = (0..15).map(|i| (i as f32 * 0.37).sin()).collect();
         let mut nan = good.clone();
@@ -230,16 +162,11 @@ fn cases(w: &Workspace) -> Vec<Case> {
             "-inf",
         ],
     ));
-    let nan_recipe = p("nan.toml");
-    std::fs::write(
-        &nan_recipe,
-        "out = \"run-nan\"\n[model]\nstudent = \"nan\"\n[objective]\nloss = \"sft\"\n\
-         [data]\ntrain = \"train.jsonl\"\ndev = \"train.jsonl\"\n",
-    )
-    .unwrap();
+    let nan_recipe = sft_recipe(&w.dir, "nan.toml", "nan", "train.jsonl", "");
+    let nan_recipe = nan_recipe.to_str().unwrap();
     v.push(case(
         "nan weights: train",
-        &["train", "--config", &nan_recipe],
+        &["train", "--config", nan_recipe],
         &[&nan_file, nan_tensor],
     ));
     // Non-finite logits and masks given to kd-loss: the file, the tensor and the row.
@@ -449,7 +376,13 @@ fn cases(w: &Workspace) -> Vec<Case> {
     ));
     v.push(case(
         "os: train out under a regular file",
-        &["train", "--config", &p("under-file.toml")],
+        &[
+            "train",
+            "--config",
+            &p("sft.toml"),
+            "--out",
+            &p("a-file/run"),
+        ],
         &[&p("a-file/run"), "is a file, not a directory"],
     ));
     v
@@ -462,18 +395,13 @@ fn every_bad_input_fails_with_one_clear_line_and_changes_nothing() {
     let before = snapshot(&w.dir);
     let mut failures = vec![];
     for c in &cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-            .args(&c.args)
-            .current_dir(&w.dir)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let (code, _, err) = pocl_in(&w.dir, &c.args);
         // Notices may precede the error; the error itself is one line, and the last.
         let lines: Vec<&str> = err.trim_end().lines().collect();
         let errors: Vec<&&str> = lines.iter().filter(|l| l.starts_with("error: ")).collect();
         let last = lines.last().copied().unwrap_or("");
-        let problem = if out.status.code() != Some(1) {
-            Some(format!("exit status {:?}", out.status.code()))
+        let problem = if code != 1 {
+            Some(format!("exit status {code}"))
         } else if errors.len() != 1 || !last.starts_with("error: ") {
             Some("not exactly one final error line".into())
         } else if err.contains("panicked") || err.contains("invalid index") {

@@ -66,15 +66,20 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             skip_bad: a.skip_bad,
         },
     )?;
-    // Teacher-forced sequences fit the model's positions (answers are fitted by generation).
-    let (max_prompt_len, max_len, notice) = pocl::model::context::fit_sequences(
-        model.config().max_positions,
-        a.max_prompt_len,
-        a.max_len,
+    // Sequences and answers fit the model's positions (one notice line when lowered).
+    let (mut max_prompt_len, mut max_len, mut max_new) =
+        (a.max_prompt_len, a.max_len, cfg.max_new_tokens);
+    let mut limits = pocl::model::context::Limits::new(model.config().max_positions);
+    limits.sequences(
+        ("--max-prompt-len", &mut max_prompt_len),
+        ("--max-len", &mut max_len),
     );
-    if let Some(n) = notice {
-        pocl::model::context::notice_once(&format!("{n} (--max-len, --max-prompt-len)"));
-    }
+    limits.new_tokens("--max-new-tokens", max_prompt_len, &mut max_new);
+    limits.notice();
+    let cfg = MeasureConfig {
+        max_new_tokens: max_new,
+        ..cfg
+    };
     let eo = EncodeOptions {
         template: a.template,
         max_prompt_len,

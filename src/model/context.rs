@@ -38,32 +38,70 @@ pub fn generation_budget(positions: usize, prompt: usize, max_new: usize) -> (us
     (keep, (positions + 1 - keep).min(max_new))
 }
 
-/// `(max_prompt_len, max_len)` of teacher-forced sequences on a model of `positions`
-/// positions, and the notice to print when they had to be lowered.
-pub fn fit_sequences(
+/// Settings lowered to fit a model of `positions` positions, each change recorded under the
+/// name the user set it by (a recipe key or a flag), announced by [`Limits::notice`] on one line.
+pub struct Limits {
     positions: usize,
-    max_prompt_len: usize,
-    max_len: usize,
-) -> (usize, usize, Option<String>) {
-    if max_len <= positions {
-        return (max_prompt_len, max_len, None);
-    }
-    let len = positions.max(2);
-    // The prompt keeps at most half when it would leave no room for the response.
-    let prompt = if max_prompt_len < len {
-        max_prompt_len
-    } else {
-        len / 2
-    };
-    let notice = format!(
-        "the model has {positions} positions: sequences are cut to max_len {len} (was {max_len}){}",
-        if prompt != max_prompt_len {
-            format!(", prompts to max_prompt_len {prompt} (was {max_prompt_len})")
-        } else {
-            String::new()
+    changes: Vec<(String, usize, usize)>,
+}
+
+impl Limits {
+    pub fn new(positions: usize) -> Self {
+        Limits {
+            positions,
+            changes: Vec::new(),
         }
-    );
-    (prompt, len, Some(notice))
+    }
+
+    fn set(&mut self, key: &str, value: &mut usize, to: usize) {
+        if to != *value {
+            self.changes.push((key.to_string(), *value, to));
+            *value = to;
+        }
+    }
+
+    /// Teacher-forced sequences (`max_len` tokens, prompts of `max_prompt_len`): `max_len` is
+    /// lowered to the positions, and the prompt to half of them when it would leave no room.
+    pub fn sequences(
+        &mut self,
+        (prompt_key, max_prompt_len): (&str, &mut usize),
+        (len_key, max_len): (&str, &mut usize),
+    ) {
+        if *max_len <= self.positions {
+            return;
+        }
+        let len = self.positions.max(2);
+        if *max_prompt_len >= len {
+            self.set(prompt_key, max_prompt_len, len / 2);
+        }
+        self.set(len_key, max_len, len);
+    }
+
+    /// Answers of up to `max_new` tokens to prompts of up to `max_prompt_len` tokens
+    /// ([`generation_budget`] of the longest prompt).
+    pub fn new_tokens(&mut self, key: &str, max_prompt_len: usize, max_new: &mut usize) {
+        let (keep, new) = generation_budget(self.positions, max_prompt_len, *max_new);
+        if keep == max_prompt_len {
+            self.set(key, max_new, new);
+        }
+    }
+
+    /// The changes as one notice line (printed once per process), if there were any.
+    pub fn notice(&self) {
+        if self.changes.is_empty() {
+            return;
+        }
+        let list: Vec<String> = self
+            .changes
+            .iter()
+            .map(|(k, from, to)| format!("{k} {from} -> {to}"))
+            .collect();
+        notice_once(&format!(
+            "the model has {} positions: lowered {}",
+            self.positions,
+            list.join(", ")
+        ));
+    }
 }
 
 /// Prints `notice: {text}` on stderr the first time this text is given in this process.
@@ -107,10 +145,18 @@ mod tests {
 
     #[test]
     fn sequences_fit_the_positions() {
-        assert_eq!(fit_sequences(128, 64, 128), (64, 128, None));
-        let (p, l, n) = fit_sequences(128, 256, 512);
-        assert_eq!((p, l), (64, 128));
-        assert!(n.unwrap().contains("max_len 128"));
-        assert_eq!(fit_sequences(128, 100, 512).0, 100);
+        let (mut p, mut l, mut n) = (64, 128, 32);
+        let mut lim = Limits::new(128);
+        lim.sequences(("p", &mut p), ("l", &mut l));
+        lim.new_tokens("n", p, &mut n);
+        assert_eq!((p, l, n, lim.changes.len()), (64, 128, 32, 0));
+        let (mut p, mut l, mut n) = (256, 512, 256);
+        lim.sequences(("p", &mut p), ("l", &mut l));
+        lim.new_tokens("n", p, &mut n);
+        assert_eq!((p, l, n), (64, 128, 65));
+        assert_eq!(lim.changes.len(), 3);
+        let (mut p, mut l) = (100, 512);
+        lim.sequences(("p", &mut p), ("l", &mut l));
+        assert_eq!((p, l), (100, 128));
     }
 }
