@@ -62,8 +62,9 @@ impl Tokenizer {
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         // `tokenizers` silently drops ids it does not know: a model whose vocabulary is larger
         // than its tokenizer's would lose text without a trace.
-        let n = self.vocab_size();
-        if let Some(id) = ids.iter().find(|&&id| id as usize >= n) {
+        // (Looked up by id, not compared with the size: added tokens may leave gaps.)
+        if let Some(id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            let n = self.vocab_size();
             let file = self
                 .source
                 .as_ref()
