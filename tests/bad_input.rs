@@ -300,6 +300,39 @@ fn cases(w: &Workspace) -> Vec<Case> {
         a.extend(extra);
         v.push(case(name, &a, &[flag]));
     }
+    // NaN decoding and loss settings.
+    let good = p("good");
+    let t = p("t.safetensors");
+    for (name, loss, flag) in [
+        ("kd-loss: --temperature nan", "fkl", "--temperature"),
+        ("kd-loss: --alpha nan", "skl", "--alpha"),
+    ] {
+        let args = [
+            "kd-loss",
+            "--teacher",
+            &t,
+            "--student",
+            &t,
+            "--loss",
+            loss,
+            flag,
+            "nan",
+        ];
+        v.push(case(name, &args, &[&flag[2..]]));
+    }
+    for (name, cmd, flag) in [
+        ("generate: --temperature nan", "generate", "--temperature"),
+        ("generate: --top-p nan", "generate", "--top-p"),
+        ("eval: --temperature nan", "eval", "--temperature"),
+    ] {
+        let input = if cmd == "eval" {
+            ["--data", &data]
+        } else {
+            ["--prompt", "hi"]
+        };
+        let args = [cmd, "--model", &good, input[0], input[1], flag, "nan"];
+        v.push(case(name, &args, &[flag]));
+    }
     v.push(case(
         "init: --hidden 100000 (would abort allocating)",
         &[
@@ -456,4 +489,4 @@ fn return_to(dir: &Path, snap: &BTreeMap<PathBuf, Vec<u8>>) {
 }
 
 /// The number of cases above, as README.md states it.
-const CASES: usize = 33;
+const CASES: usize = 38;
