@@ -4,6 +4,7 @@
 
 use crate::backend::{Backend, DeviceChoice, Kernels};
 use crate::curriculum::fuse::Metric;
+use crate::curriculum::measure::MeasureConfig;
 use crate::curriculum::schedule::{Kind, Schedule};
 use crate::kd::LossKind;
 use crate::pipeline::Precision;
@@ -156,6 +157,20 @@ impl Default for CurriculumSection {
             rrf_k: 60.0,
             score_max_new_tokens: 256,
             score_batch_size: 16,
+        }
+    }
+}
+
+impl CurriculumSection {
+    /// The difficulty measurer's settings (one bucket per stage).
+    pub fn measure_config(&self) -> MeasureConfig {
+        MeasureConfig {
+            max_new_tokens: self.score_max_new_tokens,
+            no_repeat_ngram: 6,
+            batch_size: self.score_batch_size,
+            metric: self.metric,
+            rrf_k: self.rrf_k,
+            buckets: self.stages,
         }
     }
 }
@@ -450,8 +465,31 @@ impl Recipe {
                 bail!("{k}: must be in [0, 1] (got {x})");
             }
         }
-        if !(c.rrf_k >= 0.0) {
-            bail!("curriculum.rrf_k: must be >= 0");
+        if c.kind.needs_scores() && c.scores.is_none() {
+            c.measure_config().validate(&|field| {
+                match field {
+                    "max_new_tokens" => "curriculum.score_max_new_tokens",
+                    "batch_size" => "curriculum.score_batch_size",
+                    "buckets" => "curriculum.stages",
+                    _ => "curriculum.rrf_k",
+                }
+                .to_string()
+            })?;
+        }
+        for (k, x) in [
+            ("optim.weight_decay", o.weight_decay),
+            ("optim.clip", o.clip),
+        ] {
+            if !(x >= 0.0 && x.is_finite()) {
+                bail!("{k}: must be a finite number >= 0 (got {x}; 0 turns it off)");
+            }
+        }
+        if self.objective.loss.on_policy() && self.gkd.lambda > 0.0 && self.gkd.max_new_tokens == 0
+        {
+            bail!("gkd.max_new_tokens: must be at least 1 for on-policy loss \"{}\" (the student's answers are its training data)", self.objective.loss);
+        }
+        if self.eval.dev_rouge_samples > 0 && self.eval.max_new_tokens == 0 {
+            bail!("eval.max_new_tokens: must be at least 1 when eval.dev_rouge_samples > 0 (set that to 0 for dev loss only)");
         }
         if o.batch_size == 0
             || o.micro_batch_size == 0
@@ -463,7 +501,7 @@ impl Recipe {
                 o.micro_batch_size
             );
         }
-        if !(o.lr > 0.0) || o.lr_min < 0.0 || o.lr_min > o.lr {
+        if !(o.lr > 0.0 && o.lr.is_finite() && o.lr_min >= 0.0 && o.lr_min <= o.lr) {
             bail!("optim.lr: need lr > 0 and 0 <= lr_min <= lr");
         }
         if c.kind == Kind::None && o.epochs == 0 {

@@ -230,8 +230,7 @@ impl Demo {
         let start = Instant::now();
         // The device first: one this build or machine lacks fails before anything is written.
         let backend = self.run.backend()?;
-        std::fs::create_dir_all(&self.out)
-            .with_context(|| format!("cannot create {}", self.out.display()))?;
+        crate::create_dir_all(&self.out)?;
         let p = &self.plan;
         // Finished phases are reused by name, so they must come from the same plan.
         let plan_path = self.out.join("plan.json");

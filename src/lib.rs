@@ -27,6 +27,7 @@ pub mod curriculum;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod finite;
 pub mod kd;
 pub mod model;
 pub mod ops;
@@ -52,10 +53,16 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let written = (|| {
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp).with_context(|| {
+            format!(
+                "cannot write {}: cannot create {}{}",
+                path.display(),
+                tmp.display(),
+                not_a_directory(dir)
+            )
+        })?;
         f.write_all(bytes)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
+            .with_context(|| format!("cannot write {} (via {})", path.display(), tmp.display()))?;
         f.sync_all().ok();
         std::fs::rename(&tmp, path)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
@@ -65,4 +72,27 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
         std::fs::remove_file(&tmp).ok();
     }
     written
+}
+
+/// Creates `dir` and its parents; the error names the path, and the ancestor that is a file when
+/// that is the cause (the OS only says "File exists" or "Not a directory").
+pub fn create_dir_all(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot create the directory {}{}: {e}",
+            dir.display(),
+            not_a_directory(dir)
+        )
+    })
+}
+
+/// " (X is a file, not a directory)" for the nearest existing ancestor of `path` (itself
+/// included) that is not a directory, or "".
+fn not_a_directory(path: &std::path::Path) -> String {
+    path.ancestors()
+        .find(|a| a.exists())
+        .filter(|a| !a.is_dir())
+        .map_or(String::new(), |a| {
+            format!(" ({} is a file, not a directory)", a.display())
+        })
 }

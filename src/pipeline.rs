@@ -5,8 +5,9 @@
 use crate::backend::Backend;
 use crate::config::Recipe;
 use crate::curriculum::fuse::Scored;
-use crate::curriculum::measure::{self, MeasureConfig};
+use crate::curriculum::measure;
 use crate::model::config::ModelConfig;
+use crate::model::context::Limits;
 use crate::model::CausalLm;
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{best_checkpoint, last_checkpoint, prepare_run_dir};
@@ -119,15 +120,7 @@ pub fn measure_difficulty(
     data: &Splits,
     out: &Path,
 ) -> Result<(Vec<Scored>, f64)> {
-    let c = &recipe.curriculum;
-    let cfg = MeasureConfig {
-        max_new_tokens: c.score_max_new_tokens,
-        no_repeat_ngram: 6,
-        batch_size: c.score_batch_size,
-        metric: c.metric,
-        rrf_k: c.rrf_k,
-        buckets: c.stages,
-    };
+    let cfg = recipe.curriculum.measure_config();
     eprintln!(
         "measuring the difficulty of {} samples with the student ...",
         data.train.len()
@@ -223,6 +216,17 @@ fn scores_of(
 /// the measurer decodes through the kernels of a frozen model, and its scores must not depend on
 /// whether training follows.
 pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
+    let created = !run_dir.exists();
+    let result = run_recipe_in(recipe, run_dir, resume);
+    if result.is_err() && created {
+        // A run that failed before writing anything leaves no empty directory behind
+        // (`remove_dir` only removes an empty one).
+        std::fs::remove_dir(run_dir).ok();
+    }
+    result
+}
+
+fn run_recipe_in(mut recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
     // The device first: a device this build or machine lacks fails before any work. Opened once,
     // so that every model of the run shares it.
     let backend = recipe.run.backend()?;
@@ -231,12 +235,49 @@ pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
     let eos = eos_ids(&student_dir, &config.eos_token_ids);
     let tok = Tokenizer::from_dir(&student_dir, eos.first().copied())?;
     kd_vocab(&recipe, config.vocab_size)?;
+    // Training sequences fit both models' positions (`model::context`).
+    let mut positions = config.max_positions;
+    if let Some(teacher) = recipe
+        .model
+        .teacher
+        .as_ref()
+        .filter(|_| recipe.objective.loss.needs_teacher())
+    {
+        positions = positions.min(ModelConfig::from_dir(teacher)?.max_positions);
+    }
+    let mut limits = Limits::new(positions);
+    let r = &mut recipe;
+    limits.sequences(
+        ("data.max_prompt_len", &mut r.data.max_prompt_len),
+        ("data.max_len", &mut r.data.max_len),
+    );
+    // Answers to the training prompts, where the recipe generates any.
+    let prompt = r.data.max_prompt_len;
+    if r.eval.dev_rouge_samples > 0 {
+        limits.new_tokens("eval.max_new_tokens", prompt, &mut r.eval.max_new_tokens);
+    }
+    if r.objective.loss.on_policy() {
+        limits.new_tokens("gkd.max_new_tokens", prompt, &mut r.gkd.max_new_tokens);
+    }
+    if r.curriculum.kind.needs_scores() && r.curriculum.scores.is_none() {
+        let score = &mut r.curriculum.score_max_new_tokens;
+        limits.new_tokens("curriculum.score_max_new_tokens", prompt, score);
+    }
+    limits.notice();
     let data = Splits::load(&recipe, &tok)?;
     eprintln!(
         "data: {} training and {} dev examples",
         data.train.len(),
         data.dev.len()
     );
+    let stages = recipe.curriculum.stages;
+    if recipe.curriculum.kind.uses_buckets() && stages > data.train.len() {
+        bail!(
+            "curriculum.stages: {stages} stages need at least {stages} training samples, but {} gives {}",
+            recipe.data.train.display(),
+            data.train.len()
+        );
+    }
     if !resume {
         run_dir::check_is_run_dir(run_dir)?;
     }

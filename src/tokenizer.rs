@@ -1,6 +1,6 @@
 //! `tokenizer.json` (Hugging Face `tokenizers` format) loading, encoding and decoding.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
 /// A Hugging Face tokenizer plus the special ids the rest of pocl needs.
@@ -8,6 +8,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// End-of-sequence id (from the model config when known, else the tokenizer's own guess).
     pub eos_id: Option<u32>,
+    /// The file it was read from, for error messages.
+    source: Option<std::path::PathBuf>,
 }
 
 impl Tokenizer {
@@ -28,11 +30,19 @@ impl Tokenizer {
                 .iter()
                 .find_map(|t| inner.token_to_id(t))
         });
-        Ok(Tokenizer { inner, eos_id })
+        Ok(Tokenizer {
+            inner,
+            eos_id,
+            source: Some(path.to_path_buf()),
+        })
     }
 
     pub fn from_inner(inner: tokenizers::Tokenizer, eos_id: Option<u32>) -> Self {
-        Tokenizer { inner, eos_id }
+        Tokenizer {
+            inner,
+            eos_id,
+            source: None,
+        }
     }
 
     pub fn inner(&self) -> &tokenizers::Tokenizer {
@@ -50,6 +60,17 @@ impl Tokenizer {
 
     /// Decodes, skipping special tokens as the evaluation protocol does.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        // `tokenizers` silently drops ids it does not know: a model whose vocabulary is larger
+        // than its tokenizer's would lose text without a trace.
+        // (Looked up by id, not compared with the size: added tokens may leave gaps.)
+        if let Some(id) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            let n = self.vocab_size();
+            let file = self
+                .source
+                .as_ref()
+                .map_or("the tokenizer".to_string(), |p| p.display().to_string());
+            bail!("token id {id} has no entry in {file} ({n} tokens): the tokenizer does not cover the model's vocabulary");
+        }
         self.inner
             .decode(ids, skip_special)
             .map_err(|e| anyhow!("tokenizer: {e}"))

@@ -23,6 +23,14 @@ pub struct ForwardArgs {
 pub fn run(a: ForwardArgs) -> Result<()> {
     let model = pocl::model::load_frozen(&a.model, &a.device.backend()?)?;
     check_ids(&a.ids, model.config().vocab_size)?;
+    let positions = model.config().max_positions;
+    if a.ids.len() > positions {
+        anyhow::bail!(
+            "--ids: {} tokens do not fit the model's {positions} positions ({}/config.json)",
+            a.ids.len(),
+            a.model.display()
+        );
+    }
     let logits = pocl::model::forward_ids(model.as_ref(), &a.ids)
         .with_context(|| format!("forward pass of {}", a.model.display()))?;
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);

@@ -70,6 +70,9 @@ pub fn run(args: Args) -> Result<()> {
             args.student.display()
         );
     }
+    for (values, vocab, path) in [(&tv, tvocab, &args.teacher), (&sv, svocab, &args.student)] {
+        finite_rows(values, vocab, path, "logits")?;
+    }
     let mask = match &args.mask {
         Some(p) => {
             let (m, mshape) = read_f32(p, "mask")?;
@@ -79,6 +82,7 @@ pub fn run(args: Args) -> Result<()> {
                     p.display()
                 );
             }
+            finite_rows(&m, 1, p, "mask")?;
             m
         }
         None => vec![1.0; tn],
@@ -126,6 +130,18 @@ pub fn run(args: Args) -> Result<()> {
         write_grad(out, &g, sn, svocab)?;
     }
     println!("{}", serde_json::json!({ "loss": value }));
+    Ok(())
+}
+
+/// Refuses a NaN or infinite entry of tensor `name` (rows of `cols` values), naming its row: the
+/// loss of such a row would be NaN, or a finite wrong number after masking.
+fn finite_rows(values: &[f32], cols: usize, path: &Path, name: &str) -> Result<()> {
+    if let Some((row, col, x)) = pocl::finite::first_non_finite(values, cols) {
+        bail!(
+            "{}: tensor '{name}' row {row} (column {col}) is {x}; logits and masks must be finite",
+            path.display()
+        );
+    }
     Ok(())
 }
 

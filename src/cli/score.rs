@@ -52,9 +52,15 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         &a.out,
         &[("--data", &a.data), ("--model", &a.model)],
     )?;
-    if a.buckets == 0 {
-        anyhow::bail!("--buckets must be at least 1");
-    }
+    let cfg = MeasureConfig {
+        max_new_tokens: a.max_new_tokens,
+        no_repeat_ngram: 6,
+        batch_size: a.batch_size,
+        metric: a.metric,
+        rrf_k: a.rrf_k,
+        buckets: a.buckets,
+    };
+    cfg.validate(&|field| format!("--{}", field.replace('_', "-")))?;
     let model = pocl::model::load_frozen(&a.model, &a.device.backend()?)?;
     let eos_ids = pocl::pipeline::eos_ids(&a.model, &model.config().eos_token_ids);
     let tok = pocl::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
@@ -65,21 +71,27 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             skip_bad: a.skip_bad,
         },
     )?;
+    // Sequences and answers fit the model's positions (one notice line when lowered).
+    let (mut max_prompt_len, mut max_len, mut max_new) =
+        (a.max_prompt_len, a.max_len, cfg.max_new_tokens);
+    let mut limits = pocl::model::context::Limits::new(model.config().max_positions);
+    limits.sequences(
+        ("--max-prompt-len", &mut max_prompt_len),
+        ("--max-len", &mut max_len),
+    );
+    limits.new_tokens("--max-new-tokens", max_prompt_len, &mut max_new);
+    limits.notice();
+    let cfg = MeasureConfig {
+        max_new_tokens: max_new,
+        ..cfg
+    };
     let eo = EncodeOptions {
         template: a.template,
-        max_prompt_len: a.max_prompt_len,
-        max_len: a.max_len,
+        max_prompt_len,
+        max_len,
     };
     let (examples, refs) =
         pocl::train::splits::encode(&tok, &samples, &eo, &a.data.display().to_string())?;
-    let cfg = MeasureConfig {
-        max_new_tokens: a.max_new_tokens,
-        no_repeat_ngram: 6,
-        batch_size: a.batch_size,
-        metric: a.metric,
-        rrf_k: a.rrf_k,
-        buckets: a.buckets,
-    };
     let pad = pocl::pipeline::pad_id(model.config(), &eos_ids);
     let t0 = std::time::Instant::now();
     let scores = measure::measure(model.as_ref(), &tok, &examples, &refs, &eos_ids, pad, &cfg)?;

@@ -26,6 +26,35 @@ pub struct MeasureConfig {
     pub buckets: usize,
 }
 
+impl MeasureConfig {
+    /// Refuses settings without a meaning; `key` turns a field name into the name the user
+    /// wrote (a recipe key or a flag).
+    // `!(x > 0.0)` is deliberate: it also rejects NaN.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
+    pub fn validate(&self, key: &dyn Fn(&str) -> String) -> Result<()> {
+        if !(self.rrf_k > 0.0 && self.rrf_k.is_finite()) {
+            bail!(
+                "{}: must be a finite number > 0 (got {}); the paper uses 60",
+                key("rrf_k"),
+                self.rrf_k
+            );
+        }
+        if self.max_new_tokens == 0 && self.metric != Metric::Ce {
+            bail!(
+                "{}: must be at least 1 to score answers by ROUGE-L (or measure with metric \"ce\" alone)",
+                key("max_new_tokens")
+            );
+        }
+        if self.batch_size == 0 {
+            bail!("{}: must be at least 1", key("batch_size"));
+        }
+        if self.buckets == 0 {
+            bail!("{}: must be at least 1", key("buckets"));
+        }
+        Ok(())
+    }
+}
+
 impl Default for MeasureConfig {
     fn default() -> Self {
         MeasureConfig {
@@ -61,13 +90,21 @@ pub fn response_ce(
         let mask = b.loss_mask.to_dtype(DType::F32)?;
         let sums = (nll * &mask)?.sum(1)?.to_vec1::<f32>()?;
         let counts = mask.sum(1)?.to_vec1::<f32>()?;
-        out.extend(sums.iter().zip(&counts).map(|(s, c)| {
-            if *c > 0.0 {
+        for ((s, c), e) in sums.iter().zip(&counts).zip(chunk) {
+            // NaN marks "no response tokens" (ranked hardest by `fuse`); a non-finite loss of
+            // counted tokens is the model's fault and must not be ranked as a difficulty.
+            if *c > 0.0 && !s.is_finite() {
+                bail!(
+                    "sample {}: the model's cross-entropy is {s} (non-finite logits); the model's weights or activations overflow",
+                    e.id
+                );
+            }
+            out.push(if *c > 0.0 {
                 *s as f64 / *c as f64
             } else {
                 f64::NAN
-            }
-        }));
+            });
+        }
     }
     Ok(out)
 }

@@ -630,7 +630,7 @@ pub struct SynthSummary {
 /// (Dolly format), `DIR/tokenizer.json` trained on the training split rendered with both
 /// templates, and `DIR/facts.json` (the fact table, for reference).
 pub fn write_benchmark(dir: &Path, cfg: &SynthConfig) -> Result<SynthSummary> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    crate::create_dir_all(dir)?;
     let data = generate(cfg)?;
     let mut files = Vec::new();
     for (name, samples) in data.splits() {

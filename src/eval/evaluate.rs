@@ -13,7 +13,6 @@
 
 use crate::data::{prompt_ids, EncodeOptions, Sample, Template};
 use crate::eval::rouge_l_multi;
-use crate::model::config::Family;
 use crate::model::generate::{generate_seeded_rows, GenerationConfig, Sampling};
 use crate::model::CausalLm;
 use crate::progress::Progress;
@@ -269,8 +268,8 @@ pub fn check_tokenizer(model: &dyn CausalLm, tok: &Tokenizer) -> Result<()> {
 }
 
 /// Prompt token ids of every sample, checked against the model: the tokenizer must fit the
-/// model's vocabulary, and with learned positions (GPT-2, OPT) prompt + answer must fit its
-/// position table (a clear error instead of an index error halfway through an evaluation).
+/// model's vocabulary. Prompts longer than the model's positions allow are cut by generation
+/// (`model::context`).
 pub fn prepare_prompts(
     model: &dyn CausalLm,
     tok: &Tokenizer,
@@ -279,30 +278,17 @@ pub fn prepare_prompts(
 ) -> Result<Vec<Vec<u32>>> {
     dec.validate()?;
     check_tokenizer(model, tok)?;
-    let cfg = model.config();
     let opts = EncodeOptions {
         template: dec.template,
         max_prompt_len: dec.max_prompt_len,
         max_len: dec.max_prompt_len + dec.max_new_tokens,
     };
-    let learned_positions = matches!(cfg.family, Family::Gpt2 | Family::Opt);
     samples
         .iter()
         .map(|s| {
             let ids = prompt_ids(tok, s, &opts)?;
             if ids.is_empty() {
                 bail!("sample {}: the prompt is empty", s.id);
-            }
-            // The last generated token is never fed back, hence the - 1.
-            if learned_positions && ids.len() + dec.max_new_tokens - 1 > cfg.max_positions {
-                bail!(
-                    "sample {}: a prompt of {} tokens plus {} new tokens does not fit the model's {} positions; \
-                     lower max_new_tokens or max_prompt_len",
-                    s.id,
-                    ids.len(),
-                    dec.max_new_tokens,
-                    cfg.max_positions
-                );
             }
             Ok(ids)
         })
@@ -492,7 +478,7 @@ pub fn evaluate(
         })
         .collect::<Result<_>>()?;
     if let Some(o) = out {
-        std::fs::create_dir_all(o).with_context(|| format!("cannot create {}", o.display()))?;
+        crate::create_dir_all(o)?;
     }
     let greedy = cfg.decoding.sampling == Sampling::Greedy;
     // One progress over every generation of the evaluation (greedy decoding generates once).
@@ -533,8 +519,7 @@ pub fn evaluate(
             let mean = scored.iter().map(|a| a.rouge_l).sum::<f64>() / scored.len() as f64;
             if let Some(o) = out {
                 let d = o.join("answers").join(dir);
-                std::fs::create_dir_all(&d)
-                    .with_context(|| format!("cannot create {}", d.display()))?;
+                crate::create_dir_all(&d)?;
                 let mut text = String::new();
                 for a in &scored {
                     text += &serde_json::to_string(a)?;

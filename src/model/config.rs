@@ -222,13 +222,25 @@ impl ModelConfig {
         if intermediate_size == 0 {
             bail!("missing key \"intermediate_size\"");
         }
-        let max_positions = get_usize(v, "max_position_embeddings")?
-            .or(get_usize(v, "n_positions")?)
-            .unwrap_or(2048);
-        let norm_eps = get_f64(v, "rms_norm_eps")?
-            .or(get_f64(v, "layer_norm_epsilon")?)
-            .or(get_f64(v, "layer_norm_eps")?)
-            .unwrap_or(1e-5);
+        let mut max_positions = 2048;
+        for key in ["n_positions", "max_position_embeddings"] {
+            if let Some(n) = get_usize(v, key)? {
+                if n == 0 {
+                    bail!("key \"{key}\": the model must have at least one position (got 0)");
+                }
+                max_positions = n;
+            }
+        }
+        let mut norm_eps = 1e-5;
+        for key in ["layer_norm_eps", "layer_norm_epsilon", "rms_norm_eps"] {
+            if let Some(eps) = get_f64(v, key)? {
+                // eps <= 0 divides by zero on a constant row (a NaN the model would spread).
+                if eps <= 0.0 {
+                    bail!("key \"{key}\": the norm epsilon must be > 0 (got {eps})");
+                }
+                norm_eps = eps;
+            }
+        }
         let tie_default = !matches!(model_type.as_str(), "llama" | "mistral" | "qwen3");
         let tie_word_embeddings = get_bool(v, "tie_word_embeddings", tie_default)?;
 
@@ -261,6 +273,19 @@ impl ModelConfig {
         if family == Family::Opt && !get_bool(v, "layer_norm_elementwise_affine", true)? {
             bail!("key \"layer_norm_elementwise_affine\": OPT without affine layer norms is not supported");
         }
+        let eos_token_ids = token_ids(v, "eos_token_id")?;
+        for (key, ids) in [
+            ("eos_token_id", eos_token_ids.clone()),
+            ("bos_token_id", token_ids(v, "bos_token_id")?),
+            ("pad_token_id", token_ids(v, "pad_token_id")?),
+        ] {
+            if let Some(id) = ids.iter().find(|&&id| id as usize >= vocab_size) {
+                bail!("key \"{key}\": id {id} is beyond the vocabulary (vocab_size {vocab_size})");
+            }
+        }
+        if rope_theta <= 0.0 {
+            bail!("key \"rope_theta\": must be > 0 (got {rope_theta})");
+        }
         Ok(ModelConfig {
             family,
             vocab_size,
@@ -274,7 +299,7 @@ impl ModelConfig {
             norm_eps,
             activation: activation(act_name)?,
             tie_word_embeddings,
-            eos_token_ids: token_ids(v, "eos_token_id")?,
+            eos_token_ids,
             bos_token_id: token_ids(v, "bos_token_id")?.first().copied(),
             pad_token_id: token_ids(v, "pad_token_id")?.first().copied(),
             rope_theta,

@@ -127,12 +127,36 @@ fn generate_with(
     if let Some(&bad) = prompts.iter().flatten().find(|&&id| id as usize >= vocab) {
         bail!("token id {bad} is out of range for a vocabulary of {vocab}");
     }
+    // The context length: each row's prompt and answer fit the model's positions (one rule,
+    // `model::context`; a row's budget depends on its own prompt only).
+    let positions = model.config().max_positions;
+    let budgets: Vec<(usize, usize)> = prompts
+        .iter()
+        .map(|p| super::context::generation_budget(positions, p.len(), cfg.max_new_tokens))
+        .collect();
+    if budgets
+        .iter()
+        .zip(prompts)
+        .any(|(&(keep, new), p)| keep < p.len() || new < cfg.max_new_tokens)
+    {
+        super::context::notice_once(&format!(
+            "the model has {positions} positions: longer prompts keep their last tokens and \
+             answers stop at the last position (max_new_tokens {} does not fit every prompt)",
+            cfg.max_new_tokens
+        ));
+    }
+    let prompts: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(&budgets)
+        .map(|(p, &(keep, _))| p[p.len() - keep..].to_vec())
+        .collect();
+    let max_steps = budgets.iter().map(|b| b.1).max().unwrap_or(0);
     let dev = &model.backend().device;
     let width = prompts.iter().map(Vec::len).max().unwrap();
     // Left padding: pad id 0 (any valid id; it is masked out).
     let mut ids = Vec::with_capacity(n * width);
     let mut mask_rows = Vec::with_capacity(n);
-    for p in prompts {
+    for p in &prompts {
         let pad = width - p.len();
         ids.extend(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()));
         mask_rows.push(
@@ -146,11 +170,11 @@ fn generate_with(
     let mut key_mask = Tensor::from_vec(mask_rows.concat(), (n, width), dev)?;
     let mut input_ids = Tensor::from_vec(ids, (n, width), dev)?;
     let mut pos = Tensor::from_vec(positions.concat(), (n, width), dev)?;
-    let mut history: Vec<Vec<u32>> = prompts.to_vec();
+    let mut history: Vec<Vec<u32>> = prompts.clone();
     let mut active: Vec<usize> = (0..n).collect(); // original index of each batch row
     let mut cache = KvCache::default();
 
-    for step in 0..cfg.max_new_tokens {
+    for step in 0..max_steps {
         let logits = model.logits(
             &Input {
                 ids: &input_ids,
@@ -169,16 +193,23 @@ fn generate_with(
         let mut next_ids = Vec::with_capacity(active.len());
         for (row, &orig) in active.iter().enumerate() {
             let mut l = last[row].clone();
+            if let Some((_, col, x)) = crate::finite::first_non_finite(&l, l.len()) {
+                bail!(
+                    "the model's logits are not finite ({x} for token {col}) at new token {} of prompt {orig}; \
+                     its weights or activations overflow",
+                    step + 1
+                );
+            }
             ban_repeated_ngrams(&mut l, &history[orig], cfg.no_repeat_ngram);
             let tok = choose(&mut l, &cfg.sampling, rngs.get(orig));
             out[orig].push(tok);
             history[orig].push(tok);
-            if !cfg.eos_ids.contains(&tok) {
+            if !cfg.eos_ids.contains(&tok) && out[orig].len() < budgets[orig].1 {
                 keep.push(row as u32);
                 next_ids.push(tok);
             }
         }
-        if keep.is_empty() || step + 1 == cfg.max_new_tokens {
+        if keep.is_empty() || step + 1 == max_steps {
             break;
         }
         if keep.len() < active.len() {

@@ -122,7 +122,90 @@ pub fn init(
         );
     }
     let config = ModelConfig::from_json(config_json(family, shape, tok.vocab_size(), eos)?)?;
+    check_fits_memory(&config, available_memory())?;
     let model = build(config, seed)?;
     super::save(model.as_ref(), out, Some(tokenizer_dir))?;
     Ok(model)
+}
+
+/// An upper bound of a model's parameter count from its config (every family's tensors: the
+/// embeddings, a position table, and per layer four attention and three MLP matrices).
+fn max_parameters(c: &ModelConfig) -> u128 {
+    let (v, h, f) = (
+        c.vocab_size as u128,
+        c.hidden_size as u128,
+        c.intermediate_size as u128,
+    );
+    let attn = (c.num_heads * c.head_dim) as u128;
+    let heads = if c.tie_word_embeddings { 1 } else { 2 };
+    heads * v * h
+        + c.max_positions as u128 * h
+        + c.num_layers as u128 * (4 * h * attn + 3 * h * f + 8 * h)
+}
+
+/// Refuses a model whose f32 weights would not fit in `available` bytes (twice the weights:
+/// saving serialises a copy). Without this the allocation aborts the process with no message.
+fn check_fits_memory(c: &ModelConfig, available: Option<u64>) -> Result<()> {
+    let params = max_parameters(c);
+    let need = params.saturating_mul(8);
+    if let Some(avail) = available {
+        if need > avail as u128 {
+            bail!(
+                "a model of hidden {}, {} layers and vocabulary {} has up to {:.3e} parameters, \
+                 needing {:.1} GB to build and save, but only {:.1} GB of memory is available; \
+                 choose a smaller --hidden, --layers or --intermediate",
+                c.hidden_size,
+                c.num_layers,
+                c.vocab_size,
+                params as f64,
+                need as f64 / 1e9,
+                avail as f64 / 1e9
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The memory the system can give this process now (Linux: MemAvailable), if known.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    fn gpt2(hidden: usize) -> ModelConfig {
+        let shape = Shape {
+            hidden,
+            layers: 4,
+            heads: 4,
+            kv_heads: 4,
+            intermediate: 0,
+            max_positions: 512,
+        };
+        ModelConfig::from_json(config_json("gpt2", &shape, 1000, 0).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn parameter_bound_covers_the_real_count() {
+        // A GPT-2 block has 12h^2 + 13h parameters; embeddings v*h + p*h; final norm 2h.
+        let h = 64u128;
+        let exact = 1000 * h + 512 * h + 4 * (12 * h * h + 13 * h) + 2 * h;
+        let bound = max_parameters(&gpt2(64));
+        assert!(bound >= exact && bound < exact * 2, "{bound} vs {exact}");
+        let model = build(gpt2(64), 0).unwrap();
+        assert_eq!(model.params().num_elements() as u128, exact);
+    }
+
+    #[test]
+    fn too_large_models_are_refused_before_allocating() {
+        let e = check_fits_memory(&gpt2(100_000), Some(64 << 30)).unwrap_err();
+        assert!(format!("{e}").contains("--hidden"), "{e}");
+        check_fits_memory(&gpt2(64), Some(64 << 30)).unwrap();
+        check_fits_memory(&gpt2(100_000), None).unwrap();
+    }
 }

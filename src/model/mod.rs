@@ -2,6 +2,7 @@
 //! family (gpt2.rs, opt.rs, llama.rs for Llama/Qwen2/Qwen3/Mistral).
 
 pub mod config;
+pub mod context;
 pub mod generate;
 pub mod gpt2;
 pub mod init;
@@ -196,8 +197,7 @@ pub fn save_with(
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
+    crate::create_dir_all(parent)?;
     let name = out
         .file_name()
         .context("output path has no name")?

@@ -275,6 +275,16 @@ fn view_to_f32(view: &safetensors::tensor::TensorView) -> Result<Tensor> {
         DType::F64 => upcast(data, |b| f64::from_le_bytes(b) as f32),
         _ => return Ok(Tensor::from_raw_buffer(data, dtype, &shape, &Device::Cpu)?),
     };
+    // A NaN weight turns every output it reaches into garbage: refuse it here, where the caller
+    // names the file and tensor.
+    let bad = crate::finite::count_non_finite(&data);
+    if bad > 0 {
+        let (i, _, x) = crate::finite::first_non_finite(&data, 1).expect("counted above");
+        bail!(
+            "holds {bad} non-finite values (the first, {x}, at flat index {i} of shape {shape:?}); \
+             the checkpoint is corrupt or comes from a diverged run"
+        );
+    }
     Ok(Var::from_vec(data, shape, &Device::Cpu)?.into_inner())
 }
 

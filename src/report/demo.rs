@@ -189,7 +189,7 @@ fn curve(metrics: &[serde_json::Value], kind: &str, key: &str) -> Vec<(f64, f64)
 pub fn demo_plots(demo: &Demo) -> Result<Vec<(String, String)>> {
     use super::plot::{histogram_png, line_chart_png, write_png, Histogram, LineChart, Series};
     let dir = demo.out.join("plots");
-    std::fs::create_dir_all(&dir)?;
+    crate::create_dir_all(&dir)?;
     let p = &demo.plan;
     let (Some(method), Some(seed)) = (p.methods.first(), p.train_seeds.first()) else {
         return Ok(vec![]);

@@ -72,6 +72,28 @@ pub struct StepOutput {
     pub tokens: f64,
 }
 
+/// The training NaN guard: `None` when the step's loss and gradient norm are finite, else the
+/// message naming the part that went non-finite first (the losses are computed before the
+/// gradients) and the gradient norm. The trainer adds the step number.
+pub fn non_finite(loss: f64, ce: f64, kd: f64, grad_norm: f64) -> Option<String> {
+    if grad_norm.is_finite() && loss.is_finite() {
+        return None;
+    }
+    let part = if !ce.is_finite() {
+        "the cross-entropy part of the loss"
+    } else if !kd.is_finite() {
+        "the KD divergence part of the loss"
+    } else if !loss.is_finite() {
+        "the loss (its parts were finite)"
+    } else {
+        "the gradient (the loss parts were finite)"
+    };
+    Some(format!(
+        "non-finite values in {part}: ce {ce}, kd {kd}, gradient norm {grad_norm}; \
+         the weights were not updated (lower optim.lr, or check the data and models)"
+    ))
+}
+
 /// The step's examples as micro-batches of `micro_batch_size` sequences, on `device`.
 pub fn collate_micro_batches(
     examples: &[Example],
@@ -152,8 +174,8 @@ pub fn optimizer_step(
     }
     let max_norm = if clip > 0.0 { clip } else { f64::INFINITY };
     let (grad_norm, coef) = clip_coef(&grads, max_norm, models.objective.kernels)?;
-    if !grad_norm.is_finite() {
-        bail!("non-finite gradient norm (loss {loss})");
+    if let Some(message) = non_finite(loss, ce, kd, grad_norm) {
+        bail!(message);
     }
     opt.update(&grads, coef, lr)?;
     phase_done(Phase::Optimizer);
@@ -164,4 +186,33 @@ pub fn optimizer_step(
         grad_norm,
         tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_finite;
+
+    #[test]
+    fn the_nan_guard_names_the_part_and_the_norm() {
+        assert!(non_finite(2.0, 1.5, 0.5, 3.0).is_none());
+        let m = non_finite(f64::NAN, f64::NAN, 0.0, f64::NAN).unwrap();
+        assert!(
+            m.contains("cross-entropy part") && m.contains("gradient norm NaN"),
+            "{m}"
+        );
+        let m = non_finite(f64::INFINITY, 0.7, f64::INFINITY, f64::NAN).unwrap();
+        assert!(
+            m.contains("KD divergence part") && m.contains("kd inf"),
+            "{m}"
+        );
+        let m = non_finite(1.0, 0.4, 0.6, f64::INFINITY).unwrap();
+        assert!(
+            m.contains("the gradient (the loss parts were finite)"),
+            "{m}"
+        );
+        assert!(
+            m.contains("gradient norm inf") && !m.contains("loss 0"),
+            "{m}"
+        );
+    }
 }
