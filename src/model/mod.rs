@@ -192,6 +192,26 @@ pub fn save_with(
     side_files_from: Option<&Path>,
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
+    let weights = model.params().to_safetensors()?;
+    write_dir(
+        out,
+        &model.config().to_saved_json(),
+        &weights,
+        side_files_from,
+        extra,
+    )
+}
+
+/// Writes an HF model directory (config.json, model.safetensors holding `weights`, the side files
+/// of `side_files_from`, `extra`) atomically: assembled under a temporary name, then renamed into
+/// place, so an interrupted write never leaves a half-written directory.
+pub fn write_dir(
+    out: &Path,
+    config: &serde_json::Value,
+    weights: &[u8],
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -208,12 +228,11 @@ pub fn save_with(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let config = serde_json::to_string_pretty(&model.config().to_saved_json())?;
-    std::fs::write(tmp.join("config.json"), config)?;
     std::fs::write(
-        tmp.join("model.safetensors"),
-        model.params().to_safetensors()?,
+        tmp.join("config.json"),
+        serde_json::to_string_pretty(config)?,
     )?;
+    std::fs::write(tmp.join("model.safetensors"), weights)?;
     if let Some(src) = side_files_from {
         for f in SIDE_FILES {
             let p = src.join(f);
