@@ -152,3 +152,94 @@ fn init_from_on_the_command_line() {
     );
     std::fs::remove_dir_all(&out).ok();
 }
+
+fn gguf_fixture(name: &str) -> PathBuf {
+    fixture("gguf").join(name)
+}
+
+#[test]
+fn gguf_models_match_transformers() {
+    let out = tmpdir("gguf");
+    for arch in ["llama", "qwen2", "qwen3"] {
+        // A copy: loading a .gguf path converts it beside the file, which must not be the tree.
+        let file = out.join(format!("{arch}.gguf"));
+        std::fs::copy(gguf_fixture(&format!("{arch}.gguf")), &file).unwrap();
+        let r = load_st(&gguf_fixture(&format!("{arch}.reference.safetensors")));
+        let dir = out.join(arch);
+        model::gguf::convert(&file, &dir).unwrap_or_else(|e| panic!("{arch}: {e:#}"));
+        for path in [&dir, &file] {
+            let m = model::load_frozen(path, &Backend::cpu()).unwrap();
+            let got = model::forward_ids(m.as_ref(), &ids(&r["seq_ids"])).unwrap();
+            let err = rel_err(&got, &r["seq_logits"]);
+            assert!(
+                err < 1e-4,
+                "{arch} ({}): logits rel err {err}",
+                path.display()
+            );
+        }
+        // Tokenizer: ids and decoded text as transformers' GGUF tokenizer gives them.
+        let cases: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(gguf_fixture(&format!("{arch}.cases.json"))).unwrap(),
+        )
+        .unwrap();
+        let tok = pocl::tokenizer::Tokenizer::from_dir(&file, None).unwrap();
+        for c in cases["cases"].as_array().unwrap() {
+            let text = c["text"].as_str().unwrap();
+            let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+            assert_eq!(tok.encode(text).unwrap(), want, "{arch}: ids of {text:?}");
+            assert_eq!(
+                tok.decode(&want, false).unwrap(),
+                c["decoded"].as_str().unwrap(),
+                "{arch}: decoded {text:?}"
+            );
+        }
+        let tc: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(tc["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>"));
+        assert_eq!(tc["bos_token"], "<|endoftext|>");
+        let g: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("generation_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(g["eos_token_id"].is_u64());
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn bad_gguf_files_get_one_line_and_nothing_written() {
+    let out = tmpdir("gguf-bad");
+    let good = std::fs::read(gguf_fixture("qwen2.gguf")).unwrap();
+    let truncated = out.join("truncated.gguf");
+    std::fs::write(&truncated, &good[..good.len() * 3 / 5]).unwrap();
+    let header_only = out.join("header.gguf");
+    std::fs::write(&header_only, &good[..100]).unwrap();
+    let dest = out.join("converted");
+    let d = dest.to_str().unwrap();
+    let cases: [(PathBuf, &str); 5] = [
+        (truncated, "truncated.gguf"),
+        (header_only, "header.gguf"),
+        (
+            gguf_fixture("unknown-type.gguf"),
+            "GGML tensor type 99 is not supported",
+        ),
+        (
+            gguf_fixture("gpt2-arch.gguf"),
+            "architecture \"gpt2\" is not supported",
+        ),
+        (out.join("missing.gguf"), "missing.gguf"),
+    ];
+    for (file, needle) in &cases {
+        assert_one_line_error(
+            &["convert", "--gguf", file.to_str().unwrap(), "--out", d],
+            needle,
+        );
+        assert!(!dest.exists(), "{}: something was written", file.display());
+    }
+    std::fs::remove_dir_all(&out).ok();
+}

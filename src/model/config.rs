@@ -188,6 +188,7 @@ fn rope(v: &Value) -> Result<(f64, Option<Llama3Rope>)> {
 impl ModelConfig {
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let dir = &super::gguf::model_dir(dir)?;
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod init;
 pub mod llama;
@@ -111,6 +112,7 @@ pub fn load_frozen_bf16(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalL
 }
 
 fn load_with(dir: &Path, frozen: bool, bf16: bool, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+    let dir = &gguf::model_dir(dir)?;
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
@@ -212,6 +214,19 @@ pub fn write_dir(
     side_files_from: Option<&Path>,
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
+    write_dir_checked(out, config, weights, side_files_from, extra, |_| Ok(()))
+}
+
+/// [`write_dir`], with `check` run on the assembled directory before it replaces `out`: when the
+/// check fails, the temporary directory is removed and `out` is left as it was.
+pub fn write_dir_checked(
+    out: &Path,
+    config: &serde_json::Value,
+    weights: &[u8],
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+    check: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -234,6 +249,7 @@ pub fn write_dir(
     )?;
     std::fs::write(tmp.join("model.safetensors"), weights)?;
     if let Some(src) = side_files_from {
+        let src = gguf::model_dir(src)?;
         for f in SIDE_FILES {
             let p = src.join(f);
             if p.is_file() {
@@ -245,6 +261,10 @@ pub fn write_dir(
     for (name, bytes) in extra {
         std::fs::write(tmp.join(name), bytes)
             .with_context(|| format!("cannot write {name} in {}", tmp.display()))?;
+    }
+    if let Err(e) = check(&tmp) {
+        std::fs::remove_dir_all(&tmp).ok();
+        return Err(e);
     }
     // Replace: out -> .name.old, tmp -> out, drop old. A kill between the two renames leaves
     // only .name.old, which `recover_dir` puts back.
