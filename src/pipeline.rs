@@ -65,6 +65,8 @@ pub fn kd_vocab_of_dirs(teacher: &Path, student: &Path) -> Result<usize> {
 /// EOS ids from config.json, plus those of generation_config.json (chat models often list more).
 pub fn eos_ids(dir: &Path, from_config: &[u32]) -> Vec<u32> {
     let mut ids = from_config.to_vec();
+    // A .gguf path was converted when its config was read; an error shows there, not here.
+    let dir = &crate::model::gguf::model_dir(dir).unwrap_or_else(|_| dir.to_path_buf());
     if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
             let extra: Vec<u32> = match v.get("eos_token_id") {

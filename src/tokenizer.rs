@@ -15,6 +15,7 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `DIR/tokenizer.json`; `eos_id` usually comes from the model's config.json.
     pub fn from_dir(dir: &Path, eos_id: Option<u32>) -> Result<Self> {
+        let dir = &crate::model::gguf::model_dir(dir)?;
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
             return Err(anyhow!("{}: tokenizer.json not found", dir.display()));

@@ -49,6 +49,8 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     // Llama family.
     pub rope_theta: f64,
+    /// Llama 3 frequency scaling (`rope_type: "llama3"`); `None` = the default rope.
+    pub rope_llama3: Option<Llama3Rope>,
     /// Biases on the q/k/v projections (Qwen2 always, Llama with `attention_bias`).
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama with `attention_bias`; never Qwen2).
@@ -132,10 +134,22 @@ fn activation(name: &str) -> Result<Activation> {
     })
 }
 
+/// Llama 3.1 / 3.2 rope scaling (`rope_type: "llama3"`): long wavelengths divided by `factor`,
+/// short ones kept, those between interpolated (transformers `_compute_llama3_parameters`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Llama3Rope {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
 /// Rope settings: transformers 5 nests them in `rope_parameters`, transformers 4 has a top-level
-/// `rope_theta` and an optional `rope_scaling`. Only the default (unscaled) rope is implemented.
-fn rope_theta(v: &Value) -> Result<f64> {
+/// `rope_theta` and an optional `rope_scaling`. The default rope and Llama 3 scaling are
+/// implemented; any other scaling is refused with its key.
+fn rope(v: &Value) -> Result<(f64, Option<Llama3Rope>)> {
     let mut theta = get_f64(v, "rope_theta")?;
+    let mut llama3 = None;
     for key in ["rope_parameters", "rope_scaling"] {
         let Some(p) = v.get(key).filter(|p| !p.is_null()) else {
             continue;
@@ -145,19 +159,36 @@ fn rope_theta(v: &Value) -> Result<f64> {
             .or_else(|| p.get("type"))
             .and_then(|t| t.as_str())
             .unwrap_or("default");
-        if kind != "default" {
-            bail!("key \"{key}.rope_type\": rope scaling \"{kind}\" is not implemented (only the default rope is)");
+        match kind {
+            "default" => {}
+            "llama3" => {
+                let need = |k: &str| {
+                    get_f64(p, k)?.ok_or_else(|| anyhow!("key \"{key}.{k}\": missing (llama3 rope)"))
+                };
+                let r = Llama3Rope {
+                    factor: need("factor")?,
+                    low_freq_factor: need("low_freq_factor")?,
+                    high_freq_factor: need("high_freq_factor")?,
+                    original_max_position_embeddings: need("original_max_position_embeddings")?,
+                };
+                if r.factor <= 0.0 || r.high_freq_factor <= r.low_freq_factor || r.low_freq_factor <= 0.0 {
+                    bail!("key \"{key}\": llama3 rope needs factor > 0 and high_freq_factor > low_freq_factor > 0");
+                }
+                llama3 = Some(r);
+            }
+            _ => bail!("key \"{key}.rope_type\": rope scaling \"{kind}\" is not implemented (only the default and llama3 ropes are)"),
         }
         if let Some(t) = get_f64(p, "rope_theta")? {
             theta = Some(t);
         }
     }
-    Ok(theta.unwrap_or(10_000.0))
+    Ok((theta.unwrap_or(10_000.0), llama3))
 }
 
 impl ModelConfig {
     /// Reads and validates `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let dir = &super::gguf::model_dir(dir)?;
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
@@ -256,10 +287,10 @@ impl ModelConfig {
         if family == Family::Gpt2 && get_bool(v, "add_cross_attention", false)? {
             bail!("key \"add_cross_attention\": cross-attention GPT-2 is not supported");
         }
-        let rope_theta = if family == Family::Llama {
-            rope_theta(v)?
+        let (rope_theta, rope_llama3) = if family == Family::Llama {
+            rope(v)?
         } else {
-            10_000.0
+            (10_000.0, None)
         };
         let attention_bias = get_bool(v, "attention_bias", false)?;
         let (qkv_bias, o_bias) = match model_type.as_str() {
@@ -303,6 +334,7 @@ impl ModelConfig {
             bos_token_id: token_ids(v, "bos_token_id")?.first().copied(),
             pad_token_id: token_ids(v, "pad_token_id")?.first().copied(),
             rope_theta,
+            rope_llama3,
             qkv_bias,
             o_bias,
             mlp_bias: get_bool(v, "mlp_bias", false)?,
@@ -380,6 +412,29 @@ mod tests {
         assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
         v["use_sliding_window"] = json!(true);
         assert!(ModelConfig::from_json(v).is_err());
+    }
+
+    #[test]
+    fn llama3_rope_in_both_styles() {
+        let p = json!({"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192});
+        let c = llama(json!({"rope_parameters": p.clone()})).unwrap();
+        assert_eq!(c.rope_theta, 5e5);
+        assert_eq!(c.rope_llama3.unwrap().factor, 8.0);
+        let mut v4 = p.clone();
+        v4.as_object_mut().unwrap().remove("rope_theta");
+        let c = llama(json!({"rope_theta": 5e5, "rope_scaling": v4})).unwrap();
+        assert_eq!(
+            c.rope_llama3.unwrap().original_max_position_embeddings,
+            8192.0
+        );
+        let mut bad = p;
+        bad.as_object_mut().unwrap().remove("low_freq_factor");
+        let e = llama(json!({"rope_parameters": bad})).unwrap_err();
+        assert!(
+            format!("{e}").contains("rope_parameters.low_freq_factor"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Fresh models: a config.json for a family and shape, weights initialised as transformers does,
 //! written as an ordinary HF directory next to a given tokenizer. The demo and the tests build
-//! their teachers and students this way.
+//! their teachers and students this way. Also students pruned from a teacher ([`init_from`]).
 
 use super::config::ModelConfig;
 use super::{gpt2, llama, opt, CausalLm, StateDict};
@@ -207,5 +207,146 @@ mod size_tests {
         assert!(format!("{e}").contains("--hidden"), "{e}");
         check_fits_memory(&gpt2(64), Some(64 << 30)).unwrap();
         check_fits_memory(&gpt2(100_000), None).unwrap();
+    }
+}
+
+/// Which of the teacher's layers a student pruned from it keeps (`pocl init --from`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeepLayers {
+    /// This many, evenly spaced, the first and the last included (`--keep-layers N`).
+    Count(usize),
+    /// These layer indices, increasing (`--layers 0,4,8`).
+    Indices(Vec<usize>),
+}
+
+impl KeepLayers {
+    /// The kept layer indices of a `total`-layer teacher, increasing.
+    pub fn resolve(&self, total: usize) -> Result<Vec<usize>> {
+        match self {
+            KeepLayers::Count(n) => {
+                let n = *n;
+                if n == 0 || n > total {
+                    bail!("--keep-layers {n}: the teacher has {total} layers (keep 1 to {total})");
+                }
+                if n == 1 {
+                    return Ok(vec![0]);
+                }
+                // round(i·(total−1)/(n−1)), half up: 0 and total−1 always, distinct since n ≤ total.
+                Ok((0..n)
+                    .map(|i| (2 * i * (total - 1) + (n - 1)) / (2 * (n - 1)))
+                    .collect())
+            }
+            KeepLayers::Indices(ix) => {
+                if ix.is_empty() {
+                    bail!("--layers: no layer given");
+                }
+                if let Some(&bad) = ix.iter().find(|&&i| i >= total) {
+                    bail!(
+                        "--layers: layer {bad} does not exist (the teacher has layers 0 to {})",
+                        total - 1
+                    );
+                }
+                if ix.windows(2).any(|w| w[0] >= w[1]) {
+                    bail!("--layers {ix:?}: give each layer once, in increasing order");
+                }
+                Ok(ix.clone())
+            }
+        }
+    }
+}
+
+/// The layer index in an HF parameter name (`model.layers.3.mlp…`, `transformer.h.3.attn…`,
+/// `model.decoder.layers.3.fc1…`), split as (prefix, index, suffix); `None` outside the layers.
+fn layer_of(name: &str) -> Option<(String, usize, String)> {
+    let parts: Vec<&str> = name.split('.').collect();
+    (1..parts.len()).find_map(|k| {
+        let i = parts[k].parse::<usize>().ok()?;
+        matches!(parts[k - 1], "h" | "layers")
+            .then(|| (parts[..k].join("."), i, parts[k + 1..].join(".")))
+    })
+}
+
+/// A student pruned from `teacher`: its embeddings, final norm, lm head and the layers `keep`
+/// chooses (renumbered from 0), saved in HF layout to `out` with the teacher's tokenizer files.
+/// Returns the kept teacher layers and the student's parameter count.
+pub fn init_from(teacher: &Path, keep: &KeepLayers, out: &Path) -> Result<(Vec<usize>, usize)> {
+    // Copying weights needs no kernels: the CPU, frozen.
+    let model = crate::model::load_frozen(teacher, &crate::backend::Backend::cpu())?;
+    let config = model.config();
+    let kept = keep.resolve(config.num_layers)?;
+    let mut raw = config.to_saved_json();
+    let key = if raw.get("n_layer").is_some() {
+        "n_layer"
+    } else {
+        "num_hidden_layers"
+    };
+    raw[key] = json!(kept.len());
+    // transformers 5 lists a per-layer attention kind (Qwen2/Qwen3): keep the chosen layers' entries.
+    if let Some(types) = raw.get("layer_types").and_then(|t| t.as_array()).cloned() {
+        if types.len() == config.num_layers {
+            raw["layer_types"] = Value::Array(kept.iter().map(|&i| types[i].clone()).collect());
+        }
+    }
+    ModelConfig::from_json(raw.clone())?;
+    let mut tensors = Vec::new();
+    let mut count = 0;
+    for (name, var) in model.params().iter() {
+        let new_name = match layer_of(name) {
+            None => name.to_string(),
+            Some((prefix, i, suffix)) => match kept.iter().position(|&k| k == i) {
+                Some(j) => format!("{prefix}.{j}.{suffix}"),
+                None => continue,
+            },
+        };
+        count += var.elem_count();
+        tensors.push((new_name, var.as_tensor().clone()));
+    }
+    let weights = super::weights::safetensors_bytes(tensors)?;
+    super::write_dir(out, &raw, &weights, Some(teacher), &[])?;
+    Ok((kept, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evenly_spaced_layers_keep_first_and_last() {
+        let r = |n, total| KeepLayers::Count(n).resolve(total).unwrap();
+        assert_eq!(r(10, 30), vec![0, 3, 6, 10, 13, 16, 19, 23, 26, 29]);
+        assert_eq!(r(2, 3), vec![0, 2]);
+        assert_eq!(r(3, 3), vec![0, 1, 2]);
+        assert_eq!(r(4, 12), vec![0, 4, 7, 11]);
+        assert_eq!(r(1, 5), vec![0]);
+        assert!(KeepLayers::Count(4).resolve(3).is_err());
+        assert!(KeepLayers::Count(0).resolve(3).is_err());
+    }
+
+    #[test]
+    fn explicit_layers_are_checked() {
+        let r = |v: &[usize]| KeepLayers::Indices(v.to_vec()).resolve(4);
+        assert_eq!(r(&[0, 3]).unwrap(), vec![0, 3]);
+        let e = r(&[0, 4]).unwrap_err().to_string();
+        assert!(e.contains("layer 4 does not exist"), "{e}");
+        assert!(r(&[2, 1]).is_err() && r(&[1, 1]).is_err() && r(&[]).is_err());
+    }
+
+    #[test]
+    fn layer_index_in_hf_names() {
+        let l = |n| layer_of(n).map(|(p, i, s)| format!("{p}|{i}|{s}"));
+        assert_eq!(
+            l("model.layers.12.mlp.up_proj.weight").unwrap(),
+            "model.layers|12|mlp.up_proj.weight"
+        );
+        assert_eq!(
+            l("transformer.h.3.ln_1.bias").unwrap(),
+            "transformer.h|3|ln_1.bias"
+        );
+        assert_eq!(
+            l("model.decoder.layers.0.fc1.weight").unwrap(),
+            "model.decoder.layers|0|fc1.weight"
+        );
+        assert_eq!(l("model.norm.weight"), None);
+        assert_eq!(l("transformer.wte.weight"), None);
     }
 }

@@ -125,10 +125,7 @@ impl Llama {
         } else {
             params.weight(sd, "lm_head.weight", "lm_head.weight", &[v, d], true)?
         };
-        // transformers computes the inverse frequencies in f32; so do we, for identical angles.
-        let inv_freq = (0..hd / 2)
-            .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / hd as f32))
-            .collect();
+        let inv_freq = inv_freq(c);
         Ok(Llama {
             config,
             params,
@@ -167,6 +164,41 @@ impl Llama {
             Tensor::from_vec(sin, (b, 1, t, hd), &Device::Cpu)?.to_device(dev)?,
         ))
     }
+}
+
+/// The rope's inverse frequencies, in f32 as transformers computes them (identical angles):
+/// θ^(−2i/d), then, for Llama 3 scaling, long wavelengths divided by `factor`, short ones kept and
+/// the band between interpolated (`_compute_llama3_parameters`, same f32 operations).
+fn inv_freq(c: &ModelConfig) -> Vec<f32> {
+    let hd = c.head_dim;
+    let base = (0..hd / 2).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / hd as f32));
+    let Some(r) = c.rope_llama3 else {
+        return base.collect();
+    };
+    let (factor, low, high) = (
+        r.factor as f32,
+        r.low_freq_factor as f32,
+        r.high_freq_factor,
+    );
+    let old_len = r.original_max_position_embeddings;
+    let (low_wavelen, high_wavelen) = (
+        (old_len / r.low_freq_factor) as f32,
+        (old_len / high) as f32,
+    );
+    let span = (high - r.low_freq_factor) as f32;
+    base.map(|f| {
+        // torch's `scalar / tensor` is reciprocal(tensor) * scalar.
+        let wavelen = (1.0 / f) * std::f64::consts::TAU as f32;
+        if wavelen < high_wavelen {
+            f
+        } else if wavelen > low_wavelen {
+            f / factor
+        } else {
+            let smooth = ((1.0 / wavelen) * old_len as f32 - low) / span;
+            (1.0 - smooth) * f / factor + smooth * f
+        }
+    })
+    .collect()
 }
 
 /// x·cos + rotate_half(x)·sin with rotate_half(x) = cat(−x₂, x₁) over the two halves of the head.

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod context;
 pub mod generate;
+pub mod gguf;
 pub mod gpt2;
 pub mod init;
 pub mod llama;
@@ -112,6 +113,7 @@ pub fn load_frozen_bf16(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalL
 }
 
 fn load_with(dir: &Path, frozen: bool, bf16: bool, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+    let dir = &gguf::model_dir(dir)?;
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
@@ -193,6 +195,39 @@ pub fn save_with(
     side_files_from: Option<&Path>,
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
+    let weights = model.params().to_safetensors()?;
+    write_dir(
+        out,
+        &model.config().to_saved_json(),
+        &weights,
+        side_files_from,
+        extra,
+    )
+}
+
+/// Writes an HF model directory (config.json, model.safetensors holding `weights`, the side files
+/// of `side_files_from`, `extra`) atomically: assembled under a temporary name, then renamed into
+/// place, so an interrupted write never leaves a half-written directory.
+pub fn write_dir(
+    out: &Path,
+    config: &serde_json::Value,
+    weights: &[u8],
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<()> {
+    write_dir_checked(out, config, weights, side_files_from, extra, |_| Ok(()))
+}
+
+/// [`write_dir`], with `check` run on the assembled directory before it replaces `out`: when the
+/// check fails, the temporary directory is removed and `out` is left as it was.
+pub fn write_dir_checked(
+    out: &Path,
+    config: &serde_json::Value,
+    weights: &[u8],
+    side_files_from: Option<&Path>,
+    extra: &[(&str, Vec<u8>)],
+    check: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     let parent = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -207,9 +242,10 @@ pub fn save_with(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
-    let filled = fill_dir(model, &tmp, side_files_from, extra);
+    let filled = fill_dir(&tmp, config, weights, side_files_from, extra).and_then(|_| check(&tmp));
     if filled.is_err() {
-        // A failed save (full disk, unreadable side file) leaves no temporary directory behind.
+        // A failed or refused write (full disk, unreadable side file, a failed check) leaves no
+        // temporary directory behind, and `out` as it was.
         std::fs::remove_dir_all(&tmp).ok();
     }
     filled?;
@@ -230,21 +266,22 @@ pub fn save_with(
     Ok(())
 }
 
-/// Writes the files of a saved model into the new directory `tmp` (see [`save_with`]).
+/// Writes the files of a model directory into the new directory `tmp` (see [`write_dir`]).
 fn fill_dir(
-    model: &dyn CausalLm,
     tmp: &Path,
+    config: &serde_json::Value,
+    weights: &[u8],
     side_files_from: Option<&Path>,
     extra: &[(&str, Vec<u8>)],
 ) -> Result<()> {
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let config = serde_json::to_string_pretty(&model.config().to_saved_json())?;
-    std::fs::write(tmp.join("config.json"), config)?;
     std::fs::write(
-        tmp.join("model.safetensors"),
-        model.params().to_safetensors()?,
+        tmp.join("config.json"),
+        serde_json::to_string_pretty(config)?,
     )?;
+    std::fs::write(tmp.join("model.safetensors"), weights)?;
     if let Some(src) = side_files_from {
+        let src = gguf::model_dir(src)?;
         for f in SIDE_FILES {
             let p = src.join(f);
             if p.is_file() {

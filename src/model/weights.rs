@@ -430,13 +430,17 @@ impl Params {
 
     /// safetensors bytes of every parameter (f32), with the `format: pt` metadata transformers expects.
     pub fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let tensors: Vec<(&str, Tensor)> = self
-            .entries
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_tensor().clone()))
-            .collect();
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        safetensors::serialize(tensors.iter().map(|(n, t)| (*n, t)), Some(meta))
-            .map_err(|e| anyhow!("safetensors: {e}"))
+        safetensors_bytes(
+            self.iter()
+                .map(|(n, v)| (n.to_string(), v.as_tensor().clone())),
+        )
     }
+}
+
+/// safetensors bytes of named tensors, with the `format: pt` metadata transformers expects.
+pub fn safetensors_bytes(tensors: impl IntoIterator<Item = (String, Tensor)>) -> Result<Vec<u8>> {
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
+        .map_err(|e| anyhow!("safetensors: {e}"))
 }
