@@ -221,9 +221,21 @@ pub fn run_recipe(recipe: Recipe, run_dir: &Path, resume: bool) -> Result<()> {
     let created = !run_dir.exists();
     let result = run_recipe_in(recipe, run_dir, resume);
     if result.is_err() && created {
-        // A run that failed before writing anything leaves no empty directory behind
-        // (`remove_dir` only removes an empty one).
-        std::fs::remove_dir(run_dir).ok();
+        // A run that failed before training wrote anything leaves no directory behind: only its
+        // own bookkeeping (the lock file, the input hashes) can be there then, and the lock was
+        // released when `run_recipe_in` returned.
+        let bookkeeping = [run_dir::LOCK_FILE, run_dir::INPUTS_FILE];
+        let only_bookkeeping = std::fs::read_dir(run_dir).is_ok_and(|entries| {
+            entries
+                .flatten()
+                .all(|e| bookkeeping.iter().any(|b| e.file_name() == *b))
+        });
+        if only_bookkeeping {
+            for b in bookkeeping {
+                std::fs::remove_file(run_dir.join(b)).ok();
+            }
+            std::fs::remove_dir(run_dir).ok();
+        }
     }
     result
 }

@@ -121,7 +121,8 @@ fn init_from_on_the_command_line() {
     assert_eq!(cfg["num_hidden_layers"], 1);
     assert_eq!(cfg["rope_parameters"]["rope_type"], "llama3");
 
-    // Bad choices: one line each, and the directory already written is left as it was.
+    // Bad choices: one line each, and the directory already written is left as it was, even
+    // with --force (the student is checked before anything replaces it).
     let before = std::fs::read(student.join("model.safetensors")).unwrap();
     let bad: &[(&[&str], &str)] = &[
         (&["--keep-layers", "4"], "the teacher has 3 layers"),
@@ -130,7 +131,7 @@ fn init_from_on_the_command_line() {
         (&["--layers", "0,x"], "--layers"),
     ];
     for (extra, needle) in bad {
-        let mut args = vec!["init", "--from", t, "--out", s];
+        let mut args = vec!["init", "--from", t, "--out", s, "--force"];
         args.extend_from_slice(extra);
         assert_one_line_error(&args, needle);
     }
@@ -143,6 +144,7 @@ fn init_from_on_the_command_line() {
             "2",
             "--out",
             s,
+            "--force",
         ],
         "nothing",
     );

@@ -29,8 +29,7 @@ pub fn best_checkpoint(run_dir: &Path) -> PathBuf {
 /// repairs a checkpoint replacement that was interrupted, and refuses to resume nothing or to mix
 /// a new run into an old one.
 pub fn prepare_run_dir(run_dir: &Path, resume: bool) -> Result<()> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    crate::create_dir_all(run_dir).context("the run directory")?;
     let last = last_checkpoint(run_dir);
     model::recover_dir(&last)?;
     model::recover_dir(&best_checkpoint(run_dir))?;

@@ -11,8 +11,8 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-const LOCK_FILE: &str = ".lock";
-const INPUTS_FILE: &str = "inputs.json";
+pub const LOCK_FILE: &str = ".lock";
+pub const INPUTS_FILE: &str = "inputs.json";
 /// The cached difficulty scores of a run that measured them itself.
 pub const SCORES_FILE: &str = "scores.jsonl";
 /// What a run directory may hold besides debris; anything else means it is not one.
@@ -34,8 +34,7 @@ pub struct RunLock {
 
 /// Locks `run_dir` (created if missing) for this process, or fails naming the pid that holds it.
 pub fn lock(run_dir: &Path) -> Result<RunLock> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    crate::create_dir_all(run_dir).context("the run directory")?;
     let path = run_dir.join(LOCK_FILE);
     let mut file = std::fs::OpenOptions::new()
         .read(true)
