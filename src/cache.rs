@@ -594,7 +594,7 @@ pub fn recipe_identity(
 fn all_examples(recipe: &crate::config::Recipe) -> Result<Vec<Example>> {
     use crate::train::splits;
     let tok = crate::tokenizer::Tokenizer::from_dir(&recipe.model.student, None)?;
-    let samples = splits::read_samples(&recipe.data.train, splits::load_options(recipe)?)?;
+    let samples = splits::read_recipe_samples(recipe, &recipe.data.train)?;
     let what = recipe.data.train.display().to_string();
     let (mut ex, _) = splits::encode(&tok, &samples, &splits::encode_options(recipe)?, &what)?;
     ex.sort_by_key(|e| e.id);
