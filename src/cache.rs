@@ -549,8 +549,13 @@ impl SparseTeacher for LiveSparse<'_> {
 /// How the data was read and encoded, as an identity field (recipe spellings).
 pub fn template_key(d: &crate::config::DataSection) -> String {
     format!(
-        "template={} format={} max_prompt_len={} max_len={} skip_bad={}",
-        d.template, d.format, d.max_prompt_len, d.max_len, d.skip_bad
+        "template={} format={} max_prompt_len={} max_len={} skip_bad={}{}",
+        d.template,
+        d.format,
+        d.max_prompt_len,
+        d.max_len,
+        d.skip_bad,
+        d.system_key()
     )
 }
 

@@ -111,7 +111,7 @@ fn messages_and_sharegpt_give_the_same_training_pairs() {
         assert_eq!(loaded.format, format);
         let mut samples = loaded.samples;
         assert_eq!(samples[1].messages.len(), 4);
-        prepare(&mut samples, Template::Chat, &fixture("qwen2"), &path).unwrap();
+        prepare(&mut samples, Template::Chat, None, &fixture("qwen2"), &path).unwrap();
         assert_eq!(
             samples[0].prompt.as_deref().unwrap(),
             chatml_prompt(Some("Answer briefly."), &[("user", "Capital of France?")])
@@ -140,12 +140,43 @@ fn instruction_data_in_the_chat_template() {
         "{\"instruction\": \"Add\", \"input\": \"1 2\", \"output\": \"3\"}\n",
     );
     let mut samples = load_jsonl(&path, LoadOptions::default()).unwrap().samples;
-    prepare(&mut samples, Template::Chat, &fixture("qwen2"), &path).unwrap();
+    prepare(&mut samples, Template::Chat, None, &fixture("qwen2"), &path).unwrap();
     assert_eq!(
         samples[0].prompt.as_deref().unwrap(),
         chatml_prompt(None, &[("user", "Add\n\n1 2")])
     );
     assert_eq!(samples[0].response, "3");
+    // data.system: a system message before the user turn.
+    let mut samples = load_jsonl(&path, LoadOptions::default()).unwrap().samples;
+    prepare(
+        &mut samples,
+        Template::Chat,
+        Some("Be exact."),
+        &fixture("qwen2"),
+        &path,
+    )
+    .unwrap();
+    assert_eq!(
+        samples[0].prompt.as_deref().unwrap(),
+        chatml_prompt(Some("Be exact."), &[("user", "Add\n\n1 2")])
+    );
+}
+
+#[test]
+fn a_gguf_model_gives_its_template() {
+    let dir = tmpdir("gguf");
+    let gguf = dir.join("qwen2.gguf");
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/realmodels/gguf/qwen2.gguf"),
+        &gguf,
+    )
+    .unwrap();
+    let t = ChatTemplate::load(&gguf).unwrap().unwrap();
+    // The fixture's GGUF holds plain ChatML (tools/make_realmodel_fixtures.py).
+    assert_eq!(
+        t.render(&[Message::new("user", "hi")], true).unwrap(),
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    );
 }
 
 #[test]
@@ -157,7 +188,7 @@ fn the_response_ends_with_one_end_of_turn_token_and_the_prompt_is_masked() {
     let tok = pocl::tokenizer::Tokenizer::from_dir(&tok_dir, Some(im_end[0])).unwrap();
     let path = fixture("data/messages.jsonl");
     let mut samples = load_jsonl(&path, LoadOptions::default()).unwrap().samples;
-    prepare(&mut samples, Template::Chat, &fixture("qwen2"), &path).unwrap();
+    prepare(&mut samples, Template::Chat, None, &fixture("qwen2"), &path).unwrap();
     let opts = EncodeOptions {
         template: Template::Chat,
         max_prompt_len: 256,
@@ -182,7 +213,7 @@ fn prepare_err(template: Template, model: &str, text: &str) -> String {
     let path = write(&dir, "conv.jsonl", text);
     let result = load_jsonl(&path, LoadOptions::default()).and_then(|l| {
         let mut s = l.samples;
-        prepare(&mut s, template, &fixture(model), &path)
+        prepare(&mut s, template, None, &fixture(model), &path)
     });
     let e = format!("{:#}", result.unwrap_err());
     assert_eq!(e.lines().count(), 1, "{e}");

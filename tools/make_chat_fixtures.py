@@ -47,9 +47,13 @@ TEMPLATES = {
     {%- endif %}
 {%- endfor %}
 """,
+    # Tool-calling templates print JSON with transformers' tojson (Python separators, no HTML escapes).
+    "json": "{% for message in messages %}{{ message | tojson }}\n{{ message['content'] | tojson(indent=2) }}\n{% endfor %}"
+            "{{ {'n': messages | length, 'list': [1, 2.5, none, true], 'html': '<a href=\"x\">&</a>', 'empty': []} | tojson(indent=2) }}",
 }
 
 TOKENS = {
+    "json": {},
     "qwen2": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},

@@ -71,7 +71,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             skip_bad: a.skip_bad,
         },
     )?;
-    pocl::data::chat::prepare(&mut samples, a.template, &a.model, &a.data)?;
+    pocl::data::chat::prepare(&mut samples, a.template, None, &a.model, &a.data)?;
     // Sequences and answers fit the model's positions (one notice line when lowered).
     let (mut max_prompt_len, mut max_len, mut max_new) =
         (a.max_prompt_len, a.max_len, cfg.max_new_tokens);

@@ -4,7 +4,7 @@
 
 use super::{Sample, Template};
 use anyhow::{anyhow, bail, Context, Result};
-use minijinja::value::Value;
+use minijinja::value::{Kwargs, Value};
 use minijinja::{Environment, ErrorKind};
 use serde_json::Value as Json;
 use std::collections::BTreeMap;
@@ -59,8 +59,10 @@ impl ChatTemplate {
     /// chat_template.jinja wins over tokenizer_config.json's `chat_template`, as in transformers.
     /// `Ok(None)` when the model has none.
     pub fn load(model_dir: &Path) -> Result<Option<ChatTemplate>> {
+        // A .gguf teacher or student is read through its conversion, as every model is.
+        let model_dir = crate::model::gguf::model_dir(model_dir)?;
         let dir = if model_dir.is_dir() {
-            model_dir
+            &model_dir
         } else {
             model_dir.parent().unwrap_or(Path::new("."))
         };
@@ -148,13 +150,15 @@ impl ChatTemplate {
             Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         let msgs: Vec<Value> = messages
             .iter()
             .map(|m| {
-                let mut d = BTreeMap::new();
-                d.insert("role", Value::from(m.role.as_str()));
-                d.insert("content", Value::from(m.content.as_str()));
-                Value::from(d)
+                // In the order transformers' dicts have (the order `tojson` writes).
+                Value::from_pairs([
+                    ("role", Value::from(m.role.as_str())),
+                    ("content", Value::from(m.content.as_str())),
+                ])
             })
             .collect();
         let mut ctx: BTreeMap<String, Value> = self
@@ -205,12 +209,13 @@ impl ChatTemplate {
 
 /// Readies a data file's samples for `template`. With [`Template::Chat`] each sample's prompt is
 /// rendered with the chat template of `model` (a conversation record: all turns before its last
-/// assistant turn; an instruction record: an optional system-less user turn of instruction and
+/// assistant turn; an instruction record: `system` if given, then a user turn of instruction and
 /// input) and its end-of-turn text set; with another template a conversation record is refused.
 /// Errors name `file` and the record's line.
 pub fn prepare(
     samples: &mut [Sample],
     template: Template,
+    system: Option<&str>,
     model: &Path,
     file: &Path,
 ) -> Result<()> {
@@ -236,10 +241,14 @@ pub fn prepare(
                 (_, _, true) => s.instruction.clone(),
                 _ => format!("{}\n\n{}", s.instruction, s.input),
             };
-            vec![
-                Message::new("user", user),
-                Message::new("assistant", s.response.clone()),
-            ]
+            {
+                let system = system.map(|t| Message::new("system", t));
+                let turns = [
+                    Message::new("user", user),
+                    Message::new("assistant", s.response.clone()),
+                ];
+                system.into_iter().chain(turns).collect()
+            }
         } else {
             s.messages.clone()
         };
@@ -251,6 +260,61 @@ pub fn prepare(
         s.end_of_turn = end_of_turn.clone();
     }
     Ok(())
+}
+
+/// transformers' `tojson` filter: Python's `json.dumps(x, ensure_ascii=False, indent=indent)`,
+/// whose separators (", " and ": ") and unescaped HTML characters differ from minijinja's own.
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<String, minijinja::Error> {
+    use serde::Serialize;
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let mut out = Vec::new();
+    let bad =
+        |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+    match indent {
+        Some(n) => {
+            let pad = vec![b' '; n];
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(&pad);
+            value
+                .serialize(&mut serde_json::Serializer::with_formatter(&mut out, fmt))
+                .map_err(bad)?;
+        }
+        None => value
+            .serialize(&mut serde_json::Serializer::with_formatter(
+                &mut out, PySpaced,
+            ))
+            .map_err(bad)?,
+    }
+    Ok(String::from_utf8(out).expect("serde_json writes UTF-8"))
+}
+
+/// Python's default JSON separators: ", " between items, ": " after keys.
+struct PySpaced;
+
+impl serde_json::ser::Formatter for PySpaced {
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
+        }
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.begin_array_value(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        w.write_all(b": ")
+    }
 }
 
 /// transformers' `strftime_now(format)`: the current local time formatted (UTC here: no time-zone

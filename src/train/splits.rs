@@ -53,7 +53,8 @@ pub fn read_samples(path: &Path, opts: LoadOptions) -> Result<Vec<Sample>> {
 pub fn read_recipe_samples(recipe: &Recipe, path: &Path) -> Result<Vec<Sample>> {
     let mut samples = read_samples(path, load_options(recipe)?)?;
     let template = encode_options(recipe)?.template;
-    crate::data::chat::prepare(&mut samples, template, &recipe.model.student, path)?;
+    let system = recipe.data.system.as_deref();
+    crate::data::chat::prepare(&mut samples, template, system, &recipe.model.student, path)?;
     Ok(samples)
 }
 
