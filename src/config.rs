@@ -63,7 +63,7 @@ pub struct DataSection {
     /// Dev file; without it, `dev_size` samples are split off the training file (seeded).
     pub dev: Option<PathBuf>,
     pub dev_size: usize,
-    /// "auto", "dolly", "alpaca" or "prompt".
+    /// "auto", "dolly", "alpaca", "processed", "messages" or "sharegpt".
     pub format: String,
     /// "alpaca", "plain" or "chat" (the student's own chat template).
     pub template: String,
