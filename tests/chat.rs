@@ -294,3 +294,39 @@ fn a_template_that_does_not_parse_is_one_line() {
     );
     assert_eq!(e.lines().count(), 1, "{e}");
 }
+
+#[test]
+fn a_recipe_with_the_chat_template_trains_on_the_last_answer() {
+    // The tiny qwen2 model's tokenizer, with ChatML; its EOS is <|endoftext|>, not <|im_end|>.
+    let student = tmpdir("recipe");
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(models.join(f), student.join(f)).unwrap();
+    }
+    std::fs::copy(
+        fixture("qwen2/tokenizer_config.json"),
+        student.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let mut recipe = pocl::config::Recipe::default();
+    recipe.model.student = student.clone();
+    recipe.data.train = fixture("data/messages.jsonl");
+    recipe.data.dev_size = 0;
+    recipe.data.template = "chat".into();
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&student, Some(700)).unwrap();
+    let splits = pocl::train::splits::Splits::load(&recipe, &tok).unwrap();
+    let i = splits.train.iter().position(|e| e.id == 2).unwrap();
+    let ex = &splits.train[i];
+    assert_eq!(
+        tok.decode(&ex.prompt_ids, false).unwrap(),
+        chatml_prompt(
+            None,
+            &[("user", "2+2?"), ("assistant", "4"), ("user", "and 3+3?")]
+        )
+    );
+    assert_eq!(
+        tok.decode(&ex.response_ids, false).unwrap(),
+        "6<|im_end|><|endoftext|>"
+    );
+    assert_eq!(splits.train_references[i], vec!["6".to_string()]);
+}
