@@ -1,11 +1,12 @@
-"""Writes tests/fixtures/chat/expected.json: chat templates rendered by transformers' own jinja
-environment (the one apply_chat_template uses) for several conversations. Run by hand:
+"""Writes tests/fixtures/chat/expected.json: chat templates rendered by transformers'
+render_jinja_template (what apply_chat_template(tokenize=False) calls, with the special tokens
+as keyword arguments) for several conversations. Run by hand:
     pip install transformers jinja2 && python3 tools/make_chat_fixtures.py
 """
 import json
 from pathlib import Path
 
-from transformers.utils.chat_template_utils import _compile_jinja_template
+from transformers.utils.chat_template_utils import render_jinja_template
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chat"
 
@@ -48,12 +49,16 @@ TEMPLATES = {
 {%- endfor %}
 """,
     # Tool-calling templates print JSON with transformers' tojson (Python separators, no HTML escapes).
+    # transformers passes tools and documents as None when there are none.
+    "tools": "{% if tools is defined and tools is none %}no tools\n{% endif %}{% if documents is none %}no documents\n{% endif %}"
+             "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
     "json": "{% for message in messages %}{{ message | tojson }}\n{{ message['content'] | tojson(indent=2) }}\n{% endfor %}"
             "{{ {'n': messages | length, 'list': [1, 2.5, none, true], 'html': '<a href=\"x\">&</a>', 'empty': []} | tojson(indent=2) }}",
 }
 
 TOKENS = {
     "json": {},
+    "tools": {},
     "qwen2": {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
     "llama3": {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"},
     "mistral": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
@@ -78,11 +83,13 @@ CONVERSATIONS = [
 
 cases = []
 for name, src in TEMPLATES.items():
-    tmpl = _compile_jinja_template(src)
     for conv in CONVERSATIONS:
         for gen in (True, False):
             try:
-                out = tmpl.render(messages=conv, add_generation_prompt=gen, **TOKENS[name])
+                out = render_jinja_template(conversations=[conv], chat_template=src,
+                                            add_generation_prompt=gen, **TOKENS[name])
+                out = out[0] if isinstance(out, (list, tuple)) else out
+                out = out[0] if isinstance(out, list) else out
                 cases.append({"template": name, "messages": conv, "add_generation_prompt": gen, "expected": out})
             except Exception as e:  # noqa: BLE001 - the error is the expected result
                 cases.append({"template": name, "messages": conv, "add_generation_prompt": gen, "error": str(e)})

@@ -167,6 +167,9 @@ impl ChatTemplate {
             .map(|(k, v)| (k.clone(), Value::from(v.as_str())))
             .collect();
         ctx.insert("messages".into(), Value::from(msgs));
+        // transformers passes these as None when there are none (`tools is defined` is true).
+        ctx.insert("tools".into(), Value::from(()));
+        ctx.insert("documents".into(), Value::from(()));
         ctx.insert(
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
