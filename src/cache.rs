@@ -549,8 +549,13 @@ impl SparseTeacher for LiveSparse<'_> {
 /// How the data was read and encoded, as an identity field (recipe spellings).
 pub fn template_key(d: &crate::config::DataSection) -> String {
     format!(
-        "template={} format={} max_prompt_len={} max_len={} skip_bad={}",
-        d.template, d.format, d.max_prompt_len, d.max_len, d.skip_bad
+        "template={} format={} max_prompt_len={} max_len={} skip_bad={}{}",
+        d.template,
+        d.format,
+        d.max_prompt_len,
+        d.max_len,
+        d.skip_bad,
+        d.system_key()
     )
 }
 
@@ -594,7 +599,7 @@ pub fn recipe_identity(
 fn all_examples(recipe: &crate::config::Recipe) -> Result<Vec<Example>> {
     use crate::train::splits;
     let tok = crate::tokenizer::Tokenizer::from_dir(&recipe.model.student, None)?;
-    let samples = splits::read_samples(&recipe.data.train, splits::load_options(recipe)?)?;
+    let samples = splits::read_recipe_samples(recipe, &recipe.data.train)?;
     let what = recipe.data.train.display().to_string();
     let (mut ex, _) = splits::encode(&tok, &samples, &splits::encode_options(recipe)?, &what)?;
     ex.sort_by_key(|e| e.id);

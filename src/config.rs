@@ -63,14 +63,28 @@ pub struct DataSection {
     /// Dev file; without it, `dev_size` samples are split off the training file (seeded).
     pub dev: Option<PathBuf>,
     pub dev_size: usize,
-    /// "auto", "dolly", "alpaca" or "prompt".
+    /// "auto", "dolly", "alpaca", "processed", "messages" or "sharegpt".
     pub format: String,
-    /// "alpaca" or "plain".
+    /// "alpaca", "plain" or "chat" (the student's own chat template).
     pub template: String,
+    /// With template "chat": a system message before the user turn of instruction records
+    /// (conversation records keep their own).
+    pub system: Option<String>,
     pub max_prompt_len: usize,
     pub max_len: usize,
     /// Skip malformed records (and report how many) instead of failing.
     pub skip_bad: bool,
+}
+
+impl DataSection {
+    /// `system` for identity keys (caches, resumed measurements): empty when unset, so that keys
+    /// written before the field existed stay valid.
+    pub fn system_key(&self) -> String {
+        self.system
+            .as_ref()
+            .map(|s| format!(" system={s:?}"))
+            .unwrap_or_default()
+    }
 }
 
 impl Default for DataSection {
@@ -81,6 +95,7 @@ impl Default for DataSection {
             dev_size: 500,
             format: "auto".into(),
             template: "alpaca".into(),
+            system: None,
             max_prompt_len: 256,
             max_len: 512,
             skip_bad: false,

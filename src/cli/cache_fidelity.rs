@@ -35,7 +35,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
     let student = pocl::model::load_frozen(&r.model.student, &backend)?;
     let tok = pocl::tokenizer::Tokenizer::from_dir(&r.model.student, None)?;
     use pocl::train::splits;
-    let samples = splits::read_samples(&r.data.train, splits::load_options(&r)?)?;
+    let samples = splits::read_recipe_samples(&r, &r.data.train)?;
     let (ex, _) = splits::encode(&tok, &samples, &splits::encode_options(&r)?, "data")?;
     let ex = &ex[..a.samples.min(ex.len())];
     let temps = pocl::cache::schedule_temperatures(&r);

@@ -45,7 +45,7 @@ pub struct CheckArgs {
     /// A tokenizer.json file or a directory holding one.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Prompt template: alpaca or plain.
+    /// Prompt template: alpaca, plain or chat (the model's own).
     #[arg(long, default_value = "alpaca")]
     pub template: Template,
     #[arg(long, default_value_t = 256)]
@@ -103,7 +103,9 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     max_prompt_len: a.max_prompt_len,
                     max_len: a.max_len,
                 };
-                let enc = encode_samples(&tok, &loaded.samples, &opts)?;
+                let mut samples = loaded.samples;
+                pocl::data::chat::prepare(&mut samples, a.template, None, &t, &a.file)?;
+                let enc = encode_samples(&tok, &samples, &opts)?;
                 let n = enc.examples.len().max(1);
                 let mean = |f: &dyn Fn(&pocl::data::Example) -> usize| {
                     enc.examples.iter().map(f).sum::<usize>() as f64 / n as f64

@@ -69,7 +69,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
             .with_context(|| format!("{}: not a file name", path.display()))?;
-        sets.push((name, load_samples(path, a.prompts.format, a.prompts.limit)?));
+        let mut samples = load_samples(path, a.prompts.format, a.prompts.limit)?;
+        pocl::data::chat::prepare(&mut samples, a.prompts.template, None, &a.model, path)?;
+        sets.push((name, samples));
     }
     let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let cfg = EvalConfig {

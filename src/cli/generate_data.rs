@@ -53,7 +53,14 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
     if a.prompts.limit == Some(0) {
         bail!("--limit must be at least 1");
     }
-    let samples = load_samples(&a.data, a.prompts.format, a.prompts.limit)?;
+    let mut samples = load_samples(&a.data, a.prompts.format, a.prompts.limit)?;
+    if let Some(s) = samples.iter().find(|s| !s.messages.is_empty()) {
+        bail!(
+            "{}:{}: conversation records cannot be written as Dolly data; give instruction data",
+            a.data.display(),
+            s.id
+        );
+    }
     if samples.iter().any(|s| s.prompt.is_some()) {
         // A Dolly record cannot hold a pre-rendered prompt: training would re-render a different one.
         bail!(
@@ -62,6 +69,8 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
             a.data.display()
         );
     }
+    // With the chat template the prompts are rendered now; the Dolly records keep the instruction.
+    pocl::data::chat::prepare(&mut samples, a.prompts.template, None, &a.model, &a.data)?;
     let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let dec = Decoding {
         sampling,

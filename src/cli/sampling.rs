@@ -58,7 +58,7 @@ pub struct PromptArgs {
     /// Prompts generated together (answers do not depend on it).
     #[arg(long, default_value_t = 16)]
     pub batch_size: usize,
-    /// Prompt template: alpaca or plain.
+    /// Prompt template: alpaca, plain or chat (the model's own).
     #[arg(long, default_value = "alpaca")]
     pub template: Template,
     #[arg(long, default_value_t = 256)]

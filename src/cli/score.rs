@@ -64,13 +64,14 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let model = pocl::model::load_frozen(&a.model, &a.device.backend()?)?;
     let eos_ids = pocl::pipeline::eos_ids(&a.model, &model.config().eos_token_ids);
     let tok = pocl::tokenizer::Tokenizer::from_dir(&a.model, eos_ids.first().copied())?;
-    let samples = pocl::train::splits::read_samples(
+    let mut samples = pocl::train::splits::read_samples(
         &a.data,
         LoadOptions {
             format: a.format,
             skip_bad: a.skip_bad,
         },
     )?;
+    pocl::data::chat::prepare(&mut samples, a.template, None, &a.model, &a.data)?;
     // Sequences and answers fit the model's positions (one notice line when lowered).
     let (mut max_prompt_len, mut max_len, mut max_new) =
         (a.max_prompt_len, a.max_len, cfg.max_new_tokens);

@@ -92,9 +92,22 @@ fn eos(tok: &Tokenizer) -> Result<u32> {
     })
 }
 
+/// With the chat template, a sample's prompt must have been rendered by [`super::chat::prepare`].
+fn chat_prepared(sample: &Sample, opts: &EncodeOptions) -> Result<()> {
+    if opts.template == Template::Chat && sample.prompt.is_none() {
+        bail!(
+            "sample {}: template \"chat\" is not supported by this command (its data is not \
+             rendered with the model's chat template); use alpaca or plain",
+            sample.id
+        );
+    }
+    Ok(())
+}
+
 /// The prompt token ids used for generation and for training: `encode(prompt)` cut to
 /// `max_prompt_len` tokens.
 pub fn prompt_ids(tok: &Tokenizer, sample: &Sample, opts: &EncodeOptions) -> Result<Vec<u32>> {
+    chat_prepared(sample, opts)?;
     let mut ids = tok.encode(&opts.template.prompt(sample))?;
     ids.truncate(opts.max_prompt_len);
     Ok(ids)
@@ -121,10 +134,15 @@ fn encode_inner(
     if sample.response.trim().is_empty() {
         return Ok(Err(SkipReason::EmptyResponse));
     }
+    chat_prepared(sample, opts)?;
     let prompt = opts.template.prompt(sample);
     let mut prompt_ids = tok.encode(&prompt)?;
-    let mut full = tok.encode(&(prompt + &sample.response))?;
-    full.push(eos);
+    let mut full = tok.encode(&(prompt + &sample.response + &sample.end_of_turn))?;
+    // A chat response already ends with the template's end-of-turn token, which is often the EOS
+    // itself (ChatML's <|im_end|>): it is not doubled.
+    if full.last() != Some(&eos) {
+        full.push(eos);
+    }
     // Offsets into the joint encoding, as in the reference (the prompt's length as encoded alone).
     let mut response_ids = full.get(prompt_ids.len()..).unwrap_or(&[]).to_vec();
     let prompt_cut = prompt_ids.len() > opts.max_prompt_len;

@@ -2,7 +2,7 @@
 //! (or forced), validated line by line with errors that name the file, the line and the field.
 
 use super::jsonl::{read_json_lines, LineError};
-use super::Sample;
+use super::{Message, Sample};
 use anyhow::{anyhow, bail, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -19,6 +19,10 @@ pub enum Format {
     /// DistiLLM/POCL processed data: a rendered `prompt` and its `output` (a string, or a list of
     /// acceptable answers in test sets), optionally with `instruction` / `input`.
     Processed,
+    /// OpenAI-style conversations: `{"messages": [{"role": ..., "content": ...}, ...]}`.
+    Messages,
+    /// ShareGPT conversations: `{"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]}`.
+    ShareGpt,
 }
 
 impl std::str::FromStr for Format {
@@ -28,7 +32,11 @@ impl std::str::FromStr for Format {
             "dolly" => Ok(Format::Dolly),
             "alpaca" => Ok(Format::Alpaca),
             "processed" | "prompt-output" | "distillm" | "pocl" => Ok(Format::Processed),
-            _ => bail!("unknown data format {s:?}: expected dolly, alpaca or processed"),
+            "messages" | "openai" => Ok(Format::Messages),
+            "sharegpt" => Ok(Format::ShareGpt),
+            _ => bail!(
+                "unknown data format {s:?}: expected dolly, alpaca, processed, messages or sharegpt"
+            ),
         }
     }
 }
@@ -39,6 +47,8 @@ impl std::fmt::Display for Format {
             Format::Dolly => "dolly",
             Format::Alpaca => "alpaca",
             Format::Processed => "processed",
+            Format::Messages => "messages",
+            Format::ShareGpt => "sharegpt",
         })
     }
 }
@@ -47,7 +57,11 @@ impl Format {
     /// Guesses the layout from one record's keys: `prompt` means processed, `response` Dolly,
     /// `output` Alpaca.
     pub fn detect(obj: &Map<String, Value>) -> Option<Format> {
-        if obj.contains_key("prompt") {
+        if obj.contains_key("messages") {
+            Some(Format::Messages)
+        } else if obj.contains_key("conversations") {
+            Some(Format::ShareGpt)
+        } else if obj.contains_key("prompt") {
             Some(Format::Processed)
         } else if obj.contains_key("response") {
             Some(Format::Dolly)
@@ -107,7 +121,8 @@ pub fn load_jsonl(path: &Path, opts: LoadOptions) -> Result<Loaded> {
                 Some(f) => f,
                 None => Format::detect(obj).ok_or_else(|| {
                     err("cannot detect the data format: expected Dolly (instruction, context, response), \
-                         Alpaca (instruction, input, output) or processed (prompt, output) fields; \
+                         Alpaca (instruction, input, output), processed (prompt, output), messages or \
+                         conversations fields; \
                          or force one with the format option"
                         .into())
                 })?,
@@ -204,7 +219,62 @@ fn parse_record(obj: &Map<String, Value>, format: Format, id: u64) -> Result<Sam
             s.extra_references = extra;
             s
         }
+        Format::Messages => conversation(obj, id, "messages", "role", "content", |r| Some(r))?,
+        Format::ShareGpt => conversation(obj, id, "conversations", "from", "value", |r| match r {
+            "human" | "user" => Some("user"),
+            "gpt" | "assistant" => Some("assistant"),
+            "system" => Some("system"),
+            _ => None,
+        })?,
     })
+}
+
+/// A conversation record: a list of turns under `list`, each an object with a role under `role`
+/// (mapped by `map_role`; None = unknown) and its text under `text`. The sample's response is the
+/// last assistant turn (the prompt is rendered later with the model's chat template), so a
+/// conversation without one is refused here.
+fn conversation(
+    obj: &Map<String, Value>,
+    id: u64,
+    list: &str,
+    role: &str,
+    text: &str,
+    map_role: impl Fn(&str) -> Option<&str>,
+) -> Result<Sample, String> {
+    let Some(Value::Array(turns)) = obj.get(list) else {
+        return Err(match obj.get(list) {
+            None => format!("field \"{list}\": missing"),
+            Some(v) => format!("field \"{list}\": expected a list, found {}", kind(v)),
+        });
+    };
+    let mut messages = Vec::with_capacity(turns.len());
+    for (i, t) in turns.iter().enumerate() {
+        let Value::Object(t) = t else {
+            return Err(format!(
+                "field \"{list}\"[{i}]: expected an object, found {}",
+                kind(t)
+            ));
+        };
+        let at = |e: String| format!("field \"{list}\"[{i}].{e}");
+        let r = field(t, role, true).map_err(at)?.unwrap_or("");
+        let r = map_role(r)
+            .ok_or_else(|| format!("field \"{list}\"[{i}].\"{role}\": unknown role {r:?}"))?;
+        let c = field(t, text, true).map_err(at)?.unwrap_or("");
+        messages.push(Message::new(r, c));
+    }
+    let last = messages
+        .iter()
+        .rposition(|m| m.role == "assistant")
+        .ok_or_else(|| format!("field \"{list}\": the conversation has no assistant turn"))?;
+    let user = messages[..last].iter().rev().find(|m| m.role == "user");
+    let mut s = Sample::new(
+        id,
+        user.map(|m| m.content.clone()).unwrap_or_default(),
+        "",
+        messages[last].content.clone(),
+    );
+    s.messages = messages;
+    Ok(s)
 }
 
 /// A seeded split of one file's samples into (train, dev, test): the samples are shuffled with

@@ -3,6 +3,7 @@
 //! built-in synthetic benchmark ([`synthetic`]), SeqKD data from a teacher's answers ([`seqkd`]).
 
 pub mod batch;
+pub mod chat;
 pub mod format;
 pub mod jsonl;
 pub mod seqkd;
@@ -13,6 +14,7 @@ pub use batch::{
     collate, counted_rows, encode_sample, encode_samples, prompt_ids, Batch, EncodeOptions,
     Encoded, Example, SkipReason,
 };
+pub use chat::{ChatTemplate, Message};
 pub use format::{load_jsonl, seeded_split, Format, LoadOptions, Loaded};
 pub use template::Template;
 
@@ -34,6 +36,12 @@ pub struct Sample {
     /// Further acceptable answers for evaluation (processed test sets with a list of outputs);
     /// ROUGE-L takes the best over `response` and these.
     pub extra_references: Vec<String>,
+    /// The turns of a conversation record (messages / ShareGPT formats); empty otherwise. The
+    /// prompt and response are rendered from them with the model's chat template.
+    pub messages: Vec<Message>,
+    /// Text trained after the response but not part of it as a reference: the chat template's
+    /// end-of-turn token (empty for other templates).
+    pub end_of_turn: String,
 }
 
 impl Sample {

@@ -18,6 +18,9 @@ pub enum Template {
     /// `{instruction}\n` or `{instruction}\n{input}\n`, then `Answer:\n` (no preamble; ends with a
     /// newline like Alpaca so that BPE does not merge the prompt's end into the response).
     Plain,
+    /// The model's own chat template ([`super::chat`]): prompts are rendered when the data is
+    /// prepared ([`super::chat::prepare`]) and stored in `Sample::prompt`.
+    Chat,
 }
 
 impl std::str::FromStr for Template {
@@ -26,7 +29,8 @@ impl std::str::FromStr for Template {
         match s.to_ascii_lowercase().as_str() {
             "alpaca" => Ok(Template::Alpaca),
             "plain" => Ok(Template::Plain),
-            _ => bail!("unknown prompt template {s:?}: expected alpaca or plain"),
+            "chat" => Ok(Template::Chat),
+            _ => bail!("unknown prompt template {s:?}: expected alpaca, plain or chat"),
         }
     }
 }
@@ -47,6 +51,9 @@ impl Template {
             }
             Template::Plain if input.is_empty() => format!("{instruction}\nAnswer:\n"),
             Template::Plain => format!("{instruction}\n{input}\nAnswer:\n"),
+            // Chat prompts are rendered from the whole conversation by `chat::prepare`, never
+            // from an instruction alone; the encoder refuses a chat sample left unprepared.
+            Template::Chat => String::new(),
         }
     }
 

@@ -220,7 +220,7 @@ impl Inputs {
         let d = &recipe.data;
         let hash = |k: &str| self.files.get(k).map(|f| f.sha256.as_str()).unwrap_or("");
         let text = format!(
-            "{} {} {} {} {} {:?} {} {} {} {} {} {}",
+            "{} {} {} {} {} {:?} {} {} {} {} {} {}{}",
             hash("data.train"),
             hash("data.dev"),
             hash("model.student"),
@@ -232,7 +232,8 @@ impl Inputs {
             d.template,
             d.max_prompt_len,
             d.max_len,
-            d.dev_size
+            d.dev_size,
+            d.system_key()
         );
         let digest = Sha256::digest(text.as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -48,6 +48,16 @@ pub fn read_samples(path: &Path, opts: LoadOptions) -> Result<Vec<Sample>> {
     Ok(loaded.samples)
 }
 
+/// A recipe's data file read and readied for its template (the chat template of the student,
+/// whose tokenizer encodes the data).
+pub fn read_recipe_samples(recipe: &Recipe, path: &Path) -> Result<Vec<Sample>> {
+    let mut samples = read_samples(path, load_options(recipe)?)?;
+    let template = encode_options(recipe)?.template;
+    let system = recipe.data.system.as_deref();
+    crate::data::chat::prepare(&mut samples, template, system, &recipe.model.student, path)?;
+    Ok(samples)
+}
+
 /// Tokenizes samples; returns the examples and the references of each, in the same order.
 pub fn encode(
     tok: &Tokenizer,
@@ -80,11 +90,10 @@ pub fn encode(
 
 impl Splits {
     pub fn load(recipe: &Recipe, tok: &Tokenizer) -> Result<Self> {
-        let lo = load_options(recipe)?;
         let eo = encode_options(recipe)?;
-        let samples = read_samples(&recipe.data.train, lo)?;
+        let samples = read_recipe_samples(recipe, &recipe.data.train)?;
         let (train, dev) = match &recipe.data.dev {
-            Some(dev) => (samples, read_samples(dev, lo)?),
+            Some(dev) => (samples, read_recipe_samples(recipe, dev)?),
             None if recipe.data.dev_size == 0 => (samples, vec![]),
             None => {
                 let (train, dev, _) = seeded_split(samples, recipe.data.dev_size, 0, recipe.seed)
