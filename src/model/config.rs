@@ -18,15 +18,8 @@ pub enum Family {
     Llama,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Activation {
-    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-    /// exact erf GELU (`gelu`).
-    GeluErf,
-    Relu,
-    Silu,
-}
+/// The activation a config names (defined with the ops that compute it).
+pub use crate::ops::Activation;
 
 /// The resolved, validated configuration every family reads from.
 #[derive(Clone, Debug)]

@@ -7,8 +7,7 @@ use super::attention as att;
 use super::gemm;
 use super::linear::{Bf16Matmul, Embed, Linear};
 use super::norm;
-use super::{activation, Weight};
-use crate::model::config::Activation;
+use super::{activation, Activation, Weight};
 use candle_core::{bail, DType, Result, Tensor};
 
 /// y = x·Wᵀ + b for x [.., in] ([`super::linear`]): the fused linear op with its backward; a

@@ -22,10 +22,20 @@ pub mod simd;
 pub mod softmax;
 
 pub use crate::backend::Kernels;
+
+/// A model's MLP activation (config.json's `activation_function` / `hidden_act`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// exact erf GELU (`gelu`).
+    GeluErf,
+    Relu,
+    Silu,
+}
 pub use linear::Weight;
 pub use portable::softmax_last_dim;
 
-use crate::model::config::Activation;
 use candle_core::{DType, Device, Result, Tensor};
 
 impl Kernels {

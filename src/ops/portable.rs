@@ -4,8 +4,7 @@
 //! This is the first GPU path and the fused CPU kernels' test oracle; it materialises more
 //! temporaries than the fused kernels and is slower on the CPU.
 
-use super::Weight;
-use crate::model::config::Activation;
+use super::{Activation, Weight};
 use candle_core::{bail, DType, Result, Tensor, D};
 
 /// y = x·Wᵀ + b for x [.., in]; a bf16 weight is widened to the input's dtype first.
