@@ -670,7 +670,11 @@ mod shipped_recipes {
     #[test]
     fn example_recipes_load() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        for name in ["gpt2-dolly-pocl.toml", "qwen-pocl.toml"] {
+        for name in [
+            "gpt2-dolly-pocl.toml",
+            "qwen-pocl.toml",
+            "smollm2-135m-pocl.toml",
+        ] {
             let r = Recipe::load(&dir.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e:#}"));
             assert!(r.model.student.starts_with(&dir), "{name}");
             assert_eq!(r.curriculum.kind, Kind::Pocl);

@@ -125,5 +125,32 @@ fn quick_demo_reports_kd_with_and_without_pocl() {
         .take_while(|l| l.starts_with('|'))
         .collect();
     assert_eq!(table, table2);
+
+    // With --teacher-cache the same directory builds the cache once and trains the off-policy KD
+    // runs on it (the live runs above are kept); the report states the time against them.
+    let cached = Command::new(bin)
+        .args(["demo", "--quick", "--teacher-cache", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&cached.stderr);
+    assert!(
+        cached.status.success(),
+        "demo --teacher-cache failed:\n{log}"
+    );
+    assert!(out.join("teacher-cache/manifest.json").is_file(), "{log}");
+    let pocl = stage_records(&out.join("runs/fkl-pocl-s10-cached"));
+    assert_eq!(pocl.len(), 4, "the cached POCL run went through its stages");
+    assert_eq!(stage_records(&out.join("runs/fkl-s10-cached")).len(), 1);
+    let report3 = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let line = report3
+        .lines()
+        .find(|l| l.contains("Teacher cache: built once"))
+        .unwrap_or_else(|| panic!("no cache line in the report:\n{report3}"));
+    assert!(
+        line.contains("read by 2 runs")
+            && line.contains("the same runs with the live teacher took"),
+        "{line}"
+    );
     std::fs::remove_dir_all(&out).ok();
 }

@@ -48,6 +48,10 @@ pub struct CheckArgs {
     /// Prompt template: alpaca, plain or chat (the model's own).
     #[arg(long, default_value = "alpaca")]
     pub template: Template,
+    /// With `--template chat`: a system message before each instruction (the recipe's
+    /// `data.system`).
+    #[arg(long)]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_prompt_len: usize,
     #[arg(long, default_value_t = 512)]
@@ -104,7 +108,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     max_len: a.max_len,
                 };
                 let mut samples = loaded.samples;
-                pocl::data::chat::prepare(&mut samples, a.template, None, &t, &a.file)?;
+                pocl::data::chat::prepare(
+                    &mut samples,
+                    a.template,
+                    a.system.as_deref(),
+                    &t,
+                    &a.file,
+                )?;
                 let enc = encode_samples(&tok, &samples, &opts)?;
                 let n = enc.examples.len().max(1);
                 let mean = |f: &dyn Fn(&pocl::data::Example) -> usize| {

@@ -70,7 +70,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .map(|s| s.to_string_lossy().to_string())
             .with_context(|| format!("{}: not a file name", path.display()))?;
         let mut samples = load_samples(path, a.prompts.format, a.prompts.limit)?;
-        pocl::data::chat::prepare(&mut samples, a.prompts.template, None, &a.model, path)?;
+        pocl::data::chat::prepare(
+            &mut samples,
+            a.prompts.template,
+            a.prompts.system.as_deref(),
+            &a.model,
+            path,
+        )?;
         sets.push((name, samples));
     }
     let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;

@@ -70,7 +70,13 @@ pub fn run(a: GenerateDataArgs) -> Result<()> {
         );
     }
     // With the chat template the prompts are rendered now; the Dolly records keep the instruction.
-    pocl::data::chat::prepare(&mut samples, a.prompts.template, None, &a.model, &a.data)?;
+    pocl::data::chat::prepare(
+        &mut samples,
+        a.prompts.template,
+        a.prompts.system.as_deref(),
+        &a.model,
+        &a.data,
+    )?;
     let (model, tok, eos_ids) = load_model(&a.model, a.sampling.dtype, &a.device.backend()?)?;
     let dec = Decoding {
         sampling,

@@ -61,6 +61,10 @@ pub struct PromptArgs {
     /// Prompt template: alpaca, plain or chat (the model's own).
     #[arg(long, default_value = "alpaca")]
     pub template: Template,
+    /// With `--template chat`: a system message before each instruction (as the recipe's
+    /// `data.system`), replacing the template's default one if it has one.
+    #[arg(long)]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_prompt_len: usize,
     /// Force the data format: dolly, alpaca or processed (default: detected per file).

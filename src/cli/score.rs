@@ -24,6 +24,10 @@ pub struct ScoreArgs {
     pub format: Option<Format>,
     #[arg(long, default_value = "alpaca")]
     pub template: Template,
+    /// With `--template chat`: a system message before each instruction (the recipe's
+    /// `data.system`).
+    #[arg(long)]
+    pub system: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_prompt_len: usize,
     #[arg(long, default_value_t = 512)]
@@ -71,7 +75,13 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             skip_bad: a.skip_bad,
         },
     )?;
-    pocl::data::chat::prepare(&mut samples, a.template, None, &a.model, &a.data)?;
+    pocl::data::chat::prepare(
+        &mut samples,
+        a.template,
+        a.system.as_deref(),
+        &a.model,
+        &a.data,
+    )?;
     // Sequences and answers fit the model's positions (one notice line when lowered).
     let (mut max_prompt_len, mut max_len, mut max_new) =
         (a.max_prompt_len, a.max_len, cfg.max_new_tokens);

@@ -224,6 +224,9 @@ pub fn prepare(
 ) -> Result<()> {
     let file = file.display();
     if template != Template::Chat {
+        if system.is_some() {
+            bail!("{file}: a system message (data.system, --system) needs the chat template");
+        }
         if let Some(s) = samples.iter().find(|s| !s.messages.is_empty()) {
             bail!(
                 "{file}:{}: a conversation record needs data.template = \"chat\" (the model's \
