@@ -41,7 +41,9 @@ pub struct ModelSection {
     /// has them; half the teacher's memory). The student always trains in f32.
     pub teacher_dtype: Precision,
     /// Teacher cache directory (`pocl cache-teacher`): training reads the teacher's top-K
-    /// targets there instead of running the teacher; built first when missing.
+    /// targets there instead of running the teacher; built first when missing. With an
+    /// on-policy loss (gkd) the data batches read it and the student's samples still ask the
+    /// live teacher.
     pub teacher_cache: Option<PathBuf>,
 }
 
@@ -443,9 +445,6 @@ impl Recipe {
         }
         if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);
-        }
-        if self.model.teacher_cache.is_some() && self.objective.loss.on_policy() {
-            bail!("model.teacher_cache: loss \"{}\" trains on the student's own samples, which need the live teacher; remove model.teacher_cache or choose an off-policy loss", self.objective.loss);
         }
         if c.stages == 0 {
             bail!("curriculum.stages: must be at least 1");

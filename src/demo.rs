@@ -127,8 +127,8 @@ pub struct Demo {
     pub run: RunSection,
     /// Redo every phase instead of reusing an earlier demo's results.
     pub fresh: bool,
-    /// Build one teacher cache (`crate::cache`) and train every off-policy KD run on it (run
-    /// names end in `-cached`); GKD keeps its live teacher.
+    /// Build one teacher cache (`crate::cache`) and train every KD run on it (run names end in
+    /// `-cached`); GKD's on-policy batches still ask the live teacher.
     pub teacher_cache: bool,
 }
 
@@ -312,7 +312,7 @@ impl Demo {
 
         let cache_dir = self.out.join("teacher-cache");
         let cache_seconds = if self.teacher_cache {
-            phase("teacher cache: the teacher run once, shared by every off-policy KD run");
+            phase("teacher cache: the teacher run once, shared by every KD run");
             Some(self.build_cache(&teacher, &student_base, &cache_dir, &backend)?)
         } else {
             None
@@ -320,7 +320,8 @@ impl Demo {
 
         phase("baselines and distillation runs");
         let mut runs: Vec<(String, LossKind, bool, u64)> = Vec::new(); // (run name, method, pocl, seed)
-        let cached = |m: LossKind| self.teacher_cache && m.needs_teacher() && !m.on_policy();
+                                                                       // GKD reads the cache for its data batches; its samples still ask the live teacher.
+        let cached = |m: LossKind| self.teacher_cache && m.needs_teacher();
         for &seed in &p.train_seeds {
             runs.push((format!("sft-s{seed}"), LossKind::Sft, false, seed));
             for &m in &p.methods {

@@ -515,15 +515,62 @@ fn a_killed_build_resumes_to_the_same_cache() {
     );
 }
 
+/// The step losses of `r` run into `out` (`pipeline::run_recipe`), with whether each step was
+/// on-policy.
+fn step_losses(r: &Recipe, out: &Path) -> Vec<(f64, bool)> {
+    pocl::pipeline::run_recipe(r.clone(), out, false).unwrap();
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|x| x["type"] == "step")
+        .map(|x| {
+            (
+                x["loss"].as_f64().unwrap(),
+                x["on_policy"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
 #[test]
-fn gkd_with_a_cache_is_refused_with_one_line() {
-    let (s, _) = setup("gkd", 8);
-    let e = format!(
-        "{:#}",
-        Recipe::load(&s.dir.join("recipe.toml"), &["objective.loss=gkd".into()]).unwrap_err()
+fn gkd_on_a_cache_reads_it_for_data_batches_and_asks_the_live_teacher_for_samples() {
+    let (s, r) = setup("gkd", 16);
+    let with = |kv: &[&str]| {
+        let kv: Vec<String> = kv.iter().map(|s| s.to_string()).collect();
+        Recipe::load(&s.dir.join("recipe.toml"), &kv).unwrap()
+    };
+    // Every batch on-policy: the cache is never read, the run equals one without a cache.
+    let all = with(&["objective.loss=gkd", "gkd.lambda=1", "gkd.max_new_tokens=8"]);
+    let mut live = all.clone();
+    live.model.teacher_cache = None;
+    let a = step_losses(&all, &s.dir.join("all-on-policy"));
+    assert!(a.iter().all(|x| x.1) && a.len() >= 2, "{a:?}");
+    assert_eq!(a, step_losses(&live, &s.dir.join("all-on-policy-live")));
+    // No batch on-policy: GKD is JSD on the data, read from the cache like a jsd run.
+    let none = step_losses(
+        &with(&["objective.loss=gkd", "gkd.lambda=0"]),
+        &s.dir.join("off-policy"),
+    );
+    let jsd = step_losses(&with(&["objective.loss=jsd"]), &s.dir.join("jsd"));
+    assert!(none.iter().all(|x| !x.1));
+    assert_eq!(none, jsd);
+    // And the cached data batches differ from the live teacher's full rows (K = 64 < vocab).
+    let mut jsd_live = with(&["objective.loss=jsd"]);
+    jsd_live.model.teacher_cache = None;
+    assert_ne!(jsd, step_losses(&jsd_live, &s.dir.join("jsd-live")));
+    // Mixed: both kinds of batch in one run.
+    let mixed = step_losses(
+        &with(&[
+            "objective.loss=gkd",
+            "gkd.lambda=0.5",
+            "gkd.max_new_tokens=8",
+        ]),
+        &s.dir.join("mixed"),
     );
     assert!(
-        e.contains("recipe.toml: model.teacher_cache: loss \"gkd\""),
-        "{e}"
+        mixed.iter().any(|x| x.1) && mixed.iter().any(|x| !x.1),
+        "{mixed:?}"
     );
+    assert!(mixed.iter().all(|x| x.0.is_finite()));
 }

@@ -22,8 +22,8 @@ pub struct DemoArgs {
     /// Redo every phase instead of reusing what an earlier demo in --out produced.
     #[arg(long)]
     pub fresh: bool,
-    /// Train the off-policy KD runs on one teacher cache built once (pocl cache-teacher),
-    /// reporting the time saved against live-teacher runs already in --out.
+    /// Train the KD runs on one teacher cache built once (pocl cache-teacher; GKD's samples
+    /// still ask the live teacher), reporting the time saved against live-teacher runs already in --out.
     #[arg(long)]
     pub teacher_cache: bool,
     #[command(flatten)]

@@ -128,11 +128,19 @@ impl Trainer {
             .teacher_cache
             .clone()
             .filter(|_| recipe.objective.loss.needs_teacher());
-        // With a teacher cache the teacher's weights are never loaded.
-        let teacher = match (&recipe.model.teacher, &cache_dir) {
-            (Some(dir), None) if recipe.objective.loss.needs_teacher() => Some(
-                crate::pipeline::load_frozen(dir, recipe.model.teacher_dtype, backend)?,
-            ),
+        // With a teacher cache the teacher's weights are loaded only for on-policy batches (the
+        // student's own samples, which no cache can hold).
+        let teacher = match &recipe.model.teacher {
+            Some(dir)
+                if recipe.objective.loss.needs_teacher()
+                    && (cache_dir.is_none() || on_policy > 0.0) =>
+            {
+                Some(crate::pipeline::load_frozen(
+                    dir,
+                    recipe.model.teacher_dtype,
+                    backend,
+                )?)
+            }
             _ => None,
         };
         let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
@@ -340,13 +348,16 @@ impl Trainer {
             self.pad_id,
             &self.student.backend().device,
         )?;
+        // The cache holds the teacher on the data's responses only: on-policy batches (GKD)
+        // ask the live teacher, data batches read the cache and leave the teacher idle.
+        let cache = (!on_policy)
+            .then_some(self.teacher_cache.as_ref())
+            .flatten()
+            .map(|c| c as &dyn crate::cache::SparseTeacher);
         let models = step::Models {
             student: self.student.as_ref(),
-            teacher: self.teacher.as_deref(),
-            sparse_teacher: self
-                .teacher_cache
-                .as_ref()
-                .map(|c| c as &dyn crate::cache::SparseTeacher),
+            teacher: self.teacher.as_deref().filter(|_| cache.is_none()),
+            sparse_teacher: cache,
             objective: self.objective,
             kd_vocab: self.kd_vocab,
         };
