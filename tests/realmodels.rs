@@ -213,6 +213,35 @@ fn gguf_models_match_transformers() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// A Llama 3.1-style GGUF keeps its rope scaling only in llama.cpp's `rope_freqs` divisors: the
+/// conversion recovers transformers' llama3 parameters from them, and the logits over 200
+/// positions (all three frequency bands at work) match the HF model the file was written from.
+#[test]
+fn gguf_llama3_rope_freqs_become_llama3_rope_parameters() {
+    let out = tmpdir("gguf-llama3");
+    let dir = out.join("llama3");
+    model::gguf::convert(&gguf_fixture("llama3.gguf"), &dir).unwrap();
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let rope = &c["rope_parameters"];
+    assert_eq!(rope["rope_type"], "llama3", "{rope}");
+    for (k, v) in [
+        ("factor", 8.0),
+        ("low_freq_factor", 1.0),
+        ("high_freq_factor", 4.0),
+        ("original_max_position_embeddings", 64.0),
+    ] {
+        assert_eq!(rope[k].as_f64(), Some(v), "{k}: {rope}");
+    }
+    let r = load_st(&gguf_fixture("llama3.reference.safetensors"));
+    let m = model::load_frozen(&dir, &Backend::cpu()).unwrap();
+    let got = model::forward_ids(m.as_ref(), &ids(&r["long_ids"])).unwrap();
+    let n = got.dim(0).unwrap();
+    let err = rel_err(&got.narrow(0, n - 16, 16).unwrap(), &r["long_logits"]);
+    assert!(err < 1e-4, "logits rel err {err}");
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn bad_gguf_files_get_one_line_and_nothing_written() {
     let out = tmpdir("gguf-bad");
@@ -223,7 +252,7 @@ fn bad_gguf_files_get_one_line_and_nothing_written() {
     std::fs::write(&header_only, &good[..100]).unwrap();
     let dest = out.join("converted");
     let d = dest.to_str().unwrap();
-    let cases: [(PathBuf, &str); 5] = [
+    let cases: [(PathBuf, &str); 6] = [
         (truncated, "truncated.gguf"),
         (header_only, "header.gguf"),
         (
@@ -235,6 +264,10 @@ fn bad_gguf_files_get_one_line_and_nothing_written() {
             "architecture \"gpt2\" is not supported",
         ),
         (out.join("missing.gguf"), "missing.gguf"),
+        (
+            gguf_fixture("llama3-bad-rope.gguf"),
+            "is not a Llama 3 schedule pocl recognises",
+        ),
     ];
     for (file, needle) in &cases {
         assert_one_line_error(

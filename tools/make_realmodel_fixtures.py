@@ -11,10 +11,13 @@ Needs torch and transformers 5 (no network). Writes tests/fixtures/realmodels/:
     reference.safetensors as in tests/fixtures/models (float64 transformers logits);
   * llama3-rope/pruned_0_2.safetensors: float64 transformers logits of the same model with only
     layers 0 and 2 kept (`seq_ids`, `seq_logits`), the reference for `pocl init --from`.
+  * gguf/: tiny GGUF files of each architecture and tensor type (see below), and llama3.gguf, a
+    Llama 3.1-style rope stored only as llama.cpp's rope_freqs tensor (`... llama3-gguf` writes
+    just that one).
 The script checks that the llama3 logits differ from those of the unscaled rope by far more than
 the tests' 1e-4 tolerance (else the fixture could not tell the two apart).
 """
-import copy, sys
+import copy, math, sys
 from pathlib import Path
 
 import torch
@@ -125,7 +128,7 @@ def permute(w, n_head):  # llama.cpp convert_hf_to_gguf.LlamaModel.permute
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, arch, model, tok_kind, pre, offset, embd_type, rng):
+def write_gguf(path, arch, model, tok_kind, pre, offset, embd_type, rng, f32_only=False, extra=None):
     c = model.config
     tj = json.loads((mf.TOK_DIR / tok_kind / "tokenizer.json").read_text())
     n = len(tj["model"]["vocab"]) + len(tj["added_tokens"])
@@ -178,7 +181,9 @@ def write_gguf(path, arch, model, tok_kind, pre, offset, embd_type, rng):
         if arch == "llama" and name.endswith("attn_k.weight"):
             t = permute(t, c.num_key_value_heads)
         qtype = Q.F32
-        if name == "token_embd.weight":
+        if f32_only:
+            pass
+        elif name == "token_embd.weight":
             qtype = embd_type  # the two vocabulary matrices are the largest: always quantized
         elif name == "output.weight":
             qtype = Q.Q6_K
@@ -188,6 +193,9 @@ def write_gguf(path, arch, model, tok_kind, pre, offset, embd_type, rng):
         data, raw = encode_tensor(t, qtype, rng)
         w.add_tensor(name, data, raw_dtype=raw)
         used.append(f"{name}:{qtype.name}")
+    for name, t in (extra or {}).items():
+        w.add_tensor(name, t)
+        used.append(f"{name}:F32")
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -234,6 +242,62 @@ def make_gguf(arch, cls, cfg_cls, tok_kind, pre, seed, layers, tied, offset, emb
     print(f"gguf {arch}: {path.stat().st_size / 1e3:.0f} kB, types {sorted(set(u.split(':')[1] for u in used))}")
 
 
+def llama3_rope_freqs(cfg):
+    """llama.cpp's `rope_freqs` tensor for a llama3 rope (convert_hf_to_gguf, LlamaModel): one
+    divisor of each rope frequency: 1 for short wavelengths, `factor` for long ones, between them
+    1 / ((1 - smooth) / factor + smooth)."""
+    p = cfg.rope_parameters
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    freqs = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old = p["original_max_position_embeddings"]
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def make_llama3_gguf():
+    """llama3.gguf: a Llama 3.1-style model whose rope scaling is only in `rope_freqs` (as llama.cpp
+    writes Llama 3.1 / 3.2), every tensor F32; the reference is the HF model itself in float64 (the
+    weights the file holds exactly; transformers' GGUF loader does not read rope_freqs). Head dim
+    32 and original context 64 put frequencies in all three bands. llama3-bad-rope.gguf: the same
+    with one interpolated divisor moved by 5%, which no llama3 schedule gives."""
+    tj = json.loads((mf.TOK_DIR / "gpt2" / "tokenizer.json").read_text())
+    n = len(tj["model"]["vocab"]) + len(tj["added_tokens"])
+    llama3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    cfg = mf.LlamaConfig(vocab_size=n, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True, rope_parameters=dict(llama3))
+    model = mf.build(mf.LlamaForCausalLM, cfg, 54)
+    d = OUT / "gguf"
+    freqs = llama3_rope_freqs(cfg)
+    assert 1.0 < freqs.min() + 1e-6 and any(1.0 < f < 8.0 for f in freqs) and freqs.max() == 8.0, freqs
+    rng = np.random.default_rng(54)
+    write_gguf(d / "llama3.gguf", "llama", model, "gpt2", "smollm", 0, Q.F32, rng, f32_only=True,
+               extra={"rope_freqs.weight": freqs})
+    bad = freqs.copy()
+    bad[int(np.argmax((freqs > 1.0) & (freqs < 8.0)))] *= 1.05
+    write_gguf(d / "llama3-bad-rope.gguf", "llama", model, "gpt2", "smollm", 0, Q.F32, rng, f32_only=True,
+               extra={"rope_freqs.weight": bad})
+    m64 = model.to(torch.float64).eval()
+    g = torch.Generator().manual_seed(54)
+    long_ids = torch.randint(0, n, (1, 200), generator=g)
+    with torch.no_grad():
+        logits = m64(long_ids).logits[0, -16:].float().contiguous()
+    save_file({"long_ids": long_ids, "long_logits": logits}, str(d / "llama3.reference.safetensors"),
+              metadata={"format": "pt"})
+    print(f"gguf llama3 rope: {(d / 'llama3.gguf').stat().st_size / 1e3:.0f} kB, divisors {freqs}")
+
+
 def make_bad_ggufs():
     d = OUT / "gguf"  # (a truncated file is cut from qwen2.gguf by the test itself)
     # An unknown GGML type id (99) in the first tensor info: patch the byte after its dims.
@@ -252,6 +316,9 @@ def make_bad_ggufs():
 
 def main():
     torch.use_deterministic_algorithms(True)
+    if sys.argv[1:] == ["llama3-gguf"]:  # only the fixture added last (the others stay as committed)
+        make_llama3_gguf()
+        return
     make_llama3_rope()
     # Matrices other than the vocabulary ones cycle through TYPES from `offset`: llama (2 layers,
     # 14 matrices) covers all 13 types, F32 / F16 / BF16 on k0 / v0 / o0 (the smallest).
@@ -263,6 +330,7 @@ def main():
     make_gguf("qwen3", mf.Qwen3ForCausalLM, mf.Qwen3Config, "qwen2", "qwen2", 53, layers=1, tied=False, offset=3,
               embd_type=Q.Q5_0, heads=2, kv_heads=1, head_dim=128)
     make_bad_ggufs()
+    make_llama3_gguf()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 //! qwen3. A `.gguf` path given where a model directory is expected is converted once into a
 //! cache directory ([`model_dir`]).
 
+use super::config::Llama3Rope;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file::{Content, Value as GValue};
 use candle_core::{Device, Tensor};
@@ -197,20 +198,107 @@ fn hf_name(name: &str) -> Result<Option<String>> {
     }))
 }
 
-/// config.json for the GGUF's architecture and shape.
-fn config_json(g: &Gguf, arch: &str, model_type: &str, class: &str, vocab: usize) -> Result<Value> {
-    let k = |s: &str| format!("{arch}.{s}");
-    if g.get(&k("rope.scaling.type")).is_some()
-        || g.content.tensor_infos.contains_key("rope_freqs.weight")
-    {
+/// The candidate Llama 3 rope parameters tried against a `rope_freqs` tensor, most likely first:
+/// (original context, low_freq_factor, high_freq_factor). Every released Llama 3.1 / 3.2 uses
+/// (8192, 1, 4); the others cover smaller relatives (and the test fixture's 64).
+const LLAMA3_CANDIDATES: &[(f64, f64, f64)] = &[
+    (8192.0, 1.0, 4.0),
+    (4096.0, 1.0, 4.0),
+    (16384.0, 1.0, 4.0),
+    (2048.0, 1.0, 4.0),
+    (32768.0, 1.0, 4.0),
+    (1024.0, 1.0, 4.0),
+    (512.0, 1.0, 4.0),
+    (256.0, 1.0, 4.0),
+    (128.0, 1.0, 4.0),
+    (64.0, 1.0, 4.0),
+    (8192.0, 1.0, 2.0),
+    (8192.0, 1.0, 8.0),
+    (8192.0, 2.0, 4.0),
+];
+
+/// Llama 3.1 / 3.2 GGUFs carry their rope scaling as llama.cpp's `rope_freqs` tensor (one divisor
+/// per frequency: 1 for short wavelengths, `factor` for long ones, interpolated between), not as
+/// parameters, while config.json needs the parameters. They are recovered by matching: factor =
+/// the largest divisor, and the first of [`LLAMA3_CANDIDATES`] whose transformers-computed
+/// frequencies (`llama::rope_inv_freq`) give the stored divisors within 1e-4. A tensor that no
+/// candidate reproduces is refused. `None`: no tensor, or all divisors 1.
+fn llama3_rope(g: &mut Gguf, theta: f64, head_dim: usize) -> Result<Option<Llama3Rope>> {
+    const NAME: &str = "rope_freqs.weight";
+    if !g.content.tensor_infos.contains_key(NAME) {
+        return Ok(None);
+    }
+    let stored: Vec<f32> = g.tensor(NAME)?.flatten_all()?.to_vec1()?;
+    if stored.len() != head_dim / 2 {
         bail!(
-            "{}: rope scaling in a GGUF file (\"{}\" / rope_freqs) is not supported; convert the original HF checkpoint instead",
+            "{}: tensor \"{NAME}\" has {} values, expected head_dim / 2 = {}",
+            g.path.display(),
+            stored.len(),
+            head_dim / 2
+        );
+    }
+    if stored.iter().all(|&d| (d - 1.0).abs() < 1e-6) {
+        return Ok(None);
+    }
+    let factor = stored.iter().fold(0f32, |m, &d| m.max(d)) as f64;
+    let plain = super::llama::rope_inv_freq(theta, head_dim, None);
+    for &(original, low, high) in LLAMA3_CANDIDATES {
+        let r = Llama3Rope {
+            factor,
+            low_freq_factor: low,
+            high_freq_factor: high,
+            original_max_position_embeddings: original,
+        };
+        let scaled = super::llama::rope_inv_freq(theta, head_dim, Some(r));
+        let fits = plain.iter().zip(&scaled).zip(&stored).all(|((p, s), d)| {
+            let divisor = p / s;
+            (divisor - d).abs() <= 1e-4 * d.abs()
+        });
+        if fits {
+            return Ok(Some(r));
+        }
+    }
+    bail!(
+        "{}: the rope scaling in \"{NAME}\" (divisors {:.4?}) is not a Llama 3 schedule pocl recognises; convert the original HF checkpoint instead",
+        g.path.display(),
+        stored
+    )
+}
+
+/// config.json for the GGUF's architecture and shape.
+fn config_json(
+    g: &mut Gguf,
+    arch: &str,
+    model_type: &str,
+    class: &str,
+    vocab: usize,
+) -> Result<Value> {
+    let k = |s: &str| format!("{arch}.{s}");
+    if let Some(kind) = g.string(&k("rope.scaling.type"))?.filter(|t| *t != "none") {
+        bail!(
+            "{}: rope scaling \"{kind}\" (\"{}\") in a GGUF file is not supported; convert the original HF checkpoint instead",
             g.path.display(),
             k("rope.scaling.type")
         );
     }
     let hidden = g.need_int(&k("embedding_length"))?;
     let heads = g.need_int(&k("attention.head_count"))?;
+    let theta = g.float(&k("rope.freq_base"))?.unwrap_or(10000.0);
+    let head_dim = match g.int(&k("attention.key_length"))? {
+        Some(hd) => hd,
+        None => hidden / heads.max(1),
+    };
+    let rope = match llama3_rope(g, theta, head_dim as usize)? {
+        None => json!({"rope_type": "default", "rope_theta": theta}),
+        Some(r) => json!({
+            "rope_type": "llama3",
+            "rope_theta": theta,
+            "factor": r.factor,
+            "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+        }),
+    };
     let mut c = json!({
         "model_type": model_type,
         "architectures": [class],
@@ -223,7 +311,7 @@ fn config_json(g: &Gguf, arch: &str, model_type: &str, class: &str, vocab: usize
         "max_position_embeddings": g.int(&k("context_length"))?.unwrap_or(2048),
         "rms_norm_eps": g.float(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
         "hidden_act": "silu",
-        "rope_parameters": {"rope_type": "default", "rope_theta": g.float(&k("rope.freq_base"))?.unwrap_or(10000.0)},
+        "rope_parameters": rope,
         // llama.cpp writes the output projection only when it is not the embedding matrix.
         "tie_word_embeddings": !g.content.tensor_infos.contains_key("output.weight"),
         "dtype": "float32",
@@ -418,7 +506,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
             gguf.display()
         );
     }
-    let config = config_json(&g, &arch, model_type, class, tokens.len())?;
+    let config = config_json(&mut g, &arch, model_type, class, tokens.len())?;
     let parsed = super::config::ModelConfig::from_json(config.clone())
         .with_context(|| gguf.display().to_string())?;
     let tensors = tensors(&mut g, &arch, parsed.num_heads, parsed.num_kv_heads)?;

@@ -6,7 +6,7 @@
 //! head; Qwen3 normalises each head's queries and keys (q_norm / k_norm) and may set a head_dim
 //! other than hidden / heads.
 
-use super::config::ModelConfig;
+use super::config::{Llama3Rope, ModelConfig};
 use super::{CausalLm, Input, KvCache, Params, StateDict};
 use crate::ops::{Kernels, Weight};
 use anyhow::Result;
@@ -170,9 +170,14 @@ impl Llama {
 /// θ^(−2i/d), then, for Llama 3 scaling, long wavelengths divided by `factor`, short ones kept and
 /// the band between interpolated (`_compute_llama3_parameters`, same f32 operations).
 fn inv_freq(c: &ModelConfig) -> Vec<f32> {
-    let hd = c.head_dim;
-    let base = (0..hd / 2).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / hd as f32));
-    let Some(r) = c.rope_llama3 else {
+    rope_inv_freq(c.rope_theta, c.head_dim, c.rope_llama3)
+}
+
+/// [`inv_freq`] from the rope's parameters alone (GGUF conversion matches llama.cpp's
+/// `rope_freqs` against it).
+pub fn rope_inv_freq(theta: f64, hd: usize, llama3: Option<Llama3Rope>) -> Vec<f32> {
+    let base = (0..hd / 2).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / hd as f32));
+    let Some(r) = llama3 else {
         return base.collect();
     };
     let (factor, low, high) = (
