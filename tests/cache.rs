@@ -535,7 +535,7 @@ fn step_losses(r: &Recipe, out: &Path) -> Vec<(f64, bool)> {
 
 #[test]
 fn gkd_on_a_cache_reads_it_for_data_batches_and_asks_the_live_teacher_for_samples() {
-    let (s, r) = setup("gkd", 16);
+    let (s, _) = setup("gkd", 16);
     let with = |kv: &[&str]| {
         let kv: Vec<String> = kv.iter().map(|s| s.to_string()).collect();
         Recipe::load(&s.dir.join("recipe.toml"), &kv).unwrap()
