@@ -242,6 +242,36 @@ fn gguf_llama3_rope_freqs_become_llama3_rope_parameters() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// A SentencePiece vocabulary (Llama 2 / Mistral GGUFs) with scores and no merges: ids and
+/// decoded text as transformers' GGUF tokenizer gives them, and BOS added as it adds it.
+#[test]
+fn gguf_sentencepiece_vocabulary_matches_transformers() {
+    let out = tmpdir("gguf-spm");
+    let dir = out.join("spm");
+    model::gguf::convert(&gguf_fixture("llama-spm.gguf"), &dir).unwrap();
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(gguf_fixture("llama-spm.cases.json")).unwrap(),
+    )
+    .unwrap();
+    let tok = pocl::tokenizer::Tokenizer::from_dir(&dir, None).unwrap();
+    for c in cases["cases"].as_array().unwrap() {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        assert_eq!(tok.encode(text).unwrap(), want, "ids of {text:?}");
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "decoded {text:?}"
+        );
+    }
+    let raw = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    let w = &cases["with_special"];
+    let got = raw.encode(w["text"].as_str().unwrap(), true).unwrap();
+    let want: Vec<u32> = serde_json::from_value(w["ids"].clone()).unwrap();
+    assert_eq!(got.get_ids(), want, "BOS from the post-processor");
+    std::fs::remove_dir_all(&out).ok();
+}
+
 #[test]
 fn bad_gguf_files_get_one_line_and_nothing_written() {
     let out = tmpdir("gguf-bad");

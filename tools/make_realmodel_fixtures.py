@@ -298,6 +298,70 @@ def make_llama3_gguf():
     print(f"gguf llama3 rope: {(d / 'llama3.gguf').stat().st_size / 1e3:.0f} kB, divisors {freqs}")
 
 
+def make_spm_gguf():
+    """llama-spm.gguf: a llama model with a SentencePiece vocabulary (`tokenizer.ggml.model =
+    "llama"`, as Llama 2 / Mistral files carry it): the test llama tokenizer's pieces with scores
+    (the rank of the merge that makes each, negated; 0 for single characters and bytes) and no
+    merges, so both sides rebuild them from the scores. The cases are transformers' GGUF
+    tokenizer's ids and decoded text."""
+    tj = json.loads((mf.TOK_DIR / "llama" / "tokenizer.json").read_text())
+    vocab = tj["model"]["vocab"]
+    n = len(vocab)
+    tokens = [None] * n
+    for t, i in vocab.items():
+        tokens[i] = t
+    rank = {}
+    for r, m in enumerate(tj["model"]["merges"]):
+        a, b = m if isinstance(m, list) else m.split(" ")
+        rank.setdefault(a + b, r)
+    scores = [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
+    types = [6 if t.startswith("<0x") and t.endswith(">") and len(t) == 6 else 1 for t in tokens]
+    types[0], types[1], types[2] = 2, 3, 3  # <unk>, <s>, </s>
+    cfg = mf.LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = mf.build(mf.LlamaForCausalLM, cfg, 55)
+    d = OUT / "gguf"
+    path = d / "llama-spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(128); w.add_embedding_length(32); w.add_block_count(1); w.add_feed_forward_length(64)
+    w.add_head_count(2); w.add_head_count_kv(1); w.add_layer_norm_rms_eps(1e-6); w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens); w.add_token_scores(scores); w.add_token_types(types)
+    w.add_bos_token_id(1); w.add_eos_token_id(2); w.add_unk_token_id(0)
+    w.add_add_bos_token(True); w.add_add_eos_token(False)
+    for hf, p in model.state_dict().items():
+        if hf == "lm_head.weight":
+            continue
+        names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+        parts = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+                 "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+        if hf in names:
+            name = names[hf]
+        else:
+            layer, rest = hf[len("model.layers."):].split(".", 1)
+            base, kind = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{parts[base]}.{kind}"
+        t = p.detach().float().numpy()
+        if name.endswith("attn_q.weight"):
+            t = permute(t, 2)
+        if name.endswith("attn_k.weight"):
+            t = permute(t, 1)
+        w.add_tensor(name, t)
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=path.name)
+    cases = []
+    for text in HARD + [" hello", "  two spaces first", "Hello\n\nworld", "<s>literal</s>"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        cases.append({"text": text, "ids": ids, "decoded": tok.decode(ids, skip_special_tokens=False)})
+    bos = tok.encode("Hello", add_special_tokens=True)
+    (d / "llama-spm.cases.json").write_text(json.dumps({"cases": cases, "with_special": {"text": "Hello", "ids": bos}},
+                                                       indent=1, ensure_ascii=False) + "\n")
+    print(f"gguf llama-spm: {path.stat().st_size / 1e3:.0f} kB; {len(cases)} cases")
+
+
 def make_bad_ggufs():
     d = OUT / "gguf"  # (a truncated file is cut from qwen2.gguf by the test itself)
     # An unknown GGML type id (99) in the first tensor info: patch the byte after its dims.
@@ -316,8 +380,12 @@ def make_bad_ggufs():
 
 def main():
     torch.use_deterministic_algorithms(True)
-    if sys.argv[1:] == ["llama3-gguf"]:  # only the fixture added last (the others stay as committed)
+    # Only the fixtures added last (the others stay as committed).
+    if sys.argv[1:] == ["llama3-gguf"]:
         make_llama3_gguf()
+        return
+    if sys.argv[1:] == ["spm-gguf"]:
+        make_spm_gguf()
         return
     make_llama3_rope()
     # Matrices other than the vocabulary ones cycle through TYPES from `offset`: llama (2 layers,
@@ -331,6 +399,7 @@ def main():
               embd_type=Q.Q5_0, heads=2, kv_heads=1, head_dim=128)
     make_bad_ggufs()
     make_llama3_gguf()
+    make_spm_gguf()
 
 
 if __name__ == "__main__":

@@ -129,6 +129,17 @@ impl Gguf {
             .collect()
     }
 
+    fn floats(&self, key: &str) -> Result<Vec<f32>> {
+        let list = self.need(key)?.to_vec().map_err(|e| self.bad(key, e))?;
+        list.iter()
+            .map(|v| match v {
+                GValue::F32(x) => Ok(*x),
+                GValue::F64(x) => Ok(*x as f32),
+                other => Err(self.bad(key, format!("expected floats, got {other:?}"))),
+            })
+            .collect()
+    }
+
     fn bad(&self, key: &str, e: impl std::fmt::Display) -> anyhow::Error {
         anyhow!("{}: metadata \"{key}\": {e}", self.path.display())
     }
@@ -423,6 +434,150 @@ fn byte_level_tokenizer(g: &Gguf, tokens: &[String]) -> Result<Value> {
 }
 
 /// tokenizer_config.json: the special tokens by content, the chat template, BOS/EOS adding.
+/// tokenizer.json of a SentencePiece BPE GGUF vocabulary (`tokenizer.ggml.model = "llama"`:
+/// Llama 2, Mistral), as transformers builds it (`sentencepiece_tokenizer` + `LlamaTokenizer`):
+/// the pieces as the file spells them (with "▁" for spaces), byte fallback, a Metaspace
+/// pre-tokenizer prepending "▁" to the first word, merges from the file or else rebuilt from
+/// the scores ([`merges_from_scores`]), control tokens and the unknown token special, and the
+/// BOS (EOS) token added by the post-processor when the file says so (default: BOS).
+fn sentencepiece_tokenizer(g: &Gguf, tokens: &[String]) -> Result<Value> {
+    let vocab: Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    let merges: Vec<Value> = if g.get("tokenizer.ggml.merges").is_some() {
+        g.strings("tokenizer.ggml.merges")?
+            .iter()
+            .map(|m| {
+                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+                json!([a, b])
+            })
+            .collect()
+    } else {
+        let scores = g.floats("tokenizer.ggml.scores")?;
+        if scores.len() != tokens.len() {
+            return Err(g.bad(
+                "tokenizer.ggml.scores",
+                format!("{} scores for {} tokens", scores.len(), tokens.len()),
+            ));
+        }
+        merges_from_scores(tokens, &scores)
+            .into_iter()
+            .map(|(a, b)| json!([a, b]))
+            .collect()
+    };
+    let types = g.ints("tokenizer.ggml.token_type")?;
+    let unk = g.int("tokenizer.ggml.unknown_token_id")?;
+    let mut added = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let special = match types.get(i) {
+            Some(3) => true,
+            _ if unk == Some(i as u64) => true,
+            Some(4) => false,
+            _ => continue,
+        };
+        added.push(
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": special}),
+        );
+    }
+    let flag = |key: &str, default: bool| match g.get(&format!("tokenizer.ggml.{key}")) {
+        Some(GValue::Bool(b)) => *b,
+        _ => default,
+    };
+    let token_of = |key: &str| -> Result<Option<(String, u64)>> {
+        Ok(g.int(&format!("tokenizer.ggml.{key}"))?
+            .and_then(|id| tokens.get(id as usize).map(|t| (t.clone(), id))))
+    };
+    // (0: before the sequence, 1: after it; the token and its id)
+    let mut ends: Vec<(u8, (String, u64))> = Vec::new();
+    if flag("add_bos_token", true) {
+        ends.extend(token_of("bos_token_id")?.map(|t| (0, t)));
+    }
+    if flag("add_eos_token", false) {
+        ends.extend(token_of("eos_token_id")?.map(|t| (1, t)));
+    }
+    let post_processor = if ends.is_empty() {
+        Value::Null
+    } else {
+        let wrap = |seq: &str, type_id: u32| -> Vec<Value> {
+            let special = |t: &str| json!({"SpecialToken": {"id": t, "type_id": type_id}});
+            let mut v: Vec<Value> = ends
+                .iter()
+                .filter(|e| e.0 == 0)
+                .map(|e| special(&e.1 .0))
+                .collect();
+            v.push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
+            v.extend(ends.iter().filter(|e| e.0 == 1).map(|e| special(&e.1 .0)));
+            v
+        };
+        let single = wrap("A", 0);
+        let mut pair = single.clone();
+        pair.extend(wrap("B", 1));
+        let specials: Map<String, Value> = ends
+            .iter()
+            .map(|(_, (t, id))| (t.clone(), json!({"id": t, "ids": [id], "tokens": [t]})))
+            .collect();
+        json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
+    };
+    Ok(json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false},
+        "post_processor": post_processor,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+            "vocab": vocab, "merges": merges}
+    }))
+}
+
+/// The merges a SentencePiece vocabulary implies (transformers' `generate_merges` with scores):
+/// every split of a piece into two pieces of the vocabulary is a merge ranked by the piece's
+/// score (higher first), ties by the left then the right part's length in characters, then in
+/// the order found (pieces in file order, a piece's splits by the parts' ids).
+fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
+    use std::collections::HashMap;
+    let mut id: HashMap<&str, usize> = HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        id.insert(t, i); // the last of duplicates, as a Python dict keeps it
+    }
+    let mut order: Vec<&str> = Vec::new();
+    let mut score: HashMap<&str, f32> = HashMap::new();
+    for (t, &s) in tokens.iter().zip(scores) {
+        if score.insert(t, s).is_none() {
+            order.push(t);
+        }
+    }
+    let mut merges: Vec<(&str, &str, f32)> = Vec::new();
+    for piece in order {
+        let s = score[piece];
+        let mut local: Vec<(&str, &str, f32)> = piece
+            .char_indices()
+            .skip(1)
+            .map(|(at, _)| piece.split_at(at))
+            .filter(|(l, r)| id.contains_key(l) && id.contains_key(r))
+            .map(|(l, r)| (l, r, s))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (id[l], id[r]));
+        merges.extend(local);
+    }
+    // Descending and stable, as Python's sorted(..., reverse=True).
+    merges.sort_by(|a, b| {
+        b.2.total_cmp(&a.2)
+            .then(b.0.chars().count().cmp(&a.0.chars().count()))
+            .then(b.1.chars().count().cmp(&a.1.chars().count()))
+    });
+    merges
+        .into_iter()
+        .map(|(l, r, _)| (l.to_string(), r.to_string()))
+        .collect()
+}
+
 fn tokenizer_config(g: &Gguf, tokens: &[String]) -> Result<Value> {
     let mut c = json!({"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": false});
     for (ours, theirs) in [
@@ -500,12 +655,14 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
     };
     let tokens = g.strings("tokenizer.ggml.tokens")?;
     let kind = g.string("tokenizer.ggml.model")?.unwrap_or("").to_string();
-    if kind != "gpt2" {
-        bail!(
-            "{}: tokenizer \"{kind}\" (tokenizer.ggml.model) is not supported yet (byte-level BPE, \"gpt2\", is)",
+    let tokenizer = match kind.as_str() {
+        "gpt2" => byte_level_tokenizer(&g, &tokens)?,
+        "llama" => sentencepiece_tokenizer(&g, &tokens)?,
+        _ => bail!(
+            "{}: tokenizer \"{kind}\" (tokenizer.ggml.model) is not supported (byte-level BPE, \"gpt2\", and SentencePiece BPE, \"llama\", are)",
             gguf.display()
-        );
-    }
+        ),
+    };
     let config = config_json(&mut g, &arch, model_type, class, tokens.len())?;
     let parsed = super::config::ModelConfig::from_json(config.clone())
         .with_context(|| gguf.display().to_string())?;
@@ -518,10 +675,7 @@ pub fn convert(gguf: &Path, out: &Path) -> Result<()> {
     }
     let json_bytes = |v: &Value| -> Result<Vec<u8>> { Ok(serde_json::to_vec_pretty(v)?) };
     let extra = [
-        (
-            "tokenizer.json",
-            json_bytes(&byte_level_tokenizer(&g, &tokens)?)?,
-        ),
+        ("tokenizer.json", json_bytes(&tokenizer)?),
         (
             "tokenizer_config.json",
             json_bytes(&tokenizer_config(&g, &tokens)?)?,
