@@ -5,7 +5,8 @@
 # with the paper's protocol (cut to 2 generation seeds and 100 samples per test set).
 #
 #   tools/smollm2_run.sh [WORK]      # WORK defaults to the repository root; phases already done
-#                                    # are skipped, so an interrupted run continues
+#                                    # are skipped and an interrupted training run is resumed from
+#                                    # its last checkpoint
 #
 # Needs pip (once, for the model; nothing else leaves the machine) and a release build of pocl.
 # Writes models/, data/smollm2/, runs/smollm2/ under WORK and runs/smollm2/summary.md; every phase's
@@ -55,7 +56,11 @@ fi
 run() { # run NAME key=value...: the recipe with overrides into runs/smollm2/NAME
   local name=$1; shift
   local sets=(); for kv in "$@"; do sets+=(--set "$kv"); done
-  phase "$name" $POCL train --config "$CFG" --out "runs/smollm2/$name" "${sets[@]}"
+  if [ -d "runs/smollm2/$name/checkpoints" ] && [ ! -f "runs/smollm2/.done-$name" ]; then
+    phase "$name" $POCL train --resume --out "runs/smollm2/$name"   # interrupted: continue it
+  else
+    phase "$name" $POCL train --config "$CFG" --out "runs/smollm2/$name" "${sets[@]}"
+  fi
 }
 none=(curriculum.kind=none)
 # The teacher: SmolLM2-135M-Instruct after SFT on the training data (the paper's teacher is fine-tuned).
