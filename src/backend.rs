@@ -144,11 +144,15 @@ impl Backend {
 
     /// A short label for logs and benchmark output, e.g. "cpu/fused".
     pub fn label(&self) -> String {
-        let dev = match &self.device {
+        format!("{}/{}", self.device_name(), self.kernels)
+    }
+
+    /// The device in a few words, e.g. "cpu" or "cuda { gpu_id: 0 }".
+    pub fn device_name(&self) -> String {
+        match &self.device {
             Device::Cpu => "cpu".to_string(),
             d => format!("{:?}", d.location()).to_lowercase(),
-        };
-        format!("{dev}/{}", self.kernels)
+        }
     }
 }
 
