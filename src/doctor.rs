@@ -14,7 +14,8 @@
 //! reference| over max(max |reference|, [`ABS_FLOOR`]); a check passes when the largest of these
 //! is at most its tolerance ([`F32_TOL`], [`BF16_TOL`] where a bf16 matrix is involved,
 //! [`STEPS_TOL`] for the losses of a KD run) and every value is finite. Generation must give
-//! identical ids. A check that errors (an op a device lacks) is a failed check, not an abort.
+//! identical ids. A check that errors or panics (an op a device lacks) is a failed check, not an
+//! abort.
 
 use crate::backend::{Backend, Kernels};
 use crate::data::Example;
@@ -139,6 +140,19 @@ fn failure(e: anyhow::Error) -> Measure {
     )
 }
 
+/// Runs a check's computation, turning a panic into an error: an op that a device lacks may
+/// panic rather than fail, and the doctor reports it as a failed check and goes on.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(anyhow!("panicked: {msg}"))
+    })
+}
+
 /// JSON has no NaN or infinity: those are written as strings.
 fn json_number(x: f64) -> Value {
     if x.is_finite() {
@@ -234,7 +248,9 @@ impl Doctor {
                     .flatten_all()?
                     .to_vec1::<f64>()?;
                 let scale = v.iter().fold(ABS_FLOOR, |m, x| m.max(x.abs()));
-                v[0] += self.perturb * scale;
+                if let Some(first) = v.first_mut() {
+                    *first += self.perturb * scale;
+                }
                 Ok((n.clone(), Tensor::new(v, &Device::Cpu)?))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -352,16 +368,43 @@ pub fn bf16_matmul_paths() -> Value {
     json!({"kernel": name(Kernel::best()), "supported": supported})
 }
 
-/// The target device. For a GPU: its name, compute capability and memory are not read yet.
+/// The target device: for a GPU its name, compute capability and memory ("unknown" where the
+/// driver does not say).
 fn device_info(target: &Backend) -> Value {
     match &target.device {
         Device::Cpu => json!({"kind": "cpu"}),
-        // TODO(cuda): name, compute capability and memory through cudarc once it can be built
-        // and run here; until then they are reported as unknown.
-        d => json!({"kind": format!("{:?}", d.location()).to_lowercase(),
-            "name": "unknown", "compute_capability": "unknown", "memory": "unknown"}),
+        d => {
+            let mut v = json!({"kind": target.device_name(), "name": "unknown",
+                "compute_capability": "unknown", "memory_mib": "unknown"});
+            cuda_details(d, &mut v);
+            v
+        }
     }
 }
+
+/// Fills in what the CUDA driver says about `device` (cudarc 0.19's `CudaContext`).
+// Written against candle 0.11.1 / cudarc 0.19.10's sources; not compiled on the development
+// machine (no CUDA toolkit there): the first `--features cuda` build checks it.
+#[cfg(feature = "cuda")]
+fn cuda_details(device: &Device, v: &mut Value) {
+    let Ok(d) = device.as_cuda_device() else {
+        return;
+    };
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    if let Ok(name) = ctx.name() {
+        v["name"] = json!(name);
+    }
+    if let Ok((major, minor)) = ctx.compute_capability() {
+        v["compute_capability"] = json!(format!("{major}.{minor}"));
+    }
+    if let Ok((free, total)) = ctx.mem_get_info() {
+        v["memory_mib"] = json!({"total": total >> 20, "free": free >> 20});
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_details(_: &Device, _: &mut Value) {}
 
 // ---------------------------------------------------------------------------------------------
 // Seeded values
@@ -553,12 +596,12 @@ fn case(
 impl Doctor {
     /// Runs a case on both sides: `<name>.forward`, and `<name>.backward` when it has gradients.
     fn run_case(&self, c: &OpCase) -> Vec<Check> {
-        let sides = (|| -> Result<(Outcome, Outcome)> {
+        let sides = guarded(|| -> Result<(Outcome, Outcome)> {
             Ok((
                 (c.run)(&mut Side::new(&self.target))?,
                 (c.run)(&mut Side::new(&self.reference))?,
             ))
-        })();
+        });
         let (forward, backward) = match &sides {
             Ok((t, r)) => (
                 self.compare(&t.forward, &r.forward, c.tol)
@@ -863,7 +906,8 @@ impl Doctor {
             }
             Ok(out)
         };
-        let measure = (|| self.compare(&side(&self.target)?, &side(&self.reference)?, F32_TOL))();
+        let measure =
+            guarded(|| self.compare(&side(&self.target)?, &side(&self.reference)?, F32_TOL));
         Check {
             name: "adamw.clip".into(),
             shape: "params [7,13] [13] [1,5], 2 updates, clip 0.5".into(),
@@ -908,14 +952,14 @@ impl Doctor {
     /// clip 1, the divergence cycling through all six: the loss and gradient norm of every step.
     /// Also with the teacher's matrices in bf16.
     fn kd_steps_check(&self, bf16: bool) -> Check {
-        let measure = (|| {
+        let measure = guarded(|| {
             let tol = if bf16 { BF16_TOL } else { STEPS_TOL };
             let (t, r) = (
                 kd_steps(&self.target, bf16)?,
                 kd_steps(&self.reference, bf16)?,
             );
             self.compare(&t, &r, tol)
-        })();
+        });
         Check {
             name: if bf16 {
                 "kd_steps.bf16_teacher"
@@ -1004,10 +1048,12 @@ impl Doctor {
         let side = |b: &Backend| -> Result<Vec<Vec<u32>>> {
             generate(tiny_model(family, true, false, b)?.as_ref(), &prompts, &cfg)
         };
-        let measure = (|| -> Result<Measure> {
+        let measure = guarded(|| -> Result<Measure> {
             let (mut t, r) = (side(&self.target)?, side(&self.reference)?);
             if self.perturb != 0.0 {
-                t[0][0] = (t[0][0] + 1) % VOCAB as u32;
+                if let Some(first) = t.first_mut().and_then(|row| row.first_mut()) {
+                    *first = (*first + 1) % VOCAB as u32;
+                }
             }
             let total = r.iter().map(Vec::len).sum();
             let mismatched = t
@@ -1018,7 +1064,7 @@ impl Doctor {
                 })
                 .sum();
             Ok(Measure::Ids { mismatched, total })
-        })();
+        });
         Check {
             name: format!("generate.{family}"),
             shape: "prompts of 7, 2, 4 ids, batched, 8 greedy tokens".into(),
@@ -1071,6 +1117,13 @@ mod tests {
             Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap(),
         )];
         assert!(compare(&a, &c, 1.0).is_err());
+    }
+
+    #[test]
+    fn a_panic_is_an_error() {
+        let e = guarded(|| -> Result<()> { panic!("no kernel") }).unwrap_err();
+        assert_eq!(e.to_string(), "panicked: no kernel");
+        assert_eq!(guarded(|| Ok(3)).unwrap(), 3);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use anyhow::{bail, Result};
 use clap::Args;
 use pocl::doctor::Doctor;
+use std::io::Write;
 use std::time::Instant;
 
 #[derive(Args)]
@@ -17,19 +18,18 @@ pub struct DoctorArgs {
 pub fn run(a: DoctorArgs) -> Result<()> {
     // First, so that a device this build lacks is refused with its one line and nothing else.
     let doctor = Doctor::new(a.device.backend()?);
-    println!("{}", doctor.build_info());
+    emit(&doctor.build_info());
     let t0 = Instant::now();
-    let checks = doctor.run(&mut |c| println!("{}", c.to_json(&doctor)));
+    let checks = doctor.run(&mut |c| emit(&c.to_json(&doctor)));
     let failed: Vec<&str> = checks
         .iter()
         .filter(|c| !c.ok())
         .map(|c| c.name.as_str())
         .collect();
-    println!(
-        "{}",
-        serde_json::json!({"summary": {"target": doctor.target.label(), "reference": doctor.reference.label(),
+    emit(
+        &serde_json::json!({"summary": {"target": doctor.target.label(), "reference": doctor.reference.label(),
             "checks": checks.len(), "failed": failed.len(), "failed_checks": failed,
-            "seconds": (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0, "ok": failed.is_empty()}})
+            "seconds": (t0.elapsed().as_secs_f64() * 100.0).round() / 100.0, "ok": failed.is_empty()}}),
     );
     if !failed.is_empty() {
         bail!(
@@ -40,4 +40,10 @@ pub fn run(a: DoctorArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Prints one JSON line. A closed pipe (`pocl doctor | head -1`) ends the output, not the
+/// checks: the exit status still says whether they all passed.
+fn emit(line: &serde_json::Value) {
+    writeln!(std::io::stdout(), "{line}").ok();
 }
