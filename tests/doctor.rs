@@ -58,8 +58,9 @@ fn expected_checks() -> BTreeSet<String> {
     }
     for n in [
         "adamw.clip",
-        "kd_steps",
-        "kd_steps.bf16_teacher",
+        "kd_steps.gpt2",
+        "kd_steps.qwen3",
+        "kd_steps.gpt2.bf16_teacher",
         "generate.gpt2",
         "generate.opt",
         "generate.qwen3",
