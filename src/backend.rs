@@ -6,7 +6,7 @@
 //! looks at a device to decide how to compute.
 
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{Device, DeviceLocation};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -147,11 +147,12 @@ impl Backend {
         format!("{}/{}", self.device_name(), self.kernels)
     }
 
-    /// The device in a few words, e.g. "cpu" or "cuda { gpu_id: 0 }".
+    /// The device as `--device` names it: "cpu", "cuda:0" (or "metal:0").
     pub fn device_name(&self) -> String {
-        match &self.device {
-            Device::Cpu => "cpu".to_string(),
-            d => format!("{:?}", d.location()).to_lowercase(),
+        match self.device.location() {
+            DeviceLocation::Cpu => "cpu".to_string(),
+            DeviceLocation::Cuda { gpu_id } => DeviceChoice::Cuda(gpu_id).to_string(),
+            DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
         }
     }
 }
