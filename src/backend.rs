@@ -6,7 +6,7 @@
 //! looks at a device to decide how to compute.
 
 use anyhow::{bail, Result};
-use candle_core::Device;
+use candle_core::{Device, DeviceLocation};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -144,11 +144,16 @@ impl Backend {
 
     /// A short label for logs and benchmark output, e.g. "cpu/fused".
     pub fn label(&self) -> String {
-        let dev = match &self.device {
-            Device::Cpu => "cpu".to_string(),
-            d => format!("{:?}", d.location()).to_lowercase(),
-        };
-        format!("{dev}/{}", self.kernels)
+        format!("{}/{}", self.device_name(), self.kernels)
+    }
+
+    /// The device as `--device` names it: "cpu", "cuda:0" (or "metal:0").
+    pub fn device_name(&self) -> String {
+        match self.device.location() {
+            DeviceLocation::Cpu => "cpu".to_string(),
+            DeviceLocation::Cuda { gpu_id } => DeviceChoice::Cuda(gpu_id).to_string(),
+            DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+        }
     }
 }
 

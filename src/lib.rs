@@ -15,6 +15,7 @@
 //! - [`pipeline`]: what the `pocl` commands and the demo share: loading a model (in a
 //!   [`pipeline::Precision`]) with its tokenizer and EOS ids, measuring difficulty, running a recipe.
 //! - [`demo`]: the paper's experiment end to end on the built-in benchmark.
+//! - [`doctor`]: the self-test of `pocl doctor` (a device and kernel set against the CPU's).
 //! - [`output`]: where commands write (no input overwritten, no directory replaced unasked).
 //!
 //! The `pocl` binary's command-line interface (`src/cli/`) lives outside the library and only
@@ -26,6 +27,7 @@ pub mod config;
 pub mod curriculum;
 pub mod data;
 pub mod demo;
+pub mod doctor;
 pub mod eval;
 pub mod finite;
 pub mod kd;

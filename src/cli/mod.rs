@@ -10,6 +10,7 @@ pub mod convert;
 pub mod data;
 pub mod demo;
 pub mod device;
+pub mod doctor;
 pub mod eval;
 pub mod forward;
 pub mod generate;
@@ -63,6 +64,9 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Create a randomly initialised model for a tokenizer.
     Init(init::InitArgs),
+    /// Self-test: the build, then every op, the KD loss, AdamW, a KD run and generation on a
+    /// device against the CPU (one JSON line each); exits non-zero on any failure.
+    Doctor(doctor::DoctorArgs),
     /// Rewrite a checkpoint as f32 single-file HF layout (as training saves it).
     Convert(convert::ConvertArgs),
     /// A KD loss (masked token mean of T²·D_T) and its gradient on safetensors logits.
@@ -84,6 +88,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::GenerateData(a) => generate_data::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Init(a) => init::run(a),
+        Command::Doctor(a) => doctor::run(a),
         Command::Convert(a) => convert::run(a),
         Command::KdLoss(a) => kd_loss::run(*a),
     }
