@@ -2,8 +2,9 @@
 //! the embedding, norms, activations and attention (and, in `kd` and `train::optim`, the lm head
 //! fused with the KD loss and AdamW). Model code calls them through [`Kernels`], whose methods
 //! below are the one place where the kernel choice is applied; each implementation is one file:
-//! [`fused`] (pocl's CPU kernels, in the modules it names) and [`portable`] (candle tensor ops,
-//! any device).
+//! [`fused`] (pocl's CPU kernels, in the modules it names), [`portable`] (candle tensor ops,
+//! any device) and, for [`Kernels::Cuda`], [`cuda`] (pocl's CUDA kernels: the KD head's row
+//! kernel, AdamW, the gradient norm) with the portable ops for everything else.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
 //! through them would be silently dropped, so they are not used; ours have one, and the model
@@ -12,6 +13,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bf16;
+pub mod cuda;
 pub mod fused;
 pub mod gemm;
 pub mod grad;
@@ -43,7 +45,7 @@ impl Kernels {
     pub fn linear(self, w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::linear(w, x, b),
-            Kernels::Portable => portable::linear(w, x, b),
+            Kernels::Portable | Kernels::Cuda => portable::linear(w, x, b),
         }
     }
 
@@ -51,7 +53,7 @@ impl Kernels {
     pub fn embed(self, w: &Weight, ids: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::embed(w, ids),
-            Kernels::Portable => portable::embed(w, ids),
+            Kernels::Portable | Kernels::Cuda => portable::embed(w, ids),
         }
     }
 
@@ -59,7 +61,7 @@ impl Kernels {
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::layer_norm(x, w, b, eps),
-            Kernels::Portable => portable::norm(x, w, Some(b), eps),
+            Kernels::Portable | Kernels::Cuda => portable::norm(x, w, Some(b), eps),
         }
     }
 
@@ -67,14 +69,14 @@ impl Kernels {
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::rms_norm(x, w, eps),
-            Kernels::Portable => portable::norm(x, w, None, eps),
+            Kernels::Portable | Kernels::Cuda => portable::norm(x, w, None, eps),
         }
     }
 
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::activate(x, act),
-            Kernels::Portable => portable::activate(x, act),
+            Kernels::Portable | Kernels::Cuda => portable::activate(x, act),
         }
     }
 
@@ -91,7 +93,7 @@ impl Kernels {
     ) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::attention(q, k, v, bias, scale),
-            Kernels::Portable => portable::attention(q, k, v, bias, scale),
+            Kernels::Portable | Kernels::Cuda => portable::attention(q, k, v, bias, scale),
         }
     }
 
@@ -106,7 +108,7 @@ impl Kernels {
     ) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
-            Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
+            Kernels::Portable | Kernels::Cuda => portable::attention_qkv(qkv, heads, bias, scale),
         }
     }
 }
