@@ -219,6 +219,12 @@ mod tests {
         assert_eq!(b.kernels, Kernels::Portable);
         assert_eq!(b.label(), "cpu/portable");
         assert!("avx".parse::<Kernels>().is_err());
+        // Kernels::Cuda is what "fused" becomes on a CUDA device; it prints (and saves) as the
+        // user's word, and asked for on the CPU it is the CPU's fused kernels.
+        assert_eq!(Kernels::Cuda.to_string(), "fused");
+        assert!("cuda".parse::<Kernels>().is_err());
+        let b = Backend::new(DeviceChoice::Cpu, Some(Kernels::Cuda)).unwrap();
+        assert_eq!(b.kernels, Kernels::Fused);
     }
 
     #[cfg(not(feature = "cuda"))]
