@@ -183,7 +183,13 @@ impl Default for Backend {
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device> {
     use anyhow::Context;
-    Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+    // Without a GPU (or with the build-time libcuda stub on the library path) the driver's
+    // first call fails here; say what to check rather than only the driver's error code.
+    Device::new_cuda(n).with_context(|| {
+        format!(
+            "cannot open CUDA device {n} (no NVIDIA GPU or driver >= 580 here? see README, 'GPU')"
+        )
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
