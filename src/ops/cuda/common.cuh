@@ -2,6 +2,26 @@
 // (warp shuffles, then the warps' partials in order), so results are deterministic run to run.
 #pragma once
 
+#ifdef POCL_HOST_EMULATION
+// The kernels compiled as plain C++ for the host with ONE thread per block, so that a CPU test
+// (tests/cuda_host_emulation.rs) runs their exact per-row code without a GPU: the block
+// reductions become the identity and __syncthreads a no-op. Only the reductions and the thread
+// striding are not exercised this way.
+#include <math.h>
+struct PoclDim3 {
+    unsigned int x, y, z;
+};
+static PoclDim3 threadIdx = {0, 0, 0}, blockDim = {1, 1, 1}, blockIdx = {0, 0, 0},
+                gridDim = {1, 1, 1};
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+static inline void __syncthreads() {}
+static inline double block_sum(double x, double*) { return x; }
+static inline float block_max(float x, float*) { return x; }
+#else
+
 __device__ __forceinline__ double warp_sum(double x) {
     for (int o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
     return x;
@@ -44,3 +64,4 @@ __device__ float block_max(float x, float* sh) {
     __syncthreads();
     return sh[0];
 }
+#endif  // POCL_HOST_EMULATION

@@ -158,7 +158,7 @@ extern "C" __global__ void pocl_kd_rows(
     }
     ms = block_max(ms, shf);
     if (kd) mt = block_max(mt, shf);
-    if ((kd && !isfinite(mt)) || !isfinite(ms)) {
+    if ((kd && !isfinite(mt)) || ((kd || has_labels) && !isfinite(ms))) {
         if (threadIdx.x == 0) {
             o[0] = o[1] = 0.0;
             o[2] = (kd && !isfinite(mt)) ? 1.0 : 2.0;
