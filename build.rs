@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 2] = ["kd_rows", "optim"];
+const KERNELS: [&str; 3] = ["kd_rows", "optim", "norm"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,6 +1,6 @@
 //! pocl's CUDA kernels (src/ops/cuda/*.cu) run on the host, one thread per block, against the
 //! CPU kernels they are twins of: the KD row kernel for every divergence (with CE, masked rows,
-//! extreme and −∞ logits), AdamW and the sum of squares. Without a GPU this is the check of the
+//! extreme and −∞ logits), AdamW and the sum of squares, LayerNorm / RMSNorm forward and backward. Without a GPU this is the check of the
 //! kernels' arithmetic; the block reductions and the thread striding only run on a GPU.
 //!
 //! Needs a C++ compiler (`c++`); without one the test says so and passes.
@@ -249,4 +249,58 @@ fn adamw_kernels_match_the_cpu_update() {
     let sq: f64 = out[3 * n].strip_prefix("sq ").unwrap().parse().unwrap();
     let want_sq: f64 = g.iter().map(|&x| x as f64 * x as f64).sum();
     assert!((sq - want_sq).abs() <= 1e-12 * want_sq);
+}
+
+#[test]
+fn norm_kernels_match_the_cpu_norms() {
+    if harness().is_none() {
+        return;
+    }
+    use candle_core::{Device, Tensor, Var};
+    let (rows, d) = (9, 70);
+    let dev = &Device::Cpu;
+    let (x, w, b, dy) = (
+        rnd(5, rows * d, 4.0),
+        rnd(6, d, 2.0),
+        rnd(7, d, 1.0),
+        rnd(8, rows * d, 1.0),
+    );
+    for center in [true, false] {
+        let eps = if center { 1e-5 } else { 1e-6 };
+        let xv = Var::from_vec(x.clone(), (rows, d), dev).unwrap();
+        let wv = Var::from_vec(w.clone(), d, dev).unwrap();
+        let bv = Var::from_vec(b.clone(), d, dev).unwrap();
+        let y = if center {
+            pocl::ops::norm::layer_norm(xv.as_tensor(), wv.as_tensor(), bv.as_tensor(), eps)
+        } else {
+            pocl::ops::norm::rms_norm(xv.as_tensor(), wv.as_tensor(), eps)
+        }
+        .unwrap();
+        let dyt = Tensor::from_vec(dy.clone(), (rows, d), dev).unwrap();
+        let g = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let mut want = flat(&y);
+        want.extend(flat(g.get(xv.as_tensor()).unwrap()));
+        want.extend(flat(g.get(wv.as_tensor()).unwrap()));
+        if center {
+            want.extend(flat(g.get(bv.as_tensor()).unwrap()));
+        }
+        let input = format!(
+            "norm {rows} {d} {} {eps:e}\n{}\n{}\n{}\n{}\n",
+            u8::from(center),
+            join(&x),
+            join(&w),
+            join(&b),
+            join(&dy)
+        );
+        let got: Vec<f32> = run(&input).iter().map(|v| v.parse().unwrap()).collect();
+        // y, dx, dw (and db for LayerNorm; RMSNorm has no bias gradient).
+        let got = &got[..want.len()];
+        for (i, (a, b)) in want.iter().zip(got).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+                "center {center} [{i}]: {a} vs {b}"
+            );
+        }
+    }
 }

@@ -15,7 +15,9 @@ const FAMILIES: &[&str] = &[
     "gpt2", "gpt2-hub", "opt", "opt-350m", "llama", "llama-v4", "qwen2", "qwen3", "mistral",
 ];
 
-const KERNELS: [Kernels; 2] = [Kernels::Fused, Kernels::Portable];
+/// Kernels::Cuda on the CPU: the CUDA kernel set's code around its kernels (the norm ops, the
+/// chunked lm head + loss, portable ops elsewhere), each kernel's CPU side standing in.
+const KERNELS: [Kernels; 3] = [Kernels::Fused, Kernels::Portable, Kernels::Cuda];
 
 fn dir(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -342,28 +344,30 @@ fn portable_gradients_match_fused() {
                 .collect();
             per_kernels.push(named);
         }
-        let (fused, portable) = (&per_kernels[0], &per_kernels[1]);
-        assert_eq!(fused.len(), portable.len(), "{name}: parameter count");
-        let max_abs = |t: &Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
-        // A key bias shifts every score of a query alike, so its true gradient is 0 and both
-        // paths return rounding noise: such a parameter is measured against a floor of 1e-3 of
-        // the model's largest gradient instead of its own.
-        let floor = 1e-3 * fused.iter().map(|(_, g)| max_abs(g)).fold(0f32, f32::max);
-        for ((pn, gf), (_, gp)) in fused.iter().zip(portable) {
-            let gp = gp.reshape(gf.dims()).unwrap();
-            let diff = max_abs(&(&gp - gf).unwrap());
-            let err = diff / max_abs(gf).max(floor);
-            assert!(
-                err < 1e-4,
-                "{name}: {pn}: portable vs fused gradient rel err {err}"
-            );
+        let fused = &per_kernels[0];
+        for (k, portable) in KERNELS.iter().zip(&per_kernels).skip(1) {
+            assert_eq!(fused.len(), portable.len(), "{name}: parameter count");
+            let max_abs = |t: &Tensor| {
+                t.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            // A key bias shifts every score of a query alike, so its true gradient is 0 and both
+            // paths return rounding noise: such a parameter is measured against a floor of 1e-3 of
+            // the model's largest gradient instead of its own.
+            let floor = 1e-3 * fused.iter().map(|(_, g)| max_abs(g)).fold(0f32, f32::max);
+            for ((pn, gf), (_, gp)) in fused.iter().zip(portable) {
+                let gp = gp.reshape(gf.dims()).unwrap();
+                let diff = max_abs(&(&gp - gf).unwrap());
+                let err = diff / max_abs(gf).max(floor);
+                assert!(
+                    err < 1e-4,
+                    "{name}: {pn}: {k:?} vs fused gradient rel err {err}"
+                );
+            }
         }
     }
 }

@@ -1,5 +1,5 @@
-//! pocl's CUDA kernels (`src/ops/cuda/*.cu`) as candle ops: the KD row kernel, AdamW and the
-//! gradient norm. Each op is a candle custom op whose `cuda_fwd` (feature `cuda`) launches our
+//! pocl's CUDA kernels (`src/ops/cuda/*.cu`) as candle ops: the KD row kernel, AdamW, the
+//! gradient norm, and the launchers of the norms' kernels (the `cuda_fwd`s of `ops::norm`). Each op is a candle custom op whose `cuda_fwd` (feature `cuda`) launches our
 //! kernel and whose `cpu_fwd` runs the CPU arithmetic of the same op, so every caller
 //! (`kd::chunked`, `train::optim` under [`super::Kernels::Cuda`]) runs and is tested on the CPU
 //! too, and a self-test can compare the two sides op by op through the public functions below.
@@ -21,6 +21,7 @@ use std::sync::Mutex;
 mod ptx {
     pub const KD_ROWS: &str = include_str!(concat!(env!("OUT_DIR"), "/kd_rows.ptx"));
     pub const OPTIM: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+    pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 }
 
 /// A contiguous f32 CPU storage's data, mutable.
@@ -590,4 +591,143 @@ fn flat_config(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchCon
         block_dim: (threads, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm / RMSNorm (the `cuda_fwd`s of `ops::norm`'s ops, whose `cpu_fwd` is the CPU kernel).
+
+/// Threads per block of the row kernels of norm.cu.
+#[cfg(feature = "cuda")]
+const NORM_THREADS: u32 = 256;
+
+/// y = norm(x)·w (+ b) over the last dimension of x (contiguous f32), `center` for LayerNorm.
+#[cfg(feature = "cuda")]
+pub(crate) fn norm_forward(
+    center: bool,
+    eps: f64,
+    (x, lx): (&candle_core::CudaStorage, &Layout),
+    (w, lw): (&candle_core::CudaStorage, &Layout),
+    b: Option<(&candle_core::CudaStorage, &Layout)>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    let dev = x.device().clone();
+    let (xa, xb) = contiguous(lx, "norm input")?;
+    let (wa, wb) = contiguous(lw, "norm weight")?;
+    let d = wb - wa;
+    if d == 0 || lx.dims().last() != Some(&d) {
+        bail!("norm: input {:?} vs weight [{d}]", lx.dims());
+    }
+    let rows = (xb - xa) / d;
+    let y = dev.alloc_zeros::<f32>(rows * d)?;
+    if rows > 0 {
+        let func = dev.get_or_load_custom_func("pocl_norm_forward", "pocl_norm", ptx::NORM)?;
+        let xv = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let wv = w.as_cuda_slice::<f32>()?.slice(wa..wb);
+        let bv = match b {
+            Some((b, lb)) => {
+                let (ba, bb) = contiguous(lb, "norm bias")?;
+                if bb - ba != d {
+                    bail!("norm: bias does not match the weight [{d}]");
+                }
+                Some(b.as_cuda_slice::<f32>()?.slice(ba..bb))
+            }
+            None => None,
+        };
+        let (d_i, center_i, has_bias) = (d as i32, i32::from(center), i32::from(bv.is_some()));
+        let mut builder = func.builder();
+        builder.arg(&xv);
+        builder.arg(&wv);
+        match &bv {
+            Some(bv) => builder.arg(bv),
+            None => builder.arg(&wv), // never read (has_bias = 0)
+        };
+        builder.arg(&y);
+        builder.arg(&d_i);
+        builder.arg(&center_i);
+        builder.arg(&has_bias);
+        builder.arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments in pocl_norm_forward's order and types; x and y hold rows·d floats,
+        // w and b d floats.
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(y, dev),
+        lx.shape().clone(),
+    ))
+}
+
+/// The norm's backward: (dx; dw; db) as one [rows + 2, d] tensor, the CPU op's layout.
+#[cfg(feature = "cuda")]
+pub(crate) fn norm_backward(
+    center: bool,
+    eps: f64,
+    (x, lx): (&candle_core::CudaStorage, &Layout),
+    (w, lw): (&candle_core::CudaStorage, &Layout),
+    (dy, ldy): (&candle_core::CudaStorage, &Layout),
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    let dev = x.device().clone();
+    let (xa, xb) = contiguous(lx, "norm input")?;
+    let (wa, wb) = contiguous(lw, "norm weight")?;
+    let (ga, gb) = contiguous(ldy, "norm gradient")?;
+    let d = wb - wa;
+    if d == 0 || xb - xa != gb - ga || (xb - xa) % d != 0 {
+        bail!("norm backward: shapes do not fit");
+    }
+    let rows = (xb - xa) / d;
+    let mut out = dev.alloc_zeros::<f32>((rows + 2) * d)?;
+    if rows > 0 {
+        let stats = dev.alloc_zeros::<f64>(2 * rows)?;
+        let xv = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let wv = w.as_cuda_slice::<f32>()?.slice(wa..wb);
+        let gv = dy.as_cuda_slice::<f32>()?.slice(ga..gb);
+        let (d_i, center_i, rows_i) = (d as i32, i32::from(center), rows as i64);
+        {
+            let func =
+                dev.get_or_load_custom_func("pocl_norm_backward_rows", "pocl_norm", ptx::NORM)?;
+            let mut dx = out.slice_mut(0..rows * d);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&wv);
+            builder.arg(&gv);
+            builder.arg(&mut dx);
+            builder.arg(&stats);
+            builder.arg(&d_i);
+            builder.arg(&center_i);
+            builder.arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (NORM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_norm_backward_rows's order and types; x, dy and dx hold
+            // rows·d floats, stats 2·rows doubles.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        let func =
+            dev.get_or_load_custom_func("pocl_norm_backward_params", "pocl_norm", ptx::NORM)?;
+        let mut builder = func.builder();
+        builder.arg(&xv);
+        builder.arg(&gv);
+        builder.arg(&stats);
+        builder.arg(&mut out);
+        builder.arg(&rows_i);
+        builder.arg(&d_i);
+        // SAFETY: arguments in pocl_norm_backward_params's order and types; out holds
+        // (rows + 2)·d floats.
+        unsafe { builder.launch(flat_config(d)) }.w()?;
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((rows + 2, d)),
+    ))
 }

@@ -4,7 +4,8 @@
 //! below are the one place where the kernel choice is applied; each implementation is one file:
 //! [`fused`] (pocl's CPU kernels, in the modules it names), [`portable`] (candle tensor ops,
 //! any device) and, for [`Kernels::Cuda`], [`cuda`] (pocl's CUDA kernels: the KD head's row
-//! kernel, AdamW, the gradient norm) with the portable ops for everything else.
+//! kernel, AdamW, the gradient norm, the norms through [`norm`]'s ops) with the portable ops for
+//! everything else.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
 //! through them would be silently dropped, so they are not used; ours have one, and the model
@@ -61,7 +62,9 @@ impl Kernels {
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::layer_norm(x, w, b, eps),
-            Kernels::Portable | Kernels::Cuda => portable::norm(x, w, Some(b), eps),
+            // The CPU's norm op, whose cuda_fwd runs pocl's norm kernels on CUDA storage.
+            Kernels::Cuda => norm::layer_norm(x, w, b, eps),
+            Kernels::Portable => portable::norm(x, w, Some(b), eps),
         }
     }
 
@@ -69,7 +72,8 @@ impl Kernels {
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::rms_norm(x, w, eps),
-            Kernels::Portable | Kernels::Cuda => portable::norm(x, w, None, eps),
+            Kernels::Cuda => norm::rms_norm(x, w, eps),
+            Kernels::Portable => portable::norm(x, w, None, eps),
         }
     }
 

@@ -6,11 +6,14 @@
 //            Prints per row "ce kd status", then rows*v gradient values (or the logits).
 // adamw job: "adamw n has_grad b1 b2 bc1 bc2 eps lr decay scale" then n p, n m, n v, n g.
 //            Prints n p, n m, n v; then "sq" and the sum of squares of the gradient.
+// norm job:  "norm rows d center eps" then rows*d x, d w, d b, rows*d dy.
+//            Prints rows*d y, then (rows + 2)*d backward output (dx; dw; db).
 #include <stdio.h>
 #include <string.h>
 #include <vector>
 #include "../../src/ops/cuda/kd_rows.cu"
 #include "../../src/ops/cuda/optim.cu"
+#include "../../src/ops/cuda/norm.cu"
 
 static double rd() {
     char buf[64];
@@ -56,6 +59,26 @@ int main() {
         double part = 0;
         pocl_sum_squares(g.data(), n, &part);
         printf("sq %.17g\n", part);
+    } else if (!strcmp(job, "norm")) {
+        int rows = (int)rd(), d = (int)rd(), center = (int)rd();
+        double eps = rd();
+        std::vector<float> x((size_t)rows * d), w(d), b(d), dy((size_t)rows * d),
+            y((size_t)rows * d), out((size_t)(rows + 2) * d);
+        std::vector<double> stats(2 * (size_t)rows);
+        for (auto& v : x) v = (float)rd();
+        for (auto& v : w) v = (float)rd();
+        for (auto& v : b) v = (float)rd();
+        for (auto& v : dy) v = (float)rd();
+        for (int r = 0; r < rows; r++) {
+            blockIdx.x = r;
+            pocl_norm_forward(x.data(), w.data(), b.data(), y.data(), d, center, center, eps);
+            pocl_norm_backward_rows(x.data(), w.data(), dy.data(), out.data(), stats.data(), d,
+                                    center, eps);
+        }
+        blockIdx.x = 0;
+        pocl_norm_backward_params(x.data(), dy.data(), stats.data(), out.data(), rows, d);
+        for (auto v : y) printf("%.9g\n", v);
+        for (auto v : out) printf("%.9g\n", v);
     } else {
         return 2;
     }
