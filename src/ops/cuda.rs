@@ -1,5 +1,6 @@
 //! pocl's CUDA kernels (`src/ops/cuda/*.cu`) as candle ops: the KD row kernel, AdamW, the
-//! gradient norm, and the launchers of the norms' kernels (the `cuda_fwd`s of `ops::norm`). Each op is a candle custom op whose `cuda_fwd` (feature `cuda`) launches our
+//! gradient norm, the attention softmax, and the launchers of the norms' kernels (the
+//! `cuda_fwd`s of `ops::norm`). Each op is a candle custom op whose `cuda_fwd` (feature `cuda`) launches our
 //! kernel and whose `cpu_fwd` runs the CPU arithmetic of the same op, so every caller
 //! (`kd::chunked`, `train::optim` under [`super::Kernels::Cuda`]) runs and is tested on the CPU
 //! too, and a self-test can compare the two sides op by op through the public functions below.
@@ -22,6 +23,7 @@ mod ptx {
     pub const KD_ROWS: &str = include_str!(concat!(env!("OUT_DIR"), "/kd_rows.ptx"));
     pub const OPTIM: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+    pub const SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
 }
 
 /// A contiguous f32 CPU storage's data, mutable.
@@ -731,3 +733,191 @@ pub(crate) fn norm_backward(
         Shape::from((rows + 2, d)),
     ))
 }
+
+// ---------------------------------------------------------------------------------------------
+// The attention softmax.
+
+/// Scaled dot-product attention (the portable composition, see `ops::portable::attention`) with
+/// the scale, bias and softmax fused into [`attention_softmax`]: one op forward and one backward
+/// instead of ~5 elementwise tensors each way over [b, h, tq, tk].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    super::portable::attention_with(q, k, v, |scores| attention_softmax(scores, bias, scale))
+}
+
+/// softmax(scores·scale + bias) over the last dimension, with backward; scores [b, h, tq, tk]
+/// f32, bias [b, 1, tq, tk] (shared by the heads). The CPU side runs `ops::softmax`'s rows, CUDA
+/// `pocl_softmax_forward` / `_backward` (softmax.cu).
+pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _, tq, tk) = scores.dims4()?;
+    if bias.dims4()? != (b, 1, tq, tk) {
+        bail!(
+            "attention softmax: bias {:?} for scores {:?}",
+            bias.dims(),
+            scores.dims()
+        );
+    }
+    scores.contiguous()?.apply_op2(
+        &bias.to_dtype(DType::F32)?.contiguous()?,
+        AttnSoftmax {
+            scale: scale as f32,
+        },
+    )
+}
+
+struct AttnSoftmax {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "pocl-attention-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        bias: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, h, tq, tk) = ls.shape().dims4()?;
+        let s = super::contiguous_f32(s, ls, "attention scores")?;
+        let bias = super::contiguous_f32(bias, lb, "attention bias")?;
+        let mut p = s.to_vec();
+        for (r, row) in p.chunks_mut(tk.max(1)).enumerate() {
+            let br = (r / (h * tq)) * tq + r % tq;
+            super::softmax::softmax_forward_row(row, &bias[br * tk..(br + 1) * tk], self.scale);
+        }
+        Ok((CpuStorage::F32(p), ls.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        ls: &Layout,
+        bias: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (b, h, tq, tk) = ls.shape().dims4()?;
+        let dev = s.device().clone();
+        let (sa, sb) = contiguous(ls, "attention scores")?;
+        let (ba, bb) = contiguous(lb, "attention bias")?;
+        let rows = b * h * tq;
+        let p = dev.alloc_zeros::<f32>(rows * tk)?;
+        if rows > 0 && tk > 0 {
+            let func =
+                dev.get_or_load_custom_func("pocl_softmax_forward", "pocl_softmax", ptx::SOFTMAX)?;
+            let sv = s.as_cuda_slice::<f32>()?.slice(sa..sb);
+            let bv = bias.as_cuda_slice::<f32>()?.slice(ba..bb);
+            let (tk_i, h_i, tq_i) = (tk as i32, h as i32, tq as i32);
+            let mut builder = func.builder();
+            builder.arg(&sv);
+            builder.arg(&bv);
+            builder.arg(&p);
+            builder.arg(&tk_i);
+            builder.arg(&h_i);
+            builder.arg(&tq_i);
+            builder.arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_softmax_forward's order and types; s and p hold rows·tk
+            // floats, bias b·tq·tk.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(p, dev),
+            ls.shape().clone(),
+        ))
+    }
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _bias: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// ds = scale·p·(dp − Σ p·dp) per row (the bias gets no gradient: it is a mask).
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "pocl-attention-softmax-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        lp: &Layout,
+        dp: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tk = lp.dims().last().copied().unwrap_or(0).max(1);
+        let p = super::contiguous_f32(p, lp, "attention probabilities")?;
+        let mut ds = super::contiguous_f32(dp, ld, "attention gradient")?.to_vec();
+        for (pr, dr) in p.chunks(tk).zip(ds.chunks_mut(tk)) {
+            super::softmax::softmax_backward_row(pr, dr, self.scale);
+        }
+        Ok((CpuStorage::F32(ds), lp.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        lp: &Layout,
+        dp: &candle_core::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let dev = p.device().clone();
+        let (pa, pb) = contiguous(lp, "attention probabilities")?;
+        let (da, db) = contiguous(ld, "attention gradient")?;
+        let tk = lp.dims().last().copied().unwrap_or(0);
+        if pb - pa != db - da {
+            bail!("attention softmax backward: shapes do not fit");
+        }
+        let ds = dev.alloc_zeros::<f32>(pb - pa)?;
+        if tk > 0 && pb > pa {
+            let rows = (pb - pa) / tk;
+            let func =
+                dev.get_or_load_custom_func("pocl_softmax_backward", "pocl_softmax", ptx::SOFTMAX)?;
+            let pv = p.as_cuda_slice::<f32>()?.slice(pa..pb);
+            let dv = dp.as_cuda_slice::<f32>()?.slice(da..db);
+            let tk_i = tk as i32;
+            let mut builder = func.builder();
+            builder.arg(&pv);
+            builder.arg(&dv);
+            builder.arg(&ds);
+            builder.arg(&tk_i);
+            builder.arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_softmax_backward's order and types; p, dp and ds hold
+            // rows·tk floats.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(ds, dev),
+            lp.shape().clone(),
+        ))
+    }
+}
+
+/// Threads per block of the softmax rows (tk is at most a few thousand).
+#[cfg(feature = "cuda")]
+const ROW_BLOCK: u32 = 128;

@@ -4,8 +4,8 @@
 //! below are the one place where the kernel choice is applied; each implementation is one file:
 //! [`fused`] (pocl's CPU kernels, in the modules it names), [`portable`] (candle tensor ops,
 //! any device) and, for [`Kernels::Cuda`], [`cuda`] (pocl's CUDA kernels: the KD head's row
-//! kernel, AdamW, the gradient norm, the norms through [`norm`]'s ops) with the portable ops for
-//! everything else.
+//! kernel, AdamW, the gradient norm, the norms through [`norm`]'s ops, the attention softmax)
+//! with the portable ops for everything else.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
 //! through them would be silently dropped, so they are not used; ours have one, and the model
@@ -97,7 +97,8 @@ impl Kernels {
     ) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::attention(q, k, v, bias, scale),
-            Kernels::Portable | Kernels::Cuda => portable::attention(q, k, v, bias, scale),
+            Kernels::Portable => portable::attention(q, k, v, bias, scale),
+            Kernels::Cuda => cuda::attention(q, k, v, bias, scale),
         }
     }
 
@@ -112,7 +113,11 @@ impl Kernels {
     ) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
-            Kernels::Portable | Kernels::Cuda => portable::attention_qkv(qkv, heads, bias, scale),
+            Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
+            Kernels::Cuda => {
+                let (q, k, v) = portable::split_qkv(qkv, heads)?;
+                cuda::attention(&q, &k, &v, bias, scale)
+            }
         }
     }
 }
