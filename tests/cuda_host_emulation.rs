@@ -1,6 +1,7 @@
 //! pocl's CUDA kernels (src/ops/cuda/*.cu) run on the host, one thread per block, against the
 //! CPU kernels they are twins of: the KD row kernel for every divergence (with CE, masked rows,
-//! extreme and −∞ logits), AdamW and the sum of squares, LayerNorm / RMSNorm forward and backward. Without a GPU this is the check of the
+//! extreme and −∞ logits), AdamW and the sum of squares, LayerNorm / RMSNorm forward and backward,
+//! the attention softmax forward and backward. Without a GPU this is the check of the
 //! kernels' arithmetic; the block reductions and the thread striding only run on a GPU.
 //!
 //! Needs a C++ compiler (`c++`); without one the test says so and passes.
@@ -302,5 +303,41 @@ fn norm_kernels_match_the_cpu_norms() {
                 "center {center} [{i}]: {a} vs {b}"
             );
         }
+    }
+}
+
+#[test]
+fn softmax_kernels_match_the_cpu_softmax() {
+    if harness().is_none() {
+        return;
+    }
+    use candle_core::{Device, Tensor, Var};
+    let (b, h, tq, tk) = (2, 3, 5, 7);
+    let dev = &Device::Cpu;
+    let scores = rnd(9, b * h * tq * tk, 6.0);
+    let key_mask = Tensor::new(&[[0u32, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]], dev).unwrap();
+    let bias = pocl::ops::attention_bias(&key_mask, tq).unwrap();
+    let dp = rnd(10, b * h * tq * tk, 1.0);
+    let scale = 0.37;
+    let sv = Var::from_vec(scores.clone(), (b, h, tq, tk), dev).unwrap();
+    let p = pocl::ops::cuda::attention_softmax(sv.as_tensor(), &bias, scale).unwrap();
+    let dpt = Tensor::from_vec(dp.clone(), (b, h, tq, tk), dev).unwrap();
+    let g = (&p * &dpt).unwrap().sum_all().unwrap().backward().unwrap();
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut want = flat(&p);
+    want.extend(flat(g.get(sv.as_tensor()).unwrap()));
+    let input = format!(
+        "softmax {b} {h} {tq} {tk} {scale:e}\n{}\n{}\n{}\n",
+        join(&scores),
+        join(&flat(&bias)),
+        join(&dp)
+    );
+    let got: Vec<f32> = run(&input).iter().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs().max(1.0),
+            "[{i}]: {a} vs {b}"
+        );
     }
 }

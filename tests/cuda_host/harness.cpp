@@ -8,12 +8,15 @@
 //            Prints n p, n m, n v; then "sq" and the sum of squares of the gradient.
 // norm job:  "norm rows d center eps" then rows*d x, d w, d b, rows*d dy.
 //            Prints rows*d y, then (rows + 2)*d backward output (dx; dw; db).
+// softmax job: "softmax b h tq tk scale" then b*h*tq*tk scores, b*tq*tk bias, b*h*tq*tk dp.
+//            Prints the probabilities, then ds.
 #include <stdio.h>
 #include <string.h>
 #include <vector>
 #include "../../src/ops/cuda/kd_rows.cu"
 #include "../../src/ops/cuda/optim.cu"
 #include "../../src/ops/cuda/norm.cu"
+#include "../../src/ops/cuda/softmax.cu"
 
 static double rd() {
     char buf[64];
@@ -79,6 +82,24 @@ int main() {
         pocl_norm_backward_params(x.data(), dy.data(), stats.data(), out.data(), rows, d);
         for (auto v : y) printf("%.9g\n", v);
         for (auto v : out) printf("%.9g\n", v);
+    } else if (!strcmp(job, "softmax")) {
+        int b = (int)rd(), h = (int)rd(), tq = (int)rd(), tk = (int)rd();
+        float scale = (float)rd();
+        size_t n = (size_t)b * h * tq * tk;
+        std::vector<float> sc(n), bias((size_t)b * tq * tk), dp(n), p(n), ds(n);
+        for (auto& v : sc) v = (float)rd();
+        for (auto& v : bias) v = (float)rd();
+        for (auto& v : dp) v = (float)rd();
+        for (int r = 0; r < b * h * tq; r++) {
+            blockIdx.x = r;
+            pocl_softmax_forward(sc.data(), bias.data(), p.data(), tk, h, tq, scale);
+        }
+        for (int r = 0; r < b * h * tq; r++) {
+            blockIdx.x = r;
+            pocl_softmax_backward(p.data(), dp.data(), ds.data(), tk, scale);
+        }
+        for (auto v : p) printf("%.9g\n", v);
+        for (auto v : ds) printf("%.9g\n", v);
     } else {
         return 2;
     }
