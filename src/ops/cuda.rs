@@ -735,6 +735,34 @@ pub(crate) fn norm_backward(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Linear layers.
+
+/// y = x·Wᵀ + b: the portable product, except that a bf16 weight (a frozen bf16 teacher) is
+/// multiplied in bf16 (cuBLAS bf16 on CUDA, accumulating in f32) with the input rounded to bf16,
+/// as a PyTorch bf16 model computes, instead of widening the whole weight to f32 per product.
+/// The output is f32 (as the portable one).
+pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let super::Weight::Bf16Tensor { w, out_in } = w else {
+        return super::portable::linear(w, x, b);
+    };
+    let w = if *out_in { w.t()? } else { w.clone() };
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let y = x
+        .reshape(((), inp))?
+        .to_dtype(DType::BF16)?
+        .matmul(&w)?
+        .to_dtype(DType::F32)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = y.dim(1)?;
+    y.reshape(out)
+}
+
+// ---------------------------------------------------------------------------------------------
 // The attention softmax.
 
 /// Scaled dot-product attention (the portable composition, see `ops::portable::attention`) with
@@ -921,3 +949,37 @@ impl candle_core::CustomOp2 for SoftmaxBackward {
 /// Threads per block of the softmax rows (tk is at most a few thousand).
 #[cfg(feature = "cuda")]
 const ROW_BLOCK: u32 = 128;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A bf16 weight's product is computed in bf16 (within bf16 rounding of the f32 product);
+    /// an f32 weight's is the portable one, exactly.
+    #[test]
+    fn bf16_linear_is_close_to_f32() -> Result<()> {
+        let dev = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), dev)?;
+        let w = Tensor::randn(0f32, 0.2, (40, 64), dev)?;
+        let b = Tensor::randn(0f32, 0.2, 40, dev)?;
+        let f32w = super::super::Weight::out_in(w.clone());
+        let want = super::super::portable::linear(&f32w, &x, Some(&b))?;
+        assert_eq!(
+            linear(&f32w, &x, Some(&b))?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
+        let bf = super::super::Weight::Bf16Tensor {
+            w: w.to_dtype(DType::BF16)?,
+            out_in: true,
+        };
+        let got = linear(&bf, &x, Some(&b))?;
+        assert_eq!(got.dims(), &[2, 3, 40]);
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let top = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-2 * top, "{err} vs {top}");
+        Ok(())
+    }
+}

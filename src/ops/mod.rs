@@ -46,7 +46,8 @@ impl Kernels {
     pub fn linear(self, w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::linear(w, x, b),
-            Kernels::Portable | Kernels::Cuda => portable::linear(w, x, b),
+            Kernels::Portable => portable::linear(w, x, b),
+            Kernels::Cuda => cuda::linear(w, x, b),
         }
     }
 
