@@ -6,7 +6,8 @@
 # `--device cuda` with one line. Not part of .ci/run: see README, "GPU", for why (build time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(tools/cuda-toolkit.sh)"
+exports=$(tools/cuda-toolkit.sh)  # a failed install stops here (set -e)
+eval "$exports"
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 target=${CARGO_TARGET_DIR:-target-cuda}
 CARGO_TARGET_DIR="$target" cargo build --release --features cuda

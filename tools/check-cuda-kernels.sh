@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v nvcc >/dev/null || ! command -v ptxas >/dev/null; then
-  eval "$(tools/cuda-toolkit.sh)"
+  exports=$(tools/cuda-toolkit.sh)  # a failed install stops here (set -e)
+  eval "$exports"
 fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
