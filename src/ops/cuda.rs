@@ -777,13 +777,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 /// `pocl_softmax_forward` / `_backward` (softmax.cu).
 pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, _, tq, tk) = scores.dims4()?;
-    if bias.dims4()? != (b, 1, tq, tk) {
-        bail!(
-            "attention softmax: bias {:?} for scores {:?}",
-            bias.dims(),
-            scores.dims()
-        );
-    }
+    // One bias row per (batch, query), shared by the heads; a smaller bias is broadcast to it.
+    let bias = bias.broadcast_as((b, 1, tq, tk))?;
     scores.contiguous()?.apply_op2(
         &bias.to_dtype(DType::F32)?.contiguous()?,
         AttnSoftmax {
