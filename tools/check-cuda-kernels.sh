@@ -3,13 +3,12 @@
 # (H100/H200) and sm_80 (A100), printing register use and spills. Needs no GPU; takes seconds.
 # A kernel that does not compile, or that spills registers, fails the check.
 #
-#   tools/check-cuda-kernels.sh          # installs the toolkit first if needed (cached)
+#   tools/check-cuda-kernels.sh          # installs the pinned toolkit first if needed (cached)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v nvcc >/dev/null || ! command -v ptxas >/dev/null; then
-  exports=$(tools/cuda-toolkit.sh)  # a failed install stops here (set -e)
-  eval "$exports"
-fi
+# Always the pinned toolkit (installed once, then only its exports), never another nvcc on PATH.
+exports=$(tools/cuda-toolkit.sh)  # a failed install stops here (set -e)
+eval "$exports"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 status=0
