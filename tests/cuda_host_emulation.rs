@@ -18,7 +18,8 @@ fn harness() -> Option<&'static PathBuf> {
     static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
     BIN.get_or_init(|| {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let dir = std::env::temp_dir().join(format!("pocl-cuda-host-{}", std::process::id()));
+        // Cargo's per-target scratch directory: reused by every run, nothing left in /tmp.
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cuda-host");
         std::fs::create_dir_all(&dir).ok()?;
         let bin = dir.join("harness");
         let status = Command::new("c++")
