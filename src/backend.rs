@@ -1,7 +1,8 @@
 //! Where a model computes and with which implementation of its ops: the device (CPU, or a CUDA
 //! GPU in a build with the `cuda` feature) and the kernels ([`Kernels::Fused`]: pocl's own CPU
 //! kernels; [`Kernels::Portable`]: compositions of candle tensor ops that run on any candle
-//! device). Both are chosen here, once, from the user's words (`--device`, `--kernels`, the
+//! device; [`Kernels::Cuda`]: pocl's CUDA kernels where one exists, portable ops elsewhere).
+//! Both are chosen here, once, from the user's words (`--device`, `--kernels`, the
 //! recipe's `run.device` / `run.kernels`); every layer below receives a [`Backend`] and never
 //! looks at a device to decide how to compute.
 
@@ -56,6 +57,13 @@ pub enum Kernels {
     /// candle tensor ops only, each with candle's backward (`ops::portable`): runs on any candle
     /// device; the first GPU path and the CPU kernels' test oracle.
     Portable,
+    /// What `fused` means on a CUDA device: pocl's own kernels (`ops::cuda`, `kd::chunked`: the
+    /// lm head fused with the KD loss, AdamW, the gradient norm) where one exists, the portable
+    /// ops everywhere else. Never parsed from the user's words: [`Backend::new`] picks it for
+    /// `--kernels fused` on CUDA. Each of these ops is a candle op whose CPU side runs the same
+    /// arithmetic, so this path also runs (slowly) on the CPU, which is how its chunking and
+    /// gradients are tested without a GPU.
+    Cuda,
 }
 
 impl FromStr for Kernels {
@@ -65,6 +73,7 @@ impl FromStr for Kernels {
         match s.trim() {
             "fused" => Ok(Kernels::Fused),
             "portable" => Ok(Kernels::Portable),
+            // The user's word for Kernels::Cuda is "fused" (Backend::new maps it).
             other => bail!("unknown kernels \"{other}\": expected fused or portable"),
         }
     }
@@ -73,7 +82,8 @@ impl FromStr for Kernels {
 impl fmt::Display for Kernels {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str(match self {
-            Kernels::Fused => "fused",
+            // Cuda prints as the word that selects it, so a saved recipe reads back the same.
+            Kernels::Fused | Kernels::Cuda => "fused",
             Kernels::Portable => "portable",
         })
     }
@@ -129,22 +139,34 @@ impl Backend {
     }
 
     /// Opens `device` with `kernels` (default: fused on the CPU, portable elsewhere). The one
-    /// place where a device is opened and a kernel choice checked against it.
+    /// place where a device is opened and a kernel choice checked against it: `fused` on a CUDA
+    /// device becomes [`Kernels::Cuda`] (pocl's CUDA kernels, portable ops where none exists).
+    ///
+    /// The default on CUDA stays `portable` until a run on a GPU has checked the CUDA kernels
+    /// against the CPU (`pocl doctor --device cuda`): they compile, but have never run.
     pub fn new(device: DeviceChoice, kernels: Option<Kernels>) -> Result<Self> {
         let (device, default) = match device {
             DeviceChoice::Cpu => (Device::Cpu, Kernels::Fused),
             DeviceChoice::Cuda(n) => (open_cuda(n)?, Kernels::Portable),
         };
-        let kernels = kernels.unwrap_or(default);
-        if kernels == Kernels::Fused && !device.is_cpu() {
-            bail!("the fused kernels run on the CPU only; use --kernels portable on {device:?}");
-        }
+        let kernels = match (kernels.unwrap_or(default), &device) {
+            (Kernels::Fused | Kernels::Cuda, Device::Cpu) => Kernels::Fused,
+            (Kernels::Fused | Kernels::Cuda, Device::Cuda(_)) => Kernels::Cuda,
+            (Kernels::Fused | Kernels::Cuda, d) => {
+                bail!("pocl has no fused kernels for {d:?}; use --kernels portable")
+            }
+            (Kernels::Portable, _) => Kernels::Portable,
+        };
         Ok(Backend { device, kernels })
     }
 
     /// A short label for logs and benchmark output, e.g. "cpu/fused".
     pub fn label(&self) -> String {
-        format!("{}/{}", self.device_name(), self.kernels)
+        let kernels = match self.kernels {
+            Kernels::Cuda => "fused-cuda".to_string(),
+            k => k.to_string(),
+        };
+        format!("{}/{kernels}", self.device_name())
     }
 
     /// The device as `--device` names it: "cpu", "cuda:0" (or "metal:0").
@@ -166,7 +188,13 @@ impl Default for Backend {
 #[cfg(feature = "cuda")]
 fn open_cuda(n: usize) -> Result<Device> {
     use anyhow::Context;
-    Device::new_cuda(n).with_context(|| format!("cannot open CUDA device {n}"))
+    // Without a GPU (or with the build-time libcuda stub on the library path) the driver's
+    // first call fails here; say what to check rather than only the driver's error code.
+    Device::new_cuda(n).with_context(|| {
+        format!(
+            "cannot open CUDA device {n} (no NVIDIA GPU or driver >= 580 here? see README, 'GPU')"
+        )
+    })
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -202,6 +230,12 @@ mod tests {
         assert_eq!(b.kernels, Kernels::Portable);
         assert_eq!(b.label(), "cpu/portable");
         assert!("avx".parse::<Kernels>().is_err());
+        // Kernels::Cuda is what "fused" becomes on a CUDA device; it prints (and saves) as the
+        // user's word, and asked for on the CPU it is the CPU's fused kernels.
+        assert_eq!(Kernels::Cuda.to_string(), "fused");
+        assert!("cuda".parse::<Kernels>().is_err());
+        let b = Backend::new(DeviceChoice::Cpu, Some(Kernels::Cuda)).unwrap();
+        assert_eq!(b.kernels, Kernels::Fused);
     }
 
     #[cfg(not(feature = "cuda"))]

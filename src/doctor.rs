@@ -176,11 +176,12 @@ pub struct Doctor {
 }
 
 impl Doctor {
-    /// Checks `target` against the CPU with the other kernel set.
+    /// Checks `target` against the CPU with the other kernel set (the fused one for CUDA).
     pub fn new(target: Backend) -> Self {
         let reference = Backend::cpu_with(match target.kernels {
             Kernels::Fused => Kernels::Portable,
-            Kernels::Portable => Kernels::Fused,
+            // The CUDA kernels are the GPU twins of the CPU's fused ones.
+            Kernels::Portable | Kernels::Cuda => Kernels::Fused,
         });
         Doctor {
             target,

@@ -153,3 +153,29 @@ fn cuda_is_refused_with_one_line_by_a_build_without_it() {
     assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A CUDA build on a machine without a usable GPU (the libcuda stub on the library path, or no
+/// driver) refuses `--device cuda` with one line naming the device; with a GPU it runs.
+#[cfg(feature = "cuda")]
+#[test]
+fn cuda_build_without_a_gpu_refuses_with_one_line() {
+    let d = tmpdir("cuda-build");
+    let model = fixture("gpt2");
+    let out = d.join("out");
+    let (code, err) = pocl(&[
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        "1,2",
+        "--output",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    if code == 0 {
+        return; // a GPU is here
+    }
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: cannot open CUDA device 0"), "{err}");
+}

@@ -12,10 +12,11 @@ fn floats(v: &serde_json::Value) -> Vec<f32> {
         .collect()
 }
 
-/// Both implementations (the fused CPU update and the portable tensor-op one) against torch.
+/// All implementations (the fused CPU update, the portable tensor-op one, and the CUDA kernels'
+/// ops, whose CPU side runs here) against torch.
 #[test]
 fn adamw_with_clipping_matches_torch() {
-    for kernels in [Kernels::Fused, Kernels::Portable] {
+    for kernels in [Kernels::Fused, Kernels::Portable, Kernels::Cuda] {
         adamw_matches_torch(kernels);
     }
 }

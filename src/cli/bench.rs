@@ -22,7 +22,9 @@ const VOCAB: usize = 50257;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
-    /// One KD optimiser step: GPT-2-small teacher (124M) -> 6-layer d=512 student, batch 4 x 128, fkl.
+    /// One KD optimiser step, fkl, clip, AdamW. `--workload standard`: GPT-2-small teacher (124M)
+    /// -> 6-layer d=512 student, batch 4 x 128. `--workload large` (peer_torch.py kd-step-large,
+    /// for GPUs): GPT-2-XL-shape bf16 teacher (1.56B) -> GPT-2-shape student (124M), 16 x 512.
     KdStep(BenchArgs),
     /// The teacher cache's loss against the full-vocabulary loss, per K and temperature, on a
     /// recipe's models and data (relative error of the summed loss, per divergence).
@@ -39,10 +41,14 @@ pub struct BenchArgs {
     /// Timed repetitions after the warm-up.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
-    /// kd-step: the teacher's matrices in "f32" (as the peer) or "bf16" (recipe key
-    /// model.teacher_dtype). The student is f32 either way.
-    #[arg(long, value_enum, default_value_t = Precision::F32)]
-    pub teacher_dtype: Precision,
+    /// kd-step: the teacher's matrices in "f32" or "bf16" (recipe key model.teacher_dtype);
+    /// default as the peer: f32 for the standard workload, bf16 for the large one. The student
+    /// is f32 either way.
+    #[arg(long, value_enum)]
+    pub teacher_dtype: Option<Precision>,
+    /// kd-step: the model pair and batch (see the command's help).
+    #[arg(long, value_enum, default_value_t = Workload::Standard)]
+    pub workload: Workload,
     /// generate: the decoded model's matrices in "f32" (as the peer) or "bf16" (frozen, packed).
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
@@ -55,10 +61,61 @@ pub struct BenchArgs {
     pub device: super::device::DeviceArgs,
 }
 
+/// The kd-step workloads of `../shared/bench/peer_torch.py`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// kd-step: the CPU-sized pair.
+    Standard,
+    /// kd-step-large: the paper's GPT-2 XL -> GPT-2 pair at its batch size (a GPU workload; it
+    /// runs on the CPU too, slowly, and needs ~12 GB of memory there).
+    Large,
+}
+
+/// A kd-step workload's numbers: (hidden, layers, heads) of teacher and student, batch,
+/// sequence length, prompt tokens per sequence (masked), the teacher's default dtype, and the
+/// JSON `bench` name (the peer's).
+struct KdWorkload {
+    teacher: (usize, usize, usize),
+    student: (usize, usize, usize),
+    batch: usize,
+    seq: usize,
+    prompt: usize,
+    max_positions: usize,
+    teacher_dtype: Precision,
+    name: &'static str,
+}
+
+impl Workload {
+    fn kd(self) -> KdWorkload {
+        match self {
+            Workload::Standard => KdWorkload {
+                teacher: (768, 12, 12),
+                student: (512, 6, 8),
+                batch: 4,
+                seq: 128,
+                prompt: 32,
+                max_positions: 512,
+                teacher_dtype: Precision::F32,
+                name: "kd-step",
+            },
+            // peer_torch.py: n_positions 1024, 16 x 512, mask[:, :128] = 0.
+            Workload::Large => KdWorkload {
+                teacher: (1600, 48, 25),
+                student: (768, 12, 12),
+                batch: 16,
+                seq: 512,
+                prompt: 128,
+                max_positions: 1024,
+                teacher_dtype: Precision::Bf16,
+                name: "kd-step-large",
+            },
+        }
+    }
+}
+
 fn gpt2(
-    hidden: usize,
-    layers: usize,
-    heads: usize,
+    (hidden, layers, heads): (usize, usize, usize),
+    max_positions: usize,
     seed: u64,
     frozen: bool,
     bf16: bool,
@@ -70,7 +127,7 @@ fn gpt2(
         heads,
         kv_heads: heads,
         intermediate: 0,
-        max_positions: 512,
+        max_positions,
     };
     build_with(
         ModelConfig::from_json(config_json("gpt2", &shape, VOCAB, 50256)?)?,
@@ -89,6 +146,19 @@ fn max_rss_mib() -> f64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0.0);
     kb / 1024.0
+}
+
+/// MiB of device memory in use on a GPU (total − free, as the driver counts it); None on the
+/// CPU.
+fn gpu_used_mib(dev: &candle_core::Device) -> Option<f64> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(d) => {
+            let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+            Some((total - free) as f64 / (1 << 20) as f64)
+        }
+        _ => None,
+    }
 }
 
 fn random_ids(rng: &mut rand_chacha::ChaCha8Rng, n: usize) -> Vec<u32> {
@@ -110,16 +180,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     let dev = &backend.device;
     match cmd {
         BenchCommand::KdStep(a) => {
-            let bf16 = a.teacher_dtype == Precision::Bf16;
-            let teacher = gpt2(768, 12, 12, 1, true, bf16, &backend)?;
-            let student = gpt2(512, 6, 8, 2, false, false, &backend)?;
-            let (b, t) = (4, 128);
-            // Prompts of 33 tokens and responses of 96: rows 32..127 of each sequence count.
+            let w = a.workload.kd();
+            let teacher_dtype = a.teacher_dtype.unwrap_or(w.teacher_dtype);
+            let bf16 = teacher_dtype == Precision::Bf16;
+            let teacher = gpt2(w.teacher, w.max_positions, 1, true, bf16, &backend)?;
+            let student = gpt2(w.student, w.max_positions, 2, false, false, &backend)?;
+            let (b, t) = (w.batch, w.seq);
+            // Sequences of t + 1 tokens, the first `prompt` + 1 of them the prompt: rows
+            // prompt..t-1 of each sequence count (standard: 32..127; large: 128..511).
             let examples: Vec<Example> = (0..b as u64)
                 .map(|id| Example {
                     id,
-                    prompt_ids: random_ids(&mut rng, 33),
-                    response_ids: random_ids(&mut rng, t + 1 - 33),
+                    prompt_ids: random_ids(&mut rng, w.prompt + 1),
+                    response_ids: random_ids(&mut rng, t - w.prompt),
                 })
                 .collect();
             // One micro-batch of the whole batch, through training's own step.
@@ -182,22 +255,28 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             )?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
-            let mut timed_step = |phases: &mut [f64; 5]| -> Result<()> {
+            // The most device memory seen in use after any phase (GPU only).
+            let mut gpu_mib = 0f64;
+            let mut timed_step = |phases: &mut [f64; 5], gpu_mib: &mut f64| -> Result<()> {
                 let mut clock = Instant::now();
                 let mut lap = |p: Phase| {
                     phases[p as usize] += clock.elapsed().as_secs_f64();
+                    *gpu_mib = gpu_mib.max(gpu_used_mib(dev).unwrap_or(0.0));
                     clock = Instant::now();
                 };
                 step::optimizer_step(&models, &mut opt, &micro, mix, 1e-4, 1.0, &mut lap)?;
+                // A GPU runs the step's last kernels asynchronously: the step ends when they do.
+                dev.synchronize()?;
                 Ok(())
             };
             for _ in 0..2 {
-                timed_step(&mut phases)?;
+                timed_step(&mut phases, &mut gpu_mib)?;
             }
             phases = [0.0; 5];
+            gpu_mib = 0.0;
             let t0 = Instant::now();
             for _ in 0..a.reps {
-                timed_step(&mut phases)?;
+                timed_step(&mut phases, &mut gpu_mib)?;
             }
             let breakdown: serde_json::Map<String, serde_json::Value> = Phase::ALL
                 .iter()
@@ -211,17 +290,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 })
                 .collect();
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
-            println!(
-                "{}",
-                serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "kd-step", "threads": threads, "teacher_dtype": a.teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(),
+            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(),
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
-                    "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown})
-            );
+                    "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown});
+            if !dev.is_cpu() {
+                // Not torch's max_memory_allocated: the driver's count of memory in use on the
+                // whole GPU (this process's context and allocator pool included), sampled after
+                // each phase, so at least what pocl held.
+                line["max_gpu_mib"] = gpu_mib.round().into();
+                line["gpu_mib_source"] = "cuMemGetInfo total - free, after each phase".into();
+            }
+            println!("{line}");
             std::fs::remove_dir_all(&cache_dir).ok();
         }
         BenchCommand::CacheFidelity(_) => unreachable!("handled above"),
         BenchCommand::Generate(a) => {
-            let student = gpt2(512, 6, 8, 2, true, a.dtype == Precision::Bf16, &backend)?;
+            let bf16 = a.dtype == Precision::Bf16;
+            let student = gpt2((512, 6, 8), 512, 2, true, bf16, &backend)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.

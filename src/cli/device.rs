@@ -9,8 +9,8 @@ pub struct DeviceArgs {
     /// Where the model computes: cpu, cuda (GPU 0) or cuda:N [default: cpu].
     #[arg(long, value_name = "DEVICE")]
     pub device: Option<DeviceChoice>,
-    /// fused (pocl's CPU kernels) or portable (candle tensor ops; any device) [default: fused
-    /// on the CPU, portable elsewhere].
+    /// fused (pocl's own kernels: the CPU's; on CUDA, pocl's CUDA kernels where they exist) or
+    /// portable (candle tensor ops; any device) [default: fused on the CPU, portable on CUDA].
     #[arg(long, value_name = "KERNELS")]
     pub kernels: Option<Kernels>,
 }

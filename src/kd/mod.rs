@@ -41,6 +41,7 @@
 //! # }
 //! ```
 
+pub mod chunked;
 pub mod divergence;
 pub mod fastmath;
 pub mod head;
@@ -228,7 +229,7 @@ pub(crate) fn check_same_shape(t: &Tensor, s: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// Runs the fused CPU op, or the portable candle composition. Returns the loss and the
+/// Runs the fused CPU op, the portable candle composition, or the row op of `ops::cuda`. Returns the loss and the
 /// detached (Σ w·CE, Σ w·D).
 pub(crate) fn apply(
     kernels: crate::ops::Kernels,
@@ -238,8 +239,14 @@ pub(crate) fn apply(
     weights: Vec<f32>,
     labels: Option<Vec<u32>>,
 ) -> Result<(Tensor, (f64, f64))> {
-    if kernels == crate::ops::Kernels::Portable {
-        return naive::loss(&spec, teacher, student, &weights, labels.as_deref());
+    match kernels {
+        crate::ops::Kernels::Portable => {
+            return naive::loss(&spec, teacher, student, &weights, labels.as_deref())
+        }
+        crate::ops::Kernels::Cuda => {
+            return chunked::logits_loss(&spec, teacher, student, weights, labels)
+        }
+        crate::ops::Kernels::Fused => {}
     }
     let op = FusedLossOp::new(spec, weights, labels, student.track_op());
     let parts = op.parts.clone();

@@ -22,7 +22,8 @@ pub struct Objective {
     /// Multiply the divergence by T² (the default; see the module docs of `kd`).
     pub t2: bool,
     /// Fused: the CPU kernel of [`super::kernel`] (and the lm head fused into it, [`super::head`]);
-    /// portable: the candle composition of [`super::naive`] on materialised logits, any device.
+    /// portable: the candle composition of [`super::naive`] on materialised logits, any device;
+    /// cuda: the row kernel of `ops::cuda` (and the chunked head of [`super::chunked`]).
     pub kernels: Kernels,
 }
 
@@ -149,8 +150,25 @@ impl Objective {
     ) -> Result<ObjectiveOutput> {
         let teacher = teacher.filter(|_| mix.kd_weight > 0.0);
         let sparse = sparse.filter(|_| mix.kd_weight > 0.0);
-        if sparse.is_some() && self.kernels == Kernels::Portable {
-            bail!("a sparse teacher (teacher cache) needs the fused CPU kernels (run.kernels = \"fused\")");
+        if sparse.is_some() && self.kernels != Kernels::Fused {
+            bail!("a sparse teacher (teacher cache) needs the fused CPU kernels (run.kernels = \"fused\" on the CPU)");
+        }
+        if self.kernels == Kernels::Cuda {
+            // The chunked head of `kd::chunked` (pocl's CUDA row kernel between cuBLAS matmuls).
+            let spec = self.spec(mix, targets.denominator, teacher.is_some())?;
+            let n = flat_hidden(student.hidden, "student")?.dim(0)?;
+            let weights = mask_weights(targets.mask, n)?;
+            let labels = label_ids(targets.labels, n)?;
+            let (loss, parts) = super::chunked::head_loss(
+                &spec,
+                teacher,
+                student,
+                vocab,
+                weights,
+                labels,
+                super::chunked::CHUNK_BYTES,
+            )?;
+            return Ok(self.output(loss, parts, mix, targets.denominator));
         }
         if self.kernels == Kernels::Portable {
             // The logits of the counted rows only (prompt and padding rows contribute nothing;

@@ -347,13 +347,14 @@ impl Params {
             let t = sd.take(from, shape)?;
             return Ok(match self.backend.kernels {
                 Kernels::Fused => Weight::to_bf16(&t, out_in)?,
-                Kernels::Portable => {
+                Kernels::Portable | Kernels::Cuda => {
                     Weight::to_bf16_tensor(&t.to_device(&self.backend.device)?, out_in)?
                 }
             });
         }
         let t = self.take(sd, from, save_as, shape)?;
-        if self.frozen || self.backend.kernels == Kernels::Portable {
+        // The in-place gradient buffers are the fused CPU kernels' (host memory).
+        if self.frozen || self.backend.kernels != Kernels::Fused {
             return Ok(if out_in {
                 Weight::out_in(t)
             } else {

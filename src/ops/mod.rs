@@ -2,8 +2,10 @@
 //! the embedding, norms, activations and attention (and, in `kd` and `train::optim`, the lm head
 //! fused with the KD loss and AdamW). Model code calls them through [`Kernels`], whose methods
 //! below are the one place where the kernel choice is applied; each implementation is one file:
-//! [`fused`] (pocl's CPU kernels, in the modules it names) and [`portable`] (candle tensor ops,
-//! any device).
+//! [`fused`] (pocl's CPU kernels, in the modules it names), [`portable`] (candle tensor ops,
+//! any device) and, for [`Kernels::Cuda`], [`cuda`] (pocl's CUDA kernels: the KD head's row
+//! kernel, AdamW, the gradient norm, the norms through [`norm`]'s ops, the attention softmax)
+//! with the portable ops for everything else.
 //!
 //! candle's fused `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward pass: gradients
 //! through them would be silently dropped, so they are not used; ours have one, and the model
@@ -12,6 +14,7 @@
 pub mod activation;
 pub mod attention;
 pub mod bf16;
+pub mod cuda;
 pub mod fused;
 pub mod gemm;
 pub mod grad;
@@ -44,6 +47,7 @@ impl Kernels {
         match self {
             Kernels::Fused => fused::linear(w, x, b),
             Kernels::Portable => portable::linear(w, x, b),
+            Kernels::Cuda => cuda::linear(w, x, b),
         }
     }
 
@@ -51,7 +55,7 @@ impl Kernels {
     pub fn embed(self, w: &Weight, ids: &Tensor) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::embed(w, ids),
-            Kernels::Portable => portable::embed(w, ids),
+            Kernels::Portable | Kernels::Cuda => portable::embed(w, ids),
         }
     }
 
@@ -59,6 +63,8 @@ impl Kernels {
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::layer_norm(x, w, b, eps),
+            // The CPU's norm op, whose cuda_fwd runs pocl's norm kernels on CUDA storage.
+            Kernels::Cuda => norm::layer_norm(x, w, b, eps),
             Kernels::Portable => portable::norm(x, w, Some(b), eps),
         }
     }
@@ -67,6 +73,7 @@ impl Kernels {
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::rms_norm(x, w, eps),
+            Kernels::Cuda => norm::rms_norm(x, w, eps),
             Kernels::Portable => portable::norm(x, w, None, eps),
         }
     }
@@ -74,7 +81,7 @@ impl Kernels {
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
         match self {
             Kernels::Fused => fused::activate(x, act),
-            Kernels::Portable => portable::activate(x, act),
+            Kernels::Portable | Kernels::Cuda => portable::activate(x, act),
         }
     }
 
@@ -92,6 +99,7 @@ impl Kernels {
         match self {
             Kernels::Fused => fused::attention(q, k, v, bias, scale),
             Kernels::Portable => portable::attention(q, k, v, bias, scale),
+            Kernels::Cuda => cuda::attention(q, k, v, bias, scale),
         }
     }
 
@@ -107,6 +115,10 @@ impl Kernels {
         match self {
             Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
             Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
+            Kernels::Cuda => {
+                let (q, k, v) = portable::split_qkv(qkv, heads)?;
+                cuda::attention(&q, &k, &v, bias, scale)
+            }
         }
     }
 }

@@ -2,7 +2,8 @@
 //! versions are ~9 small elementwise tensors forward and twice as many backward per call (and
 //! candle's own fused norms have no backward at all). One pass per row here, f64 inside; the
 //! weight and bias gradients are summed per block of rows and the blocks added in order, so the
-//! result does not depend on the thread count.
+//! result does not depend on the thread count. On CUDA storage the same ops run the kernels of
+//! src/ops/cuda/norm.cu (`ops::cuda`), same arithmetic.
 
 use super::simd::multiversion;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
@@ -158,6 +159,18 @@ impl CustomOp3 for Norm {
         );
         self.forward(super::contiguous_f32(s1, l1, "norm input")?, l1, w, Some(b))
     }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::norm_forward(true, self.eps, (s1, l1), (s2, l2), Some((s3, l3)))
+    }
     fn bwd(
         &self,
         x: &Tensor,
@@ -188,6 +201,16 @@ impl CustomOp2 for Norm {
             super::contiguous_f32(s2, l2, "norm weight")?,
             None,
         )
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::norm_forward(false, self.eps, (s1, l1), (s2, l2), None)
     }
     fn bwd(
         &self,
@@ -249,6 +272,18 @@ impl CustomOp3 for Backward {
             out[(rows + 1) * d + i] = db[i] as f32;
         }
         Ok((CpuStorage::F32(out), Shape::from((rows + 2, d))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::norm_backward(self.0.center, self.0.eps, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

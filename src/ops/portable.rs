@@ -86,6 +86,19 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// attention shares each kv head among h / h_kv query heads); bias [b, 1, tq, tk].
 /// Returns [b, tq, h·d].
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with(q, k, v, |scores| {
+        softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)
+    })
+}
+
+/// [`attention`] with the probabilities made from the raw scores q·kᵀ [b, h, tq, tk] by
+/// `probs` (the scale, the bias and the softmax): the CUDA kernel set passes its fused softmax.
+pub(crate) fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let (b, h, tq, d) = q.dims4()?;
     let h_kv = k.dim(1)?;
     let (k, v) = if h_kv == h {
@@ -94,7 +107,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
         (repeat_kv(k, h / h_kv)?, repeat_kv(v, h / h_kv)?)
     };
     let scores = q.contiguous()?.matmul(&k.t()?.contiguous()?)?;
-    let probs = softmax_last_dim(&(scores * scale)?.broadcast_add(bias)?)?;
+    let probs = probs(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?; // [b, h, tq, d]
     out.transpose(1, 2)?.reshape((b, tq, h * d))
 }
@@ -102,13 +115,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) 
 /// Self-attention from a fused projection qkv [b, t, 3·h·d] (q, k and v side by side, `heads`
 /// heads each, as GPT-2's `c_attn`); bias [b, 1, t, t]. Returns [b, t, h·d].
 pub fn attention_qkv(qkv: &Tensor, heads: usize, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (q, k, v) = split_qkv(qkv, heads)?;
+    attention(&q, &k, &v, bias, scale)
+}
+
+/// q, k, v [b, h, t, d] as views of a fused projection qkv [b, t, 3·h·d].
+pub(crate) fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, t, w) = qkv.dims3()?;
     let part = |j: usize| {
         qkv.narrow(D::Minus1, j * w / 3, w / 3)?
             .reshape((b, t, heads, w / 3 / heads))?
             .transpose(1, 2)
     };
-    attention(&part(0)?, &part(1)?, &part(2)?, bias, scale)
+    Ok((part(0)?, part(1)?, part(2)?))
 }
 
 /// [b, h_kv, t, d] -> [b, h_kv·n, t, d], each kv head repeated n times in place (as transformers).

@@ -3,9 +3,10 @@
 //! The weight-decay rule lives here, once: parameters with one dimension (biases and norm
 //! weights) are not decayed; matrices and embeddings are.
 //!
-//! Two implementations, chosen by [`Kernels`]: fused (an in-place CPU op per parameter, f64
-//! arithmetic, moments in host memory) and portable (candle tensor ops in f32 on the
-//! parameters' device, moments as device tensors).
+//! Three implementations, chosen by [`Kernels`]: fused (an in-place CPU op per parameter, f64
+//! arithmetic, moments in host memory), portable (candle tensor ops in f32 on the parameters'
+//! device, moments as device tensors) and cuda (the in-place AdamW and norm kernels of
+//! `ops::cuda`, f64 arithmetic as the fused ones, moments in one device tensor per parameter).
 
 use crate::ops::Kernels;
 use anyhow::Result;
@@ -46,6 +47,9 @@ pub enum Moments {
     Host { m: Vec<f32>, v: Vec<f32> },
     /// As tensors on the parameter's device, for the portable update.
     Device { m: Tensor, v: Tensor },
+    /// One [2, n] tensor on the parameter's device (m, then v), updated in place by the
+    /// AdamW op of `ops::cuda`.
+    Packed { mv: Tensor },
 }
 
 impl Moments {
@@ -54,6 +58,7 @@ impl Moments {
         Ok(match self {
             Moments::Host { m, v } => (m.clone(), v.clone()),
             Moments::Device { m, v } => (m.to_vec1()?, v.to_vec1()?),
+            Moments::Packed { mv } => (mv.get(0)?.to_vec1()?, mv.get(1)?.to_vec1()?),
         })
     }
 
@@ -69,6 +74,14 @@ impl Moments {
                     Tensor::from_vec(new_v, n, &dev)?,
                 );
             }
+            Moments::Packed { mv } => {
+                let n = new_m.len();
+                if new_v.len() != n || 2 * n != mv.elem_count() {
+                    anyhow::bail!("optimizer state: moments of the wrong size");
+                }
+                let dev = mv.device().clone();
+                *mv = Tensor::from_vec([new_m, new_v].concat(), (2, n), &dev)?;
+            }
         }
         Ok(())
     }
@@ -78,6 +91,7 @@ impl Moments {
         match self {
             Moments::Host { m, .. } => m.len(),
             Moments::Device { m, .. } => m.elem_count(),
+            Moments::Packed { mv } => mv.elem_count() / 2,
         }
     }
 
@@ -120,6 +134,9 @@ impl AdamW {
                             v: zeros()?,
                         }
                     }
+                    Kernels::Cuda => Moments::Packed {
+                        mv: Tensor::zeros((2, n), DType::F32, var.device())?,
+                    },
                 };
                 Ok(Slot {
                     name: name.to_string(),
@@ -168,6 +185,20 @@ impl AdamW {
             let (m, v) = match &mut slot.moments {
                 Moments::Device { m, v } => {
                     (*m, *v) = portable_update(&slot.var, m, v, g.as_ref(), hyper)?;
+                    continue;
+                }
+                Moments::Packed { mv } => {
+                    let h = crate::ops::cuda::AdamWHyper {
+                        b1: hyper.b1,
+                        b2: hyper.b2,
+                        bc1: hyper.bc1,
+                        bc2: hyper.bc2,
+                        eps: hyper.eps,
+                        lr: hyper.lr,
+                        decay: hyper.decay,
+                        scale: hyper.scale,
+                    };
+                    crate::ops::cuda::adamw_step(&slot.var, mv, g.as_ref(), h)?;
                     continue;
                 }
                 Moments::Host { m, v } => (m, v),
@@ -341,6 +372,10 @@ pub fn clip_coef(grads: &[Option<Tensor>], max_norm: f64, kernels: Kernels) -> R
     // Partial sums over fixed chunks, added in order: deterministic whatever the thread count.
     let mut sq = 0.0;
     for g in grads.iter().flatten() {
+        if kernels == Kernels::Cuda {
+            sq += crate::ops::cuda::sum_squares(g)?;
+            continue;
+        }
         if kernels == Kernels::Portable {
             sq += g
                 .to_dtype(DType::F64)?
@@ -440,7 +475,7 @@ mod tests {
     #[test]
     fn clip_coefficient_is_torchs() -> Result<()> {
         let t = |v: &[f32]| Some(Tensor::new(v, &candle_core::Device::Cpu).unwrap());
-        for k in [Kernels::Fused, Kernels::Portable] {
+        for k in [Kernels::Fused, Kernels::Portable, Kernels::Cuda] {
             let (n, coef) = clip_coef(&[t(&[3.0, 0.0]), None, t(&[4.0])], 1.0, k)?;
             assert!((n - 5.0).abs() < 1e-9);
             assert!((coef - 1.0 / (5.0 + 1e-6)).abs() < 1e-15);

@@ -1,0 +1,980 @@
+//! pocl's CUDA kernels (`src/ops/cuda/*.cu`) as candle ops: the KD row kernel, AdamW, the
+//! gradient norm, the attention softmax, and the launchers of the norms' kernels (the
+//! `cuda_fwd`s of `ops::norm`). Each op is a candle custom op whose `cuda_fwd` (feature `cuda`) launches our
+//! kernel and whose `cpu_fwd` runs the CPU arithmetic of the same op, so every caller
+//! (`kd::chunked`, `train::optim` under [`super::Kernels::Cuda`]) runs and is tested on the CPU
+//! too, and a self-test can compare the two sides op by op through the public functions below.
+//!
+//! Status: the kernels compile (tools/check-cuda-kernels.sh: PTX + ptxas for sm_90a and sm_80)
+//! but have NOT run on a GPU yet; `Backend::new` keeps `portable` the default on CUDA until they
+//! have.
+//!
+//! The PTX is made by build.rs with the toolkit's nvcc for `CUDA_COMPUTE_CAP` and embedded in
+//! the binary; candle loads it once per device (`get_or_load_custom_func`).
+
+use crate::kd::kernel::{loss_rows, loss_rows_in_place, LossSpec, RowLoss, Rows};
+use candle_core::{
+    bail, CpuStorage, CustomOp1, DType, InplaceOp1, InplaceOp2, Layout, Result, Shape, Tensor, Var,
+};
+use std::sync::Mutex;
+
+#[cfg(feature = "cuda")]
+mod ptx {
+    pub const KD_ROWS: &str = include_str!(concat!(env!("OUT_DIR"), "/kd_rows.ptx"));
+    pub const OPTIM: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
+    pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
+    pub const SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+}
+
+/// A contiguous f32 CPU storage's data, mutable.
+fn f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout, who: &str) -> Result<&'a mut [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{who} must be f32")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&mut v[a..b]),
+        None => bail!("{who} must be contiguous"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The KD row kernel.
+
+/// The KD loss of rows of logits with its gradient written over the student's logits: the
+/// per-row CE and divergence of [`crate::kd::kernel::loss_rows_in_place`], computed on the CPU
+/// by that function and on CUDA by `pocl_kd_rows` (kd_rows.cu). Applied in place to the student
+/// logits [rows, vocab] (contiguous f32, a buffer the caller owns: it holds dL/dlogits after, or
+/// is left as it was when `want_grad` is false), with the teacher's logits [rows, vocab] as the
+/// second operand (none for CE alone). The per-row (CE, D) are left in `out`.
+pub struct KdRows {
+    pub spec: LossSpec,
+    pub weights: Vec<f32>,
+    pub labels: Option<Vec<u32>>,
+    pub want_grad: bool,
+    pub out: Mutex<Vec<RowLoss>>,
+}
+
+impl KdRows {
+    pub fn new(
+        spec: LossSpec,
+        weights: Vec<f32>,
+        labels: Option<Vec<u32>>,
+        want_grad: bool,
+    ) -> Self {
+        KdRows {
+            spec,
+            weights,
+            labels,
+            want_grad,
+            out: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn cpu(
+        &self,
+        s: &mut CpuStorage,
+        ls: &Layout,
+        t: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<()> {
+        let (n, v) = ls.shape().dims2()?;
+        let logits = f32_mut(s, ls, "kd rows: student logits")?;
+        let teacher = match t {
+            Some((t, lt)) => {
+                let data = super::contiguous_f32(t, lt, "kd rows: teacher logits")?;
+                Some(Rows::contiguous(data, v))
+            }
+            None => None,
+        };
+        let mut out = vec![RowLoss::default(); n];
+        let labels = self.labels.as_deref();
+        if self.want_grad {
+            loss_rows_in_place(
+                &self.spec,
+                teacher,
+                logits,
+                v,
+                labels,
+                &self.weights,
+                &mut out,
+            )
+        } else {
+            let s = Rows::contiguous(logits, v);
+            loss_rows(
+                &self.spec,
+                teacher,
+                s,
+                labels,
+                &self.weights,
+                None,
+                &mut out,
+            )
+        }
+        .map_err(candle_core::Error::wrap)?;
+        *self.out.lock().unwrap() = out;
+        Ok(())
+    }
+
+    /// Checks what the kernel cannot report itself (the CPU function checks the same).
+    #[cfg(feature = "cuda")]
+    fn check_with(&self, n: usize, v: usize, has_teacher: bool) -> Result<()> {
+        if self.weights.len() != n {
+            bail!("kd rows: {} weights for {n} rows", self.weights.len());
+        }
+        if self.spec.divergence.is_some() && !has_teacher {
+            bail!("kd rows: a divergence needs teacher logits");
+        }
+        match &self.labels {
+            Some(l) if l.len() != n => bail!("kd rows: {} labels for {n} rows", l.len()),
+            Some(l) => {
+                for (i, (&label, &w)) in l.iter().zip(&self.weights).enumerate() {
+                    if w != 0.0 && label as usize >= v {
+                        bail!("row {i}: label {label} is outside the vocabulary (size {v})");
+                    }
+                }
+            }
+            None if self.spec.ce_coef != 0.0 => bail!("kd rows: the CE term needs labels"),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for KdRows {
+    fn name(&self) -> &'static str {
+        "pocl-kd-rows"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        self.cpu(s, l, None)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        self.cuda(s, l, None)
+    }
+}
+
+impl InplaceOp2 for KdRows {
+    fn name(&self) -> &'static str {
+        "pocl-kd-rows"
+    }
+    fn cpu_fwd(&self, s: &mut CpuStorage, ls: &Layout, t: &CpuStorage, lt: &Layout) -> Result<()> {
+        self.cpu(s, ls, Some((t, lt)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        ls: &Layout,
+        t: &candle_core::CudaStorage,
+        lt: &Layout,
+    ) -> Result<()> {
+        self.cuda(s, ls, Some((t, lt)))
+    }
+}
+
+/// Threads per block of the row kernel (a multiple of 32; 84 registers a thread on sm_90a).
+#[cfg(feature = "cuda")]
+const ROW_THREADS: u32 = 256;
+
+#[cfg(feature = "cuda")]
+impl KdRows {
+    fn cuda(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        ls: &Layout,
+        t: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<()> {
+        use crate::kd::Divergence;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        let (n, v) = ls.shape().dims2()?;
+        self.check_with(n, v, t.is_some())?;
+        if n == 0 {
+            *self.out.lock().unwrap() = Vec::new();
+            return Ok(());
+        }
+        let dev = s.device().clone();
+        let func = dev.get_or_load_custom_func("pocl_kd_rows", "pocl_kd_rows", ptx::KD_ROWS)?;
+        let (a, b) = ls.contiguous_offsets().ok_or_else(|| {
+            candle_core::Error::Msg("kd rows: student logits must be contiguous".into())
+        })?;
+        let weights = dev.clone_htod(&self.weights)?;
+        let labels = match &self.labels {
+            Some(l) => dev.clone_htod(l)?,
+            None => dev.alloc_zeros::<u32>(n)?,
+        };
+        let out = dev.alloc_zeros::<f64>(3 * n)?;
+        let (div, param) = match self.spec.divergence {
+            None | Some(Divergence::Fkl) => (0i32, 0f64),
+            Some(Divergence::Rkl) => (1, 0.0),
+            Some(Divergence::Jsd { beta }) => (2, beta),
+            Some(Divergence::Tvd) => (3, 0.0),
+            Some(Divergence::Skl { alpha }) => (4, alpha),
+            Some(Divergence::Srkl { alpha }) => (5, alpha),
+        };
+        let (v_i, s_stride) = (v as i32, v as i64);
+        let has_teacher = i32::from(t.is_some() && self.spec.divergence.is_some());
+        let has_labels = i32::from(self.labels.is_some());
+        let want_grad = i32::from(self.want_grad);
+        let (inv_t, ce_coef, kd_coef) = (
+            self.spec.inv_temperature,
+            self.spec.ce_coef,
+            self.spec.kd_coef,
+        );
+        let t_view = match t {
+            Some((t, lt)) => {
+                let (ta, tb) = lt.contiguous_offsets().ok_or_else(|| {
+                    candle_core::Error::Msg("kd rows: teacher logits must be contiguous".into())
+                })?;
+                if lt.shape().dims2()? != (n, v) {
+                    bail!(
+                        "kd rows: teacher logits {:?}, student [{n}, {v}]",
+                        lt.shape()
+                    );
+                }
+                Some(t.as_cuda_slice::<f32>()?.slice(ta..tb))
+            }
+            None => None,
+        };
+        let t_stride = if t_view.is_some() { v as i64 } else { 0i64 };
+        let mut s_view = s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let mut builder = func.builder();
+        builder.arg(&mut s_view);
+        match &t_view {
+            Some(tv) => builder.arg(tv),
+            // Never read (has_teacher = 0): any device pointer will do.
+            None => builder.arg(&weights),
+        };
+        builder.arg(&weights);
+        builder.arg(&labels);
+        builder.arg(&out);
+        builder.arg(&v_i);
+        builder.arg(&s_stride);
+        builder.arg(&t_stride);
+        builder.arg(&div);
+        builder.arg(&param);
+        builder.arg(&inv_t);
+        builder.arg(&ce_coef);
+        builder.arg(&kd_coef);
+        builder.arg(&has_teacher);
+        builder.arg(&has_labels);
+        builder.arg(&want_grad);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (ROW_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the arguments match pocl_kd_rows's parameters in order and type; every buffer
+        // holds at least the elements the kernel indexes (n rows of v, n weights / labels, 3n out).
+        unsafe { builder.launch(cfg) }.w()?;
+        let host = dev.clone_dtoh(&out)?;
+        let mut rows = Vec::with_capacity(n);
+        for (i, r) in host.chunks_exact(3).enumerate() {
+            match r[2] as i32 {
+                0 => {}
+                1 => bail!(
+                    "row {i}: teacher row has no finite maximum logit; the softmax is undefined"
+                ),
+                _ => bail!(
+                    "row {i}: student row has no finite maximum logit; the softmax is undefined"
+                ),
+            }
+            rows.push(RowLoss { ce: r[0], kd: r[1] });
+        }
+        *self.out.lock().unwrap() = rows;
+        Ok(())
+    }
+}
+
+/// The KD loss of materialised logits by the row op: returns dL/dstudent (zeros where nothing
+/// is differentiated) and the per-row (CE, D). `student` and `teacher` are [rows, vocab] on one
+/// device; neither is modified (the op works on a copy of the student's logits).
+pub fn kd_rows(
+    spec: &LossSpec,
+    teacher: Option<&Tensor>,
+    student: &Tensor,
+    weights: Vec<f32>,
+    labels: Option<Vec<u32>>,
+) -> Result<(Tensor, Vec<RowLoss>)> {
+    let g = student
+        .detach()
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .copy()?;
+    let op = KdRows::new(*spec, weights, labels, true);
+    match teacher {
+        Some(t) => g.inplace_op2(&t.detach().to_dtype(DType::F32)?.contiguous()?, &op)?,
+        None => g.inplace_op1(&op)?,
+    }
+    let rows = std::mem::take(&mut *op.out.lock().unwrap());
+    Ok((g, rows))
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW and the gradient norm.
+
+/// One AdamW update's constants (torch's formula, as `train::optim`).
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWHyper {
+    pub b1: f64,
+    pub b2: f64,
+    /// Bias corrections 1 − β₁ᵗ, 1 − β₂ᵗ.
+    pub bc1: f64,
+    pub bc2: f64,
+    pub eps: f64,
+    pub lr: f64,
+    /// 1 − lr·weight_decay, or 1 for a parameter that is not decayed.
+    pub decay: f64,
+    /// The clip coefficient applied to the gradient (1 = unclipped).
+    pub scale: f64,
+}
+
+/// m and v from the gradient, in place in one [2, n] buffer (m then v): `pocl_adamw_moments`.
+struct AdamWMoments(AdamWHyper);
+
+impl AdamWMoments {
+    fn cpu(&self, mv: &mut CpuStorage, l: &Layout, g: Option<&[f32]>) -> Result<()> {
+        let h = self.0;
+        let mv = f32_mut(mv, l, "AdamW moments")?;
+        let n = mv.len() / 2;
+        let (m, v) = mv.split_at_mut(n);
+        if g.is_some_and(|g| g.len() != n) {
+            bail!("AdamW: the gradient does not match the moments' size");
+        }
+        for i in 0..n {
+            let gi = match g {
+                Some(g) if h.scale < 1.0 => (g[i] as f64 * h.scale) as f32 as f64,
+                Some(g) => g[i] as f64,
+                None => 0.0,
+            };
+            let mi = h.b1 * m[i] as f64 + (1.0 - h.b1) * gi;
+            let vi = h.b2 * v[i] as f64 + (1.0 - h.b2) * gi * gi;
+            m[i] = mi as f32;
+            v[i] = vi as f32;
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        mv: &mut candle_core::CudaStorage,
+        l: &Layout,
+        g: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let h = self.0;
+        let dev = mv.device().clone();
+        let (a, b) = contiguous(l, "AdamW moments")?;
+        let n = ((b - a) / 2) as i64;
+        let func = dev.get_or_load_custom_func("pocl_adamw_moments", "pocl_optim", ptx::OPTIM)?;
+        let g_view = match g {
+            Some((g, lg)) => {
+                let (ga, gb) = contiguous(lg, "AdamW gradient")?;
+                if (gb - ga) as i64 != n {
+                    bail!("AdamW: the gradient does not match the moments' size");
+                }
+                Some(g.as_cuda_slice::<f32>()?.slice(ga..gb))
+            }
+            None => None,
+        };
+        let has_grad = i32::from(g_view.is_some());
+        let mut mv_view = mv.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let dummy = dev.alloc_zeros::<f32>(1)?;
+        let mut builder = func.builder();
+        builder.arg(&mut mv_view);
+        match &g_view {
+            Some(gv) => builder.arg(gv),
+            None => builder.arg(&dummy),
+        };
+        builder.arg(&n);
+        builder.arg(&has_grad);
+        builder.arg(&h.b1);
+        builder.arg(&h.b2);
+        builder.arg(&h.scale);
+        // SAFETY: arguments in pocl_adamw_moments's order and types; mv holds 2n, g n floats.
+        unsafe { builder.launch(flat_config(n as usize)) }.w()?;
+        Ok(())
+    }
+}
+
+impl InplaceOp1 for AdamWMoments {
+    fn name(&self) -> &'static str {
+        "pocl-adamw-moments"
+    }
+    fn cpu_fwd(&self, mv: &mut CpuStorage, l: &Layout) -> Result<()> {
+        self.cpu(mv, l, None)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, mv: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        self.cuda(mv, l, None)
+    }
+}
+
+impl InplaceOp2 for AdamWMoments {
+    fn name(&self) -> &'static str {
+        "pocl-adamw-moments"
+    }
+    fn cpu_fwd(&self, mv: &mut CpuStorage, l: &Layout, g: &CpuStorage, lg: &Layout) -> Result<()> {
+        let g = super::contiguous_f32(g, lg, "AdamW gradient")?;
+        self.cpu(mv, l, Some(g))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        mv: &mut candle_core::CudaStorage,
+        l: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        self.cuda(mv, l, Some((g, lg)))
+    }
+}
+
+/// The parameter from the updated moments, in place: `pocl_adamw_apply`.
+struct AdamWApply(AdamWHyper);
+
+impl InplaceOp2 for AdamWApply {
+    fn name(&self) -> &'static str {
+        "pocl-adamw-apply"
+    }
+    fn cpu_fwd(&self, p: &mut CpuStorage, l: &Layout, mv: &CpuStorage, lm: &Layout) -> Result<()> {
+        let h = self.0;
+        let p = f32_mut(p, l, "AdamW parameter")?;
+        let mv = super::contiguous_f32(mv, lm, "AdamW moments")?;
+        let n = p.len();
+        if mv.len() != 2 * n {
+            bail!("AdamW: the moments do not match the parameter's size");
+        }
+        let (m, v) = mv.split_at(n);
+        for i in 0..n {
+            let denom = (v[i] as f64 / h.bc2).sqrt() + h.eps;
+            p[i] = (p[i] as f64 * h.decay - h.lr * (m[i] as f64 / h.bc1) / denom) as f32;
+        }
+        Ok(())
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &mut candle_core::CudaStorage,
+        l: &Layout,
+        mv: &candle_core::CudaStorage,
+        lm: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let h = self.0;
+        let dev = p.device().clone();
+        let (a, b) = contiguous(l, "AdamW parameter")?;
+        let (ma, mb) = contiguous(lm, "AdamW moments")?;
+        let n = (b - a) as i64;
+        if (mb - ma) as i64 != 2 * n {
+            bail!("AdamW: the moments do not match the parameter's size");
+        }
+        let func = dev.get_or_load_custom_func("pocl_adamw_apply", "pocl_optim", ptx::OPTIM)?;
+        let mut p_view = p.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        let mv_view = mv.as_cuda_slice::<f32>()?.slice(ma..mb);
+        let mut builder = func.builder();
+        builder.arg(&mut p_view);
+        builder.arg(&mv_view);
+        builder.arg(&n);
+        builder.arg(&h.bc1);
+        builder.arg(&h.bc2);
+        builder.arg(&h.eps);
+        builder.arg(&h.lr);
+        builder.arg(&h.decay);
+        // SAFETY: arguments in pocl_adamw_apply's order and types; p holds n, mv 2n floats.
+        unsafe { builder.launch(flat_config(n as usize)) }.w()?;
+        Ok(())
+    }
+}
+
+/// One AdamW update of `param` with its moments `mv` ([2, n] f32 on the parameter's device: m
+/// then v, updated in place) and gradient `grad` (None = zero): two kernels, the moments then
+/// the parameter (see optim.cu for why two).
+pub fn adamw_step(param: &Var, mv: &Tensor, grad: Option<&Tensor>, h: AdamWHyper) -> Result<()> {
+    let n = param.elem_count();
+    if mv.elem_count() != 2 * n {
+        bail!(
+            "AdamW: moments of {} elements for a parameter of {n}",
+            mv.elem_count()
+        );
+    }
+    let moments = AdamWMoments(h);
+    match grad {
+        Some(g) => mv.inplace_op2(&g.flatten_all()?.contiguous()?, &moments)?,
+        None => mv.inplace_op1(&moments)?,
+    }
+    param.as_tensor().inplace_op2(mv, &AdamWApply(h))
+}
+
+/// Σ x² in f64 over a tensor of f32s: per-block partials of `pocl_sum_squares` on CUDA (a fixed
+/// grid, added here in order: the same value on every run), per-chunk partials on the CPU.
+pub fn sum_squares(x: &Tensor) -> Result<f64> {
+    let partials = x
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .contiguous()?
+        .apply_op1_no_bwd(&SumSquares)?
+        .to_vec1::<f64>()?;
+    Ok(partials.iter().sum())
+}
+
+struct SumSquares;
+
+/// Blocks of the sum-of-squares grid: fixed, so the partials (and their sum) never depend on
+/// the device's size.
+#[cfg(feature = "cuda")]
+const SQ_BLOCKS: usize = 1024;
+
+impl CustomOp1 for SumSquares {
+    fn name(&self) -> &'static str {
+        "pocl-sum-squares"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::contiguous_f32(s, l, "sum of squares")?;
+        let p: Vec<f64> = x
+            .chunks(1 << 16)
+            .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum())
+            .collect();
+        let n = p.len();
+        Ok((CpuStorage::F64(p), Shape::from(n)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let dev = s.device().clone();
+        let (a, b) = contiguous(l, "sum of squares")?;
+        let n = (b - a) as i64;
+        let func = dev.get_or_load_custom_func("pocl_sum_squares", "pocl_optim", ptx::OPTIM)?;
+        let x = s.as_cuda_slice::<f32>()?.slice(a..b);
+        let partial = dev.alloc_zeros::<f64>(SQ_BLOCKS)?;
+        let mut builder = func.builder();
+        builder.arg(&x);
+        builder.arg(&n);
+        builder.arg(&partial);
+        let cfg = LaunchConfig {
+            grid_dim: (SQ_BLOCKS as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments in pocl_sum_squares's order and types; partial holds one per block.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(partial, dev),
+            Shape::from(SQ_BLOCKS),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn contiguous(l: &Layout, who: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{who} must be contiguous")))
+}
+
+/// A grid-stride launch over n elements.
+#[cfg(feature = "cuda")]
+fn flat_config(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    let threads = 256u32;
+    let blocks = n.div_ceil(threads as usize).clamp(1, 4096) as u32;
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// LayerNorm / RMSNorm (the `cuda_fwd`s of `ops::norm`'s ops, whose `cpu_fwd` is the CPU kernel).
+
+/// Threads per block of the row kernels of norm.cu.
+#[cfg(feature = "cuda")]
+const NORM_THREADS: u32 = 256;
+
+/// y = norm(x)·w (+ b) over the last dimension of x (contiguous f32), `center` for LayerNorm.
+#[cfg(feature = "cuda")]
+pub(crate) fn norm_forward(
+    center: bool,
+    eps: f64,
+    (x, lx): (&candle_core::CudaStorage, &Layout),
+    (w, lw): (&candle_core::CudaStorage, &Layout),
+    b: Option<(&candle_core::CudaStorage, &Layout)>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    let dev = x.device().clone();
+    let (xa, xb) = contiguous(lx, "norm input")?;
+    let (wa, wb) = contiguous(lw, "norm weight")?;
+    let d = wb - wa;
+    if d == 0 || lx.dims().last() != Some(&d) {
+        bail!("norm: input {:?} vs weight [{d}]", lx.dims());
+    }
+    let rows = (xb - xa) / d;
+    let y = dev.alloc_zeros::<f32>(rows * d)?;
+    if rows > 0 {
+        let func = dev.get_or_load_custom_func("pocl_norm_forward", "pocl_norm", ptx::NORM)?;
+        let xv = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let wv = w.as_cuda_slice::<f32>()?.slice(wa..wb);
+        let bv = match b {
+            Some((b, lb)) => {
+                let (ba, bb) = contiguous(lb, "norm bias")?;
+                if bb - ba != d {
+                    bail!("norm: bias does not match the weight [{d}]");
+                }
+                Some(b.as_cuda_slice::<f32>()?.slice(ba..bb))
+            }
+            None => None,
+        };
+        let (d_i, center_i, has_bias) = (d as i32, i32::from(center), i32::from(bv.is_some()));
+        let mut builder = func.builder();
+        builder.arg(&xv);
+        builder.arg(&wv);
+        match &bv {
+            Some(bv) => builder.arg(bv),
+            None => builder.arg(&wv), // never read (has_bias = 0)
+        };
+        builder.arg(&y);
+        builder.arg(&d_i);
+        builder.arg(&center_i);
+        builder.arg(&has_bias);
+        builder.arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: arguments in pocl_norm_forward's order and types; x and y hold rows·d floats,
+        // w and b d floats.
+        unsafe { builder.launch(cfg) }.w()?;
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(y, dev),
+        lx.shape().clone(),
+    ))
+}
+
+/// The norm's backward: (dx; dw; db) as one [rows + 2, d] tensor, the CPU op's layout.
+#[cfg(feature = "cuda")]
+pub(crate) fn norm_backward(
+    center: bool,
+    eps: f64,
+    (x, lx): (&candle_core::CudaStorage, &Layout),
+    (w, lw): (&candle_core::CudaStorage, &Layout),
+    (dy, ldy): (&candle_core::CudaStorage, &Layout),
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    let dev = x.device().clone();
+    let (xa, xb) = contiguous(lx, "norm input")?;
+    let (wa, wb) = contiguous(lw, "norm weight")?;
+    let (ga, gb) = contiguous(ldy, "norm gradient")?;
+    let d = wb - wa;
+    if d == 0 || xb - xa != gb - ga || (xb - xa) % d != 0 {
+        bail!("norm backward: shapes do not fit");
+    }
+    let rows = (xb - xa) / d;
+    let mut out = dev.alloc_zeros::<f32>((rows + 2) * d)?;
+    if rows > 0 {
+        let stats = dev.alloc_zeros::<f64>(2 * rows)?;
+        let xv = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let wv = w.as_cuda_slice::<f32>()?.slice(wa..wb);
+        let gv = dy.as_cuda_slice::<f32>()?.slice(ga..gb);
+        let (d_i, center_i, rows_i) = (d as i32, i32::from(center), rows as i64);
+        {
+            let func =
+                dev.get_or_load_custom_func("pocl_norm_backward_rows", "pocl_norm", ptx::NORM)?;
+            let mut dx = out.slice_mut(0..rows * d);
+            let mut builder = func.builder();
+            builder.arg(&xv);
+            builder.arg(&wv);
+            builder.arg(&gv);
+            builder.arg(&mut dx);
+            builder.arg(&stats);
+            builder.arg(&d_i);
+            builder.arg(&center_i);
+            builder.arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (NORM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_norm_backward_rows's order and types; x, dy and dx hold
+            // rows·d floats, stats 2·rows doubles.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        let func =
+            dev.get_or_load_custom_func("pocl_norm_backward_params", "pocl_norm", ptx::NORM)?;
+        let mut builder = func.builder();
+        builder.arg(&xv);
+        builder.arg(&gv);
+        builder.arg(&stats);
+        builder.arg(&mut out);
+        builder.arg(&rows_i);
+        builder.arg(&d_i);
+        // SAFETY: arguments in pocl_norm_backward_params's order and types; out holds
+        // (rows + 2)·d floats.
+        unsafe { builder.launch(flat_config(d)) }.w()?;
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from((rows + 2, d)),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Linear layers.
+
+/// y = x·Wᵀ + b: the portable product, except that a bf16 weight (a frozen bf16 teacher) is
+/// multiplied in bf16 (cuBLAS bf16 on CUDA, accumulating in f32) with the input rounded to bf16,
+/// as a PyTorch bf16 model computes, instead of widening the whole weight to f32 per product.
+/// The output is f32 (as the portable one).
+pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let super::Weight::Bf16Tensor { w, out_in } = w else {
+        return super::portable::linear(w, x, b);
+    };
+    let w = if *out_in { w.t()? } else { w.clone() };
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let y = x
+        .reshape(((), inp))?
+        .to_dtype(DType::BF16)?
+        .matmul(&w)?
+        .to_dtype(DType::F32)?;
+    let y = match b {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    let mut out = dims;
+    *out.last_mut().unwrap() = y.dim(1)?;
+    y.reshape(out)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The attention softmax.
+
+/// Scaled dot-product attention (the portable composition, see `ops::portable::attention`) with
+/// the scale, bias and softmax fused into [`attention_softmax`]: one op forward and one backward
+/// instead of ~5 elementwise tensors each way over [b, h, tq, tk].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    super::portable::attention_with(q, k, v, |scores| attention_softmax(scores, bias, scale))
+}
+
+/// softmax(scores·scale + bias) over the last dimension, with backward; scores [b, h, tq, tk]
+/// f32, bias [b, 1, tq, tk] (shared by the heads). The CPU side runs `ops::softmax`'s rows, CUDA
+/// `pocl_softmax_forward` / `_backward` (softmax.cu).
+pub fn attention_softmax(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _, tq, tk) = scores.dims4()?;
+    // One bias row per (batch, query), shared by the heads; a smaller bias is broadcast to it.
+    let bias = bias.broadcast_as((b, 1, tq, tk))?;
+    scores.contiguous()?.apply_op2(
+        &bias.to_dtype(DType::F32)?.contiguous()?,
+        AttnSoftmax {
+            scale: scale as f32,
+        },
+    )
+}
+
+struct AttnSoftmax {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for AttnSoftmax {
+    fn name(&self) -> &'static str {
+        "pocl-attention-softmax"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        ls: &Layout,
+        bias: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, h, tq, tk) = ls.shape().dims4()?;
+        let s = super::contiguous_f32(s, ls, "attention scores")?;
+        let bias = super::contiguous_f32(bias, lb, "attention bias")?;
+        let mut p = s.to_vec();
+        for (r, row) in p.chunks_mut(tk.max(1)).enumerate() {
+            let br = (r / (h * tq)) * tq + r % tq;
+            super::softmax::softmax_forward_row(row, &bias[br * tk..(br + 1) * tk], self.scale);
+        }
+        Ok((CpuStorage::F32(p), ls.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        ls: &Layout,
+        bias: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (b, h, tq, tk) = ls.shape().dims4()?;
+        let dev = s.device().clone();
+        let (sa, sb) = contiguous(ls, "attention scores")?;
+        let (ba, bb) = contiguous(lb, "attention bias")?;
+        let rows = b * h * tq;
+        let p = dev.alloc_zeros::<f32>(rows * tk)?;
+        if rows > 0 && tk > 0 {
+            let func =
+                dev.get_or_load_custom_func("pocl_softmax_forward", "pocl_softmax", ptx::SOFTMAX)?;
+            let sv = s.as_cuda_slice::<f32>()?.slice(sa..sb);
+            let bv = bias.as_cuda_slice::<f32>()?.slice(ba..bb);
+            let (tk_i, h_i, tq_i) = (tk as i32, h as i32, tq as i32);
+            let mut builder = func.builder();
+            builder.arg(&sv);
+            builder.arg(&bv);
+            builder.arg(&p);
+            builder.arg(&tk_i);
+            builder.arg(&h_i);
+            builder.arg(&tq_i);
+            builder.arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_softmax_forward's order and types; s and p hold rows·tk
+            // floats, bias b·tq·tk.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(p, dev),
+            ls.shape().clone(),
+        ))
+    }
+    fn bwd(
+        &self,
+        _s: &Tensor,
+        _bias: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        Ok((Some(ds), None))
+    }
+}
+
+/// ds = scale·p·(dp − Σ p·dp) per row (the bias gets no gradient: it is a mask).
+struct SoftmaxBackward {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "pocl-attention-softmax-backward"
+    }
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        lp: &Layout,
+        dp: &CpuStorage,
+        ld: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let tk = lp.dims().last().copied().unwrap_or(0).max(1);
+        let p = super::contiguous_f32(p, lp, "attention probabilities")?;
+        let mut ds = super::contiguous_f32(dp, ld, "attention gradient")?.to_vec();
+        for (pr, dr) in p.chunks(tk).zip(ds.chunks_mut(tk)) {
+            super::softmax::softmax_backward_row(pr, dr, self.scale);
+        }
+        Ok((CpuStorage::F32(ds), lp.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        lp: &Layout,
+        dp: &candle_core::CudaStorage,
+        ld: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let dev = p.device().clone();
+        let (pa, pb) = contiguous(lp, "attention probabilities")?;
+        let (da, db) = contiguous(ld, "attention gradient")?;
+        let tk = lp.dims().last().copied().unwrap_or(0);
+        if pb - pa != db - da {
+            bail!("attention softmax backward: shapes do not fit");
+        }
+        let ds = dev.alloc_zeros::<f32>(pb - pa)?;
+        if tk > 0 && pb > pa {
+            let rows = (pb - pa) / tk;
+            let func =
+                dev.get_or_load_custom_func("pocl_softmax_backward", "pocl_softmax", ptx::SOFTMAX)?;
+            let pv = p.as_cuda_slice::<f32>()?.slice(pa..pb);
+            let dv = dp.as_cuda_slice::<f32>()?.slice(da..db);
+            let tk_i = tk as i32;
+            let mut builder = func.builder();
+            builder.arg(&pv);
+            builder.arg(&dv);
+            builder.arg(&ds);
+            builder.arg(&tk_i);
+            builder.arg(&self.scale);
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (ROW_BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_softmax_backward's order and types; p, dp and ds hold
+            // rows·tk floats.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(ds, dev),
+            lp.shape().clone(),
+        ))
+    }
+}
+
+/// Threads per block of the softmax rows (tk is at most a few thousand).
+#[cfg(feature = "cuda")]
+const ROW_BLOCK: u32 = 128;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// A bf16 weight's product is computed in bf16 (within bf16 rounding of the f32 product);
+    /// an f32 weight's is the portable one, exactly.
+    #[test]
+    fn bf16_linear_is_close_to_f32() -> Result<()> {
+        let dev = &Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 64), dev)?;
+        let w = Tensor::randn(0f32, 0.2, (40, 64), dev)?;
+        let b = Tensor::randn(0f32, 0.2, 40, dev)?;
+        let f32w = super::super::Weight::out_in(w.clone());
+        let want = super::super::portable::linear(&f32w, &x, Some(&b))?;
+        assert_eq!(
+            linear(&f32w, &x, Some(&b))?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            want.flatten_all()?.to_vec1::<f32>()?
+        );
+        let bf = super::super::Weight::Bf16Tensor {
+            w: w.to_dtype(DType::BF16)?,
+            out_in: true,
+        };
+        let got = linear(&bf, &x, Some(&b))?;
+        assert_eq!(got.dims(), &[2, 3, 40]);
+        let err = (got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let top = want.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err <= 1e-2 * top, "{err} vs {top}");
+        Ok(())
+    }
+}
