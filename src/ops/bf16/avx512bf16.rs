@@ -70,14 +70,7 @@ unsafe fn rows8(
             }
         }
     }
-    let mask = |c: usize| -> __mmask16 {
-        if c >= 16 {
-            0xffff
-        } else {
-            (1u16 << c) - 1
-        }
-    };
-    let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+    let (m0, m1) = column_masks(cols);
     for (i, acc) in acc.iter().enumerate().take(r) {
         // SAFETY: masked stores write only columns < cols of row i < r, in bounds (caller).
         unsafe {
@@ -88,4 +81,16 @@ unsafe fn rows8(
             }
         }
     }
+}
+
+/// Store masks for the two 16-column halves of a panel with `cols` valid columns.
+pub(super) fn column_masks(cols: usize) -> (__mmask16, __mmask16) {
+    let mask = |c: usize| -> __mmask16 {
+        if c >= 16 {
+            0xffff
+        } else {
+            (1u16 << c) - 1
+        }
+    };
+    (mask(cols), mask(cols.saturating_sub(16)))
 }
