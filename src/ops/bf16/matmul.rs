@@ -399,6 +399,29 @@ mod tests {
         check(3, 770, 50257, 50257);
     }
 
+    /// Every kernel gives each row the same bits whether it is computed alone (decoding one
+    /// sequence: the kernels' short row blocks) or among others (full blocks).
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let (m, k, n) = (41, 100, 70);
+        let (x, w) = (values(m * k, 8), values(n * k, 9));
+        let p = PackedBf16::from_out_in(&w, n, k);
+        for kernel in kernels() {
+            let mut all = vec![0f32; m * n];
+            p.matmul_with(kernel, &x, m, &mut all, n);
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                p.matmul_with(kernel, &x[i * k..(i + 1) * k], 1, &mut one, n);
+                assert!(
+                    one.iter()
+                        .zip(&all[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?}: row {i} alone differs"
+                );
+            }
+        }
+    }
+
     #[test]
     fn leading_dimension_larger_than_n_out() {
         check(17, 31, 15, 20);
