@@ -1,6 +1,6 @@
 //! Benchmark (not a timed test): the frozen-teacher matmul y = x·Wᵀ on the GPT-2 small shapes at
-//! m = 512 tokens, bf16 packed weights (`ops::bf16`, AMX and the AVX512-BF16 / portable
-//! fallbacks) against candle's f32 `Tensor::matmul` (the `gemm` crate). Prints one JSON line per
+//! m = 512 tokens, bf16 packed weights (`ops::bf16`, AMX and the AVX512-BF16 / f32-widen /
+//! portable fallbacks) against candle's f32 `Tensor::matmul` (the `gemm` crate). Prints one JSON line per
 //! measurement: GFLOP/s (2·m·k·n / median time), and the one-off packing cost of W.
 //!
 //! Run: cargo bench --bench bf16_matmul [-- --quick] [-- --m 512 --reps 10 --only amx]
@@ -89,18 +89,21 @@ fn main() -> anyhow::Result<()> {
         ("lm_head", 768, 50257),
     ];
     let mut impls = vec![];
-    if Kernel::Amx.is_supported() {
-        impls.push(("bf16_amx", Some(Kernel::Amx)));
-    }
-    if Kernel::Avx512Bf16.is_supported() {
-        impls.push(("bf16_avx512bf16", Some(Kernel::Avx512Bf16)));
-    }
-    if !quick {
-        impls.push(("bf16_portable", Some(Kernel::Portable)));
+    for (name, kernel) in [
+        ("bf16_amx", Kernel::Amx),
+        ("bf16_avx512bf16", Kernel::Avx512Bf16),
+        ("bf16_f32_widen", Kernel::F32Widen),
+        ("bf16_portable", Kernel::Portable),
+    ] {
+        if kernel.is_supported() && !(quick && kernel == Kernel::Portable) {
+            impls.push((name, Some(kernel)));
+        } else if !kernel.is_supported() {
+            eprintln!("{name}: this CPU cannot run it");
+        }
     }
     impls.push(("candle_f32", None));
     eprintln!(
-        "threads {threads}, amx_available {}, best kernel {:?}",
+        "threads {threads}, amx_available {}, selected kernel {}",
         amx_available(),
         Kernel::best()
     );

@@ -360,13 +360,16 @@ fn cpu_info() -> Value {
 /// dispatch, honouring POCL_NO_AMX) and every kernel this CPU supports.
 pub fn bf16_matmul_paths() -> Value {
     use ops::bf16::Kernel;
-    let name = |k: Kernel| format!("{k:?}").to_lowercase();
-    let supported: Vec<String> = [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Portable]
+    let supported: Vec<&str> = Kernel::ALL
         .into_iter()
         .filter(|k| k.is_supported())
-        .map(name)
+        .map(Kernel::name)
         .collect();
-    json!({"kernel": name(Kernel::best()), "supported": supported})
+    let kernel = match ops::bf16::selected_kernel() {
+        Ok(k) => k.name().to_string(),
+        Err(e) => format!("error: {e}"),
+    };
+    json!({"kernel": kernel, "supported": supported})
 }
 
 /// The target device: for a GPU its name, compute capability and memory ("unknown" where the

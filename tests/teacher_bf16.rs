@@ -92,7 +92,13 @@ fn bf16_logits_stay_close_to_f32_in_every_family() {
             "{name}: bf16 logits off by {err} (scale {scale})"
         );
         assert!(kl < 2e-3, "{name}: KL(f32 ‖ bf16) = {kl} nats per token");
-        assert!(err > 0.0, "{name}: bf16 must actually round something");
+        // The kernels that round x to bf16 must change something; f32-widen keeps x in f32, so
+        // on a fixture whose weights are already bf16 values (llama) it is exact.
+        let widen = pocl::ops::bf16::selected_kernel() == Ok(pocl::ops::bf16::Kernel::F32Widen);
+        assert!(
+            err > 0.0 || widen,
+            "{name}: bf16 must actually round something"
+        );
     }
 }
 

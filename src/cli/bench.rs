@@ -290,7 +290,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 })
                 .collect();
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
-            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(),
+            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(teacher_dtype, &backend)?,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown});
             if !dev.is_cpu() {
@@ -319,7 +319,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
                 println!(
                     "{}",
-                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype, "backend": backend.label(),
+                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype, "backend": backend.label(), "kernel": kernel_label(a.dtype, &backend)?,
                         "threads": threads, "new_tokens_per_second": ((bs * 96) as f64 / dt * 10.0).round() / 10.0,
                         "max_rss_mib": max_rss_mib().round()})
                 );
@@ -327,6 +327,21 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What multiplies the matrices that are in `precision`: the bf16 kernel chosen for this CPU
+/// (`ops::bf16::selected_kernel`: "amx", "avx512bf16", "f32-widen" or "portable") for bf16 on
+/// pocl's fused CPU kernels, "bf16-tensor" for bf16 on the portable backend (candle's matmul),
+/// "f32" for f32 weights.
+fn kernel_label(precision: Precision, backend: &Backend) -> Result<&'static str> {
+    Ok(match (precision, backend.kernels) {
+        (Precision::Bf16, pocl::backend::Kernels::Fused) => {
+            pocl::ops::bf16::selected_kernel()?.name()
+        }
+        (Precision::Bf16, pocl::backend::Kernels::Portable) => "bf16-tensor",
+        (Precision::Bf16, pocl::backend::Kernels::Cuda) => "bf16-cuda",
+        _ => "f32",
+    })
 }
 
 fn num_cpus_or_2() -> usize {

@@ -74,6 +74,9 @@ pub enum Command {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // The bf16 kernel is chosen once, here at start-up (an unknown or unrunnable
+    // POCL_BF16_KERNEL is a user error, reported before any work starts).
+    pocl::ops::bf16::selected_kernel()?;
     match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Train(a) => train::run(a),

@@ -513,6 +513,70 @@ mod skinny_tests {
         assert!(close(&got, &want), "columns-contiguous layout");
     }
 
+    /// Each compiled copy of the streamed matmul this CPU runs (AVX-512, AVX2 + FMA, baseline),
+    /// forced in turn, against an f64 reference in both W layouts; the output names the copies
+    /// that ran and those the CPU cannot run.
+    #[test]
+    fn every_skinny_variant_matches_an_f64_reference() {
+        use super::super::simd::{force, Level};
+        let (k, n) = (77, 530); // k past a 32-lane chunk, n over several column blocks
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let mut ran = vec![];
+        for level in Level::ALL {
+            if !level.is_supported() {
+                say(&format!(
+                    "skinny variant {level:?}: NOT RUN, this CPU cannot run it"
+                ));
+                continue;
+            }
+            for m in [1, 3, 16] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                    .collect();
+                let w: Vec<f32> = (0..n * k)
+                    .map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.0)
+                    .collect();
+                let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+                for (layout, view) in [
+                    ("out_in", View::rows(&w, n, k, k)),
+                    ("in_out", View::rows(&wt, k, n, n).t()),
+                ] {
+                    let mut y = vec![0f32; m * n];
+                    pool.install(|| force(level, || skinny(&x, m, view, &mut y)));
+                    for i in 0..m {
+                        for j in 0..n {
+                            let (mut want, mut scale) = (0f64, 0f64);
+                            for l in 0..k {
+                                let p = x[i * k + l] as f64 * w[j * k + l] as f64;
+                                want += p;
+                                scale += p.abs();
+                            }
+                            let got = y[i * n + j] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * scale,
+                                "{level:?} {layout} m={m} [{i}, {j}]: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+            say(&format!(
+                "skinny variant {level:?}: ran, matches the f64 reference"
+            ));
+            ran.push(level);
+        }
+        assert!(ran.contains(&Level::Baseline));
+    }
+
+    /// A line on stderr that the test harness does not capture (it captures `eprint!` only).
+    fn say(line: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
+
     const W: [f32; 6] = [1., 2., 3., 4., 5., 6.];
 
     #[test]

@@ -22,11 +22,15 @@ macro_rules! multiversion {
                     $imp($($arg),*)
                 }
                 use std::arch::is_x86_feature_detected as has;
-                if has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma") {
+                use $crate::ops::simd::{forced, Level};
+                let level = forced();
+                if level.is_none_or(|l| l == Level::Avx512)
+                    && has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma")
+                {
                     // SAFETY: the CPU features this copy was compiled for were detected above.
                     return unsafe { avx512($($arg),*) };
                 }
-                if has!("avx2") && has!("fma") {
+                if level.is_none_or(|l| l == Level::Avx2) && has!("avx2") && has!("fma") {
                     // SAFETY: as above.
                     return unsafe { avx2($($arg),*) };
                 }
@@ -37,3 +41,67 @@ macro_rules! multiversion {
 }
 
 pub(crate) use multiversion;
+
+/// The compiled copies [`multiversion`] chooses between.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Level {
+    Avx512,
+    Avx2,
+    /// Only ever forced by tests (the macro's fall-through is the baseline copy).
+    #[cfg_attr(not(test), allow(dead_code))]
+    Baseline,
+}
+
+impl Level {
+    #[cfg(test)]
+    pub(crate) const ALL: [Level; 3] = [Level::Avx512, Level::Avx2, Level::Baseline];
+
+    /// Whether this CPU runs the copy (the baseline runs everywhere).
+    #[cfg(test)]
+    pub(crate) fn is_supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            match self {
+                Level::Avx512 => {
+                    has!("avx512f") && has!("avx512dq") && has!("avx512vl") && has!("fma")
+                }
+                Level::Avx2 => has!("avx2") && has!("fma"),
+                Level::Baseline => true,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Level::Baseline
+        }
+    }
+}
+
+/// The copy a unit test forces on the calling thread ([`force`]); always `None` outside tests,
+/// so the choice is the CPU's.
+#[inline(always)]
+pub(crate) fn forced() -> Option<Level> {
+    #[cfg(test)]
+    {
+        FORCED.with(|f| f.get())
+    }
+    #[cfg(not(test))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    static FORCED: std::cell::Cell<Option<Level>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with [`multiversion`] functions forced to `level` on this thread (tests only; run
+/// the code under test on a one-thread pool from inside `f` so it stays on this thread).
+#[cfg(test)]
+pub(crate) fn force<R>(level: Level, f: impl FnOnce() -> R) -> R {
+    FORCED.with(|c| c.set(Some(level)));
+    let r = f();
+    FORCED.with(|c| c.set(None));
+    r
+}

@@ -2,10 +2,10 @@
 //! split of panels over rayon tasks, and the [`Job`] each kernel runs.
 
 use super::cpu::Kernel;
-use super::pack::{convert_x, Line, PAIR, PANEL, STEP, ZERO_LINE};
+use super::pack::{convert_x, Line, PAIR, PANEL, STEP, TK, ZERO_LINE};
 #[cfg(target_arch = "x86_64")]
 use super::{amx, avx512bf16};
-use super::{portable, PackedBf16};
+use super::{portable, widen, PackedBf16};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -65,13 +65,16 @@ impl PackedBf16 {
             }
             return;
         }
+        let out_ptr = OutPtr(out.as_mut_ptr());
+        if kernel == Kernel::F32Widen {
+            return self.matmul_widen(x, m, out_ptr, ldo, bias);
+        }
         // Rows per group: the group's converted x stays under A_BLOCK_BYTES, groups even-sized.
         let blocks = m.div_ceil(PAIR);
         let bytes = blocks * block_lines * 64;
         let groups = bytes.div_ceil(A_BLOCK_BYTES).clamp(1, blocks);
         let group_blocks = blocks.div_ceil(groups);
         let lines = group_blocks * block_lines;
-        let out_ptr = OutPtr(out.as_mut_ptr());
 
         let run = |a: &mut Vec<Line>| {
             if a.len() < lines {
@@ -86,7 +89,7 @@ impl PackedBf16 {
                     self.steps,
                     a,
                 );
-                self.compute(kernel, a, rows, row0, out_ptr, ldo, bias);
+                self.compute(kernel, X::Bf16(a), rows, row0, out_ptr, ldo, bias);
             }
         };
         // The converted x lives in a buffer owned by the calling thread and reused across calls;
@@ -97,13 +100,45 @@ impl PackedBf16 {
         });
     }
 
-    /// One group of x rows (converted in `a`, `rows` valid rows starting at output row `row0`)
-    /// against all panels, split over rayon tasks by panel ranges.
+    /// The f32-widen path: x stays f32, copied group by group into a per-thread buffer whose
+    /// rows are zero padded to the packed k (so kernels read whole k steps), then computed
+    /// against the bf16 panels.
+    fn matmul_widen(&self, x: &[f32], m: usize, out: OutPtr, ldo: usize, bias: Option<&[f32]>) {
+        let (k, ld) = (self.k, self.steps * TK);
+        let group = (X_F32_BYTES / (ld * 4)).clamp(8, m.next_multiple_of(8)) / 8 * 8;
+        let run = |buf: &mut Vec<f32>| {
+            if buf.len() < group * ld {
+                buf.resize(group * ld, 0.0);
+            }
+            for row0 in (0..m).step_by(group) {
+                let rows = (m - row0).min(group);
+                let xs = &mut buf[..rows * ld];
+                let copy = |(i, dst): (usize, &mut [f32])| {
+                    dst[..k].copy_from_slice(&x[(row0 + i) * k..(row0 + i + 1) * k]);
+                    dst[k..].fill(0.0);
+                };
+                if rows * ld >= 1 << 16 {
+                    xs.par_chunks_mut(ld).enumerate().for_each(copy);
+                } else {
+                    xs.chunks_mut(ld).enumerate().for_each(copy);
+                }
+                let xs = X::F32 { data: xs, ld };
+                self.compute(Kernel::F32Widen, xs, rows, row0, out, ldo, bias);
+            }
+        };
+        X_BUF.with(|buf| match buf.try_borrow_mut() {
+            Ok(mut b) => run(&mut b),
+            Err(_) => run(&mut Vec::new()),
+        });
+    }
+
+    /// One group of x rows (`rows` valid rows starting at output row `row0`) against all
+    /// panels, split over rayon tasks by panel ranges.
     #[allow(clippy::too_many_arguments)]
     fn compute(
         &self,
         kernel: Kernel,
-        a: &[Line],
+        a: X,
         rows: usize,
         row0: usize,
         out: OutPtr,
@@ -132,6 +167,9 @@ impl PackedBf16 {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: AVX512F + AVX512-BF16 were detected (asserted in `matmul_with`).
                 Kernel::Avx512Bf16 => unsafe { avx512bf16::run(&job, panels.clone()) },
+                // SAFETY: f32-widen is supported (asserted), so its best variant's features
+                // are present; the job holds f32 x (`matmul_widen`).
+                Kernel::F32Widen => unsafe { widen::run(widen_isa(), &job, panels.clone()) },
                 _ => portable::run(&job, panels.clone()),
             }
             if let Some(bias) = bias {
@@ -148,8 +186,35 @@ impl PackedBf16 {
     }
 }
 
+/// Target size of one group of f32 x rows (f32-widen): half of A_BLOCK_BYTES, the same
+/// number of rows as a bf16 group.
+const X_F32_BYTES: usize = 512 << 10;
+
 thread_local! {
     static A_BUF: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
+    static X_BUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The f32-widen variant products use: the best one, unless a test forces another.
+fn widen_isa() -> widen::Isa {
+    #[cfg(test)]
+    if let Some(isa) = FORCED_ISA.with(|f| f.get()) {
+        return isa;
+    }
+    widen::Isa::best()
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Set by tests on the thread that runs a product with a single-thread pool.
+    static FORCED_ISA: std::cell::Cell<Option<widen::Isa>> = const { std::cell::Cell::new(None) };
+}
+
+/// x as a kernel reads it: converted to bf16 tile blocks, or f32 rows (f32-widen).
+#[derive(Clone, Copy)]
+pub(super) enum X<'a> {
+    Bf16(&'a [Line]),
+    F32 { data: &'a [f32], ld: usize },
 }
 
 /// Raw output pointer shared by the tasks of one call.
@@ -167,7 +232,7 @@ unsafe impl Sync for OutPtr {}
 /// j < n_out.
 pub(super) struct Job<'a> {
     pub(super) w: &'a PackedBf16,
-    a: &'a [Line],
+    a: X<'a>,
     pub(super) rows: usize,
     row0: usize,
     out: OutPtr,
@@ -181,8 +246,19 @@ impl Job<'_> {
     }
 
     pub(super) fn block(&self, q: usize) -> &[Line] {
+        let X::Bf16(a) = self.a else {
+            unreachable!("a bf16 kernel was given f32 x")
+        };
         let n = self.w.steps * STEP;
-        &self.a[q * n..(q + 1) * n]
+        &a[q * n..(q + 1) * n]
+    }
+
+    /// The f32 x rows and their stride (`w.steps`·TK, zero padded past k): f32-widen only.
+    pub(super) fn x_f32(&self) -> (&[f32], usize) {
+        let X::F32 { data, ld } = self.a else {
+            unreachable!("the f32-widen kernel was given bf16 x")
+        };
+        (data, ld)
     }
 
     /// Valid columns of panel p (1..=32).
@@ -225,7 +301,7 @@ mod tests {
 
     /// Kernels to test here; prints a note for the ones this CPU lacks.
     fn kernels() -> Vec<Kernel> {
-        [Kernel::Amx, Kernel::Avx512Bf16, Kernel::Portable]
+        Kernel::ALL
             .into_iter()
             .filter(|k| {
                 let ok = k.is_supported();
@@ -238,7 +314,8 @@ mod tests {
     }
 
     /// Checks every kernel and both constructors against an f64 reference of the bf16-rounded
-    /// inputs: error ≤ 1e-5 · Σ_l |x||w| per element (f32 accumulation).
+    /// inputs (x left in f32 for f32-widen, which does not round it): error ≤ 1e-5 · Σ_l |x||w|
+    /// per element (f32 accumulation).
     fn check(m: usize, k: usize, n: usize, ldo: usize) {
         let x = values(m * k, (m * 31 + k * 7 + n) as u64);
         let w = values(n * k, (n * 13 + k) as u64 + 99); // [n, k]
@@ -250,19 +327,32 @@ mod tests {
             p.data.iter().zip(&pt.data).all(|(a, b)| a.0 == b.0),
             "packings differ"
         );
-        let xb: Vec<f64> = x.iter().map(|&v| bf(v)).collect();
         let wb: Vec<f64> = w.iter().map(|&v| bf(v)).collect();
-        let mut want = vec![0f64; m * n];
-        let mut scale = vec![0f64; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                let (xr, wr) = (&xb[i * k..][..k], &wb[j * k..][..k]);
-                want[i * n + j] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
-                scale[i * n + j] = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+        let reference = |round_x: bool| {
+            let xb: Vec<f64> = x
+                .iter()
+                .map(|&v| if round_x { bf(v) } else { v as f64 })
+                .collect();
+            let mut want = vec![0f64; m * n];
+            let mut scale = vec![0f64; m * n];
+            for i in 0..m {
+                for j in 0..n {
+                    let (xr, wr) = (&xb[i * k..][..k], &wb[j * k..][..k]);
+                    want[i * n + j] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+                    scale[i * n + j] = xr.iter().zip(wr).map(|(a, b)| (a * b).abs()).sum();
+                }
             }
-        }
+            (want, scale)
+        };
+        let rounded = reference(true);
+        let unrounded = reference(false);
         const SENTINEL: f32 = 12345.0;
         for kernel in kernels() {
+            let (want, scale) = if kernel == Kernel::F32Widen {
+                &unrounded
+            } else {
+                &rounded
+            };
             for (name, packed) in [("out_in", &p), ("in_out", &pt)] {
                 let mut out = vec![SENTINEL; m * ldo];
                 packed.matmul_with(kernel, &x, m, &mut out, ldo);
@@ -307,6 +397,29 @@ mod tests {
     fn matches_reference_vocab() {
         check(1, 64, 50257, 50257);
         check(3, 770, 50257, 50257);
+    }
+
+    /// Every kernel gives each row the same bits whether it is computed alone (decoding one
+    /// sequence: the kernels' short row blocks) or among others (full blocks).
+    #[test]
+    fn a_row_does_not_depend_on_the_rows_beside_it() {
+        let (m, k, n) = (41, 100, 70);
+        let (x, w) = (values(m * k, 8), values(n * k, 9));
+        let p = PackedBf16::from_out_in(&w, n, k);
+        for kernel in kernels() {
+            let mut all = vec![0f32; m * n];
+            p.matmul_with(kernel, &x, m, &mut all, n);
+            for i in 0..m {
+                let mut one = vec![0f32; n];
+                p.matmul_with(kernel, &x[i * k..(i + 1) * k], 1, &mut one, n);
+                assert!(
+                    one.iter()
+                        .zip(&all[i * n..(i + 1) * n])
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{kernel:?}: row {i} alone differs"
+                );
+            }
+        }
     }
 
     #[test]
@@ -374,5 +487,86 @@ mod tests {
     fn an_output_size_that_wraps_is_refused() {
         let p = PackedBf16::from_out_in(&[], 2, 0);
         p.matmul(&[], usize::MAX / 2 + 1, &mut [0.0; 2], 2);
+    }
+}
+
+#[cfg(test)]
+mod widen_tests {
+    use super::super::{widen::Isa, Kernel, PackedBf16};
+    use super::FORCED_ISA;
+
+    /// Every f32-widen variant this CPU runs gives the same bits as the best one (same FMA
+    /// chain), on shapes with partial panels, partial row blocks and padded k; the ones the CPU
+    /// cannot run are named.
+    #[test]
+    fn widen_variants_agree_to_the_bit() {
+        if !Kernel::F32Widen.is_supported() {
+            say("f32-widen: NOT RUN, this CPU cannot run it");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let isas = [Isa::Avx512, Isa::Avx2];
+        #[cfg(not(target_arch = "x86_64"))]
+        let isas = [Isa::Baseline];
+        // One thread, so the forced variant (a thread-local) is the one that runs.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for (m, k, n) in [
+            (1, 1, 1),
+            (3, 31, 15),
+            (9, 70, 47),
+            (17, 770, 100),
+            (40, 64, 33),
+        ] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 11.0)
+                .collect();
+            let p = PackedBf16::from_out_in(&w, n, k);
+            let mut results = vec![];
+            for isa in isas {
+                if !isa.is_supported() {
+                    continue;
+                }
+                let mut out = vec![0f32; m * n];
+                pool.install(|| {
+                    FORCED_ISA.with(|f| f.set(Some(isa)));
+                    p.matmul_with(Kernel::F32Widen, &x, m, &mut out, n);
+                    FORCED_ISA.with(|f| f.set(None));
+                });
+                results.push((isa, out));
+            }
+            let mut best = vec![0f32; m * n];
+            pool.install(|| p.matmul_with(Kernel::F32Widen, &x, m, &mut best, n));
+            for (isa, out) in &results {
+                assert!(
+                    out.iter()
+                        .zip(&best)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{isa:?} differs from {:?} on [{m}, {k}, {n}]",
+                    Isa::best()
+                );
+            }
+        }
+        for isa in isas {
+            say(&if isa.is_supported() {
+                format!(
+                    "f32-widen variant {isa:?}: ran, equal to the bit to {:?}",
+                    Isa::best()
+                )
+            } else {
+                format!("f32-widen variant {isa:?}: NOT RUN, this CPU cannot run it")
+            });
+        }
+    }
+
+    /// A line on stderr that the test harness does not capture (it captures `eprint!` only).
+    fn say(line: &str) {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "{line}");
     }
 }

@@ -3,14 +3,18 @@
 //! `y = x · Wᵀ` with both operands rounded to bf16 (round to nearest even) and products
 //! accumulated in f32. W is converted and packed once ([`PackedBf16`]); x is converted per call.
 //!
-//! Kernels, best first (see [`Kernel`]):
+//! Kernels, best first (see [`Kernel`]; chosen once per process by [`selected_kernel`] from the
+//! CPU's features, or forced with `POCL_BF16_KERNEL=amx|avx512bf16|f32-widen|portable`):
 //! - AMX (`tdpbf16ps` on 16×16 f32 tiles, Sapphire Rapids and later), through `asm!` since the
 //!   AMX intrinsics are not stable;
 //! - AVX512-BF16 (`vdpbf16ps`), the fallback on CPUs without AMX or when the OS denies the tile
 //!   state (or `POCL_NO_AMX=1`);
-//! - portable Rust, for everything else.
+//! - f32-widen, on CPUs without a bf16 dot-product instruction: W widened to f32 in registers,
+//!   x kept in f32, f32 FMAs (AVX-512F or AVX2 + FMA; aarch64), so bf16 weights cost half the
+//!   memory and no speed against f32;
+//! - portable Rust, for everything else (and the reference).
 //!
-//! All three read the same packed layout, so one `PackedBf16` serves any kernel.
+//! All four read the same packed layout, so one `PackedBf16` serves any kernel.
 //!
 //! Packed W: output columns in panels of 32 (two 16-column B tiles), k in steps of 32. For panel
 //! p, step s, half t ∈ {0, 1}: one 1 KiB tile of 16 lines × 64 bytes, line r holding, for the 16
@@ -28,11 +32,12 @@
 //! Where things are:
 //! - this file: [`PackedBf16`], its constructors and the `matmul` entry points;
 //! - `convert`: f32 ↔ bf16 rounding (scalar, and 32 values at a time into a tile line);
-//! - `cpu`: which kernels this CPU and OS can run ([`Kernel`], [`amx_available`]);
+//! - `cpu`: which kernels this CPU and OS can run, and the one chosen ([`Kernel`],
+//!   [`selected_kernel`], [`amx_available`]);
 //! - `pack`: the tile layout above (W packed once, x converted per call, a row unpacked);
 //! - `matmul`: one product's driver (checks, per-thread x buffer, panels split over rayon
 //!   tasks, the `Job` a kernel gets);
-//! - `amx`, `avx512bf16`, `portable`: the three kernels.
+//! - `amx`, `avx512bf16`, `widen`, `portable`: the four kernels.
 
 #[cfg(target_arch = "x86_64")]
 mod amx;
@@ -43,9 +48,10 @@ mod cpu;
 mod matmul;
 mod pack;
 mod portable;
+mod widen;
 
 pub use convert::{bf16_bits_to_f32, f32_to_bf16_bits};
-pub use cpu::{amx_available, Kernel};
+pub use cpu::{amx_available, selected_kernel, Kernel, KernelError, KERNEL_ENV};
 
 use pack::Line;
 
@@ -94,8 +100,9 @@ impl PackedBf16 {
     }
 
     /// `out[i*ldo + j] = Σ_l bf16(x[i*k + l]) · bf16(W[j, l])`, accumulated in f32, for i < m,
-    /// j < n_out (other elements of `out` are untouched). `x` is row-major [m, k] f32. Runs on
-    /// the global rayon pool with the best kernel ([`Kernel::best`]).
+    /// j < n_out (other elements of `out` are untouched; f32-widen does not round x). `x` is
+    /// row-major [m, k] f32. Runs on the global rayon pool with the selected kernel
+    /// ([`Kernel::best`]).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
         self.matmul_with(Kernel::best(), x, m, out, ldo)
     }
@@ -110,6 +117,20 @@ impl PackedBf16 {
     /// [`PackedBf16::matmul`] with an explicit kernel. Panics if the CPU cannot run it.
     pub fn matmul_with(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
         self.matmul_impl(kernel, x, m, out, ldo, None)
+    }
+
+    /// [`PackedBf16::matmul_bias`] with an explicit kernel. Panics if the CPU cannot run it.
+    pub fn matmul_bias_with(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        ldo: usize,
+        bias: &[f32],
+    ) {
+        assert_eq!(bias.len(), self.n_out, "matmul: bias length");
+        self.matmul_impl(kernel, x, m, out, ldo, Some(bias))
     }
 }
 

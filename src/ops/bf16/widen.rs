@@ -1,0 +1,243 @@
+//! f32-widen kernel, for CPUs without a bf16 dot-product instruction: the packed bf16 W is
+//! widened to f32 in registers (a bf16 is the high half of an f32: a shift for the even k of a
+//! VNNI pair, a mask for the odd one) and multiplied with the f32 x (not rounded to bf16) by f32
+//! FMAs. W keeps its half-size packed form; the arithmetic runs at f32 FMA speed.
+//!
+//! Every variant computes each output as the same chain, acc = fma(x[l], W[j, l], acc) for
+//! l = 0, 1, … in order, so they agree to the bit (tested): AVX-512F on 8 rows × 32 columns
+//! (16 zmm accumulators), and a portable body on 4 rows × 16 columns (8 ymm accumulators when
+//! compiled for AVX2 + FMA; NEON on aarch64).
+
+use super::matmul::Job;
+use super::pack::{Line, PANEL, STEP, TILE, TK};
+
+/// Which compiled variant runs (forced only by tests; [`run`] picks the best).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// The portable body compiled for the target's baseline (aarch64: NEON, which has FMA).
+    #[cfg(not(target_arch = "x86_64"))]
+    Baseline,
+}
+
+impl Isa {
+    /// The best variant this CPU runs (f32-widen is only selected where one exists).
+    pub(super) fn best() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::cpu::has_avx512f() {
+                Isa::Avx512
+            } else {
+                Isa::Avx2
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Baseline
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => super::cpu::has_avx512f(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Baseline => cfg!(target_arch = "aarch64"),
+        }
+    }
+}
+
+/// The job's rows against `panels`, with `isa`.
+///
+/// # Safety
+/// The CPU has `isa`'s features; `job` satisfies its invariants and holds f32 x.
+pub(super) unsafe fn run(isa: Isa, job: &Job, panels: std::ops::Range<usize>) {
+    match isa {
+        // SAFETY: AVX-512F present (caller); Job invariants (caller).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { run_avx512(job, panels) },
+        // SAFETY: AVX2 + FMA present (caller).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { run_avx2(job, panels) },
+        #[cfg(not(target_arch = "x86_64"))]
+        Isa::Baseline => run_portable(job, panels),
+    }
+}
+
+/// Rows per AVX-512 register block.
+const ROWS512: usize = 8;
+/// Rows per portable register block.
+const ROWS: usize = 4;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn run_avx512(job: &Job, panels: std::ops::Range<usize>) {
+    let (x, ld) = job.x_f32();
+    let steps = job.w.steps;
+    for p in panels {
+        let b = job.panel(p);
+        let cols = job.cols(p);
+        for i0 in (0..job.rows).step_by(ROWS512) {
+            let r = (job.rows - i0).min(ROWS512);
+            let xr = &x[i0 * ld..(i0 + r) * ld];
+            let dst = job.out_at(i0, p * PANEL);
+            // SAFETY: AVX-512F enabled here; xr holds r rows of ld = steps·TK values, b holds
+            // `steps` steps; dst rows < job.rows and columns < n_out are in `out` and owned by
+            // this task (Job invariants).
+            unsafe {
+                match r {
+                    8 => rows512::<8>(xr, ld, b, steps, cols, dst, job.ldo),
+                    7 => rows512::<7>(xr, ld, b, steps, cols, dst, job.ldo),
+                    6 => rows512::<6>(xr, ld, b, steps, cols, dst, job.ldo),
+                    5 => rows512::<5>(xr, ld, b, steps, cols, dst, job.ldo),
+                    4 => rows512::<4>(xr, ld, b, steps, cols, dst, job.ldo),
+                    3 => rows512::<3>(xr, ld, b, steps, cols, dst, job.ldo),
+                    2 => rows512::<2>(xr, ld, b, steps, cols, dst, job.ldo),
+                    _ => rows512::<1>(xr, ld, b, steps, cols, dst, job.ldo),
+                }
+            }
+        }
+    }
+}
+
+/// R rows of x (row stride `ld`, zero padded to `steps`·TK) against one panel; stores R rows ×
+/// `cols` columns at `dst` (row stride `ldo`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows512<const R: usize>(
+    x: &[f32],
+    ld: usize,
+    b: &[Line],
+    steps: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldo: usize,
+) {
+    use core::arch::x86_64::*;
+    assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * STEP);
+    let xp = x.as_ptr();
+    let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for s in 0..steps {
+        let bt = &b[s * STEP..][..STEP];
+        for k2 in 0..TILE {
+            // SAFETY: Lines are 64 bytes, 64-byte aligned; x indices below are
+            // < (R - 1)·ld + steps·TK (asserted).
+            unsafe {
+                let w0 = _mm512_load_si512(bt[k2].0.as_ptr() as *const __m512i);
+                let w1 = _mm512_load_si512(bt[TILE + k2].0.as_ptr() as *const __m512i);
+                // Columns 0..16 (w0) and 16..32 (w1); even k in the low halves of the words.
+                let e0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w0));
+                let o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
+                let e1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w1));
+                let o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
+                let l = s * TK + 2 * k2;
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a0 = _mm512_set1_ps(*xp.add(i * ld + l));
+                    let a1 = _mm512_set1_ps(*xp.add(i * ld + l + 1));
+                    acc[0] = _mm512_fmadd_ps(a0, e0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(a0, e1, acc[1]);
+                    acc[0] = _mm512_fmadd_ps(a1, o0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(a1, o1, acc[1]);
+                }
+            }
+        }
+    }
+    let (m0, m1) = super::avx512bf16::column_masks(cols);
+    for (i, acc) in acc.iter().enumerate() {
+        // SAFETY: masked stores write only columns < cols of row i < R, in bounds (caller).
+        unsafe {
+            let d = dst.add(i * ldo);
+            _mm512_mask_storeu_ps(d, m0, acc[0]);
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(d.add(16), m1, acc[1]);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
+    run_portable(job, panels)
+}
+
+/// The portable body: 4 rows × 16 columns (half a panel) per register block.
+#[inline(always)]
+fn run_portable(job: &Job, panels: std::ops::Range<usize>) {
+    let (x, ld) = job.x_f32();
+    let steps = job.w.steps;
+    for p in panels {
+        let b = job.panel(p);
+        let cols = job.cols(p);
+        for half in 0..2 {
+            let c0 = 16 * half;
+            if c0 >= cols {
+                break;
+            }
+            let c = (cols - c0).min(16);
+            for i0 in (0..job.rows).step_by(ROWS) {
+                let r = (job.rows - i0).min(ROWS);
+                let acc = rows_half(&x[i0 * ld..], ld, r, b, steps, half);
+                for (i, acc) in acc.iter().enumerate().take(r) {
+                    let dst = job.out_at(i0 + i, p * PANEL + c0);
+                    // SAFETY: row < job.rows and columns < n_out are inside `out` and owned
+                    // by this task (its panel); Job invariants.
+                    unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, c) };
+                }
+            }
+        }
+    }
+}
+
+/// Up to 4 rows (`r`; missing rows read as zero) against half `half` of one panel.
+#[inline(always)]
+fn rows_half(
+    x: &[f32],
+    ld: usize,
+    r: usize,
+    b: &[Line],
+    steps: usize,
+    half: usize,
+) -> [[f32; 16]; ROWS] {
+    let mut acc = [[0f32; 16]; ROWS];
+    let row = |i: usize| -> &[f32] {
+        if i < r {
+            &x[i * ld..i * ld + steps * TK]
+        } else {
+            &[]
+        }
+    };
+    let xs = [row(0), row(1), row(2), row(3)];
+    for s in 0..steps {
+        for k2 in 0..TILE {
+            let line = &b[s * STEP + half * TILE + k2].0;
+            let mut even = [0f32; 16];
+            let mut odd = [0f32; 16];
+            for c in 0..16 {
+                let word = line[2 * c] as u32 | (line[2 * c + 1] as u32) << 16;
+                even[c] = f32::from_bits(word << 16);
+                odd[c] = f32::from_bits(word & 0xffff_0000);
+            }
+            let l = s * TK + 2 * k2;
+            for (acc, xr) in acc.iter_mut().zip(&xs) {
+                let Some(&[a0, a1]) = xr.get(l..l + 2).map(|p| <&[f32; 2]>::try_from(p).unwrap())
+                else {
+                    continue;
+                };
+                for c in 0..16 {
+                    acc[c] = a0.mul_add(even[c], acc[c]);
+                }
+                for c in 0..16 {
+                    acc[c] = a1.mul_add(odd[c], acc[c]);
+                }
+            }
+        }
+    }
+    acc
+}
