@@ -24,9 +24,8 @@ step() {  # name, timeout seconds, command...
   fi
 }
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-if "$bin" --help | grep -q '^  doctor'; then
-  step doctor 180 "$bin" doctor --device cuda
-fi
+step doctor 180 "$bin" doctor --device cuda
+step doctor-fused 180 "$bin" doctor --device cuda --kernels fused
 step bench-portable 150 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 5
 step bench-fused 150 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 5
 step peer 150 python3 "$peer" kd-step-large
