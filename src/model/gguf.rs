@@ -393,14 +393,7 @@ fn byte_level_tokenizer(g: &Gguf, tokens: &[String]) -> Result<Value> {
         };
         vocab.insert(spelled, json!(i));
     }
-    let merges: Vec<Value> = g
-        .strings("tokenizer.ggml.merges")?
-        .iter()
-        .map(|m| {
-            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-            json!([a, b])
-        })
-        .collect();
+    let merges = file_merges(g)?;
     let types = g.ints("tokenizer.ggml.token_type")?;
     let mut added = Vec::new();
     for (i, (t, ty)) in tokens.iter().zip(&types).enumerate() {
@@ -434,6 +427,17 @@ fn byte_level_tokenizer(g: &Gguf, tokens: &[String]) -> Result<Value> {
 }
 
 /// tokenizer_config.json: the special tokens by content, the chat template, BOS/EOS adding.
+/// `tokenizer.ggml.merges` ("a b" strings) as tokenizer.json's [a, b] pairs.
+fn file_merges(g: &Gguf) -> Result<Vec<Value>> {
+    Ok(g.strings("tokenizer.ggml.merges")?
+        .iter()
+        .map(|m| {
+            let (a, b) = m.split_once(' ').unwrap_or((m, ""));
+            json!([a, b])
+        })
+        .collect())
+}
+
 /// tokenizer.json of a SentencePiece BPE GGUF vocabulary (`tokenizer.ggml.model = "llama"`:
 /// Llama 2, Mistral), as transformers builds it (`sentencepiece_tokenizer` + `LlamaTokenizer`):
 /// the pieces as the file spells them (with "▁" for spaces), byte fallback, a Metaspace
@@ -447,13 +451,7 @@ fn sentencepiece_tokenizer(g: &Gguf, tokens: &[String]) -> Result<Value> {
         .map(|(i, t)| (t.clone(), json!(i)))
         .collect();
     let merges: Vec<Value> = if g.get("tokenizer.ggml.merges").is_some() {
-        g.strings("tokenizer.ggml.merges")?
-            .iter()
-            .map(|m| {
-                let (a, b) = m.split_once(' ').unwrap_or((m, ""));
-                json!([a, b])
-            })
-            .collect()
+        file_merges(g)?
     } else {
         let scores = g.floats("tokenizer.ggml.scores")?;
         if scores.len() != tokens.len() {
