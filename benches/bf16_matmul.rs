@@ -9,17 +9,8 @@ use candle_core::{Device, Tensor};
 use pocl::ops::bf16::{amx_available, Kernel, PackedBf16};
 use std::time::Instant;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 /// CPU time of the whole process (all threads), seconds.
 fn process_cpu() -> f64 {

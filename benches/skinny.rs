@@ -8,17 +8,8 @@
 use pocl::ops::gemm::{skinny, View};
 use std::time::Instant;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed | 1;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-        })
-        .collect()
-}
+mod common;
+use common::values;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
