@@ -45,6 +45,10 @@ pub struct ModelSection {
     /// on-policy loss (gkd) the data batches read it and the student's samples still ask the
     /// live teacher.
     pub teacher_cache: Option<PathBuf>,
+    /// With a teacher cache: the stages at whose temperature the cache's measured relative
+    /// error for this run's loss exceeds this value ask the live teacher instead (e.g. 0.02).
+    /// Unset: every stage reads the cache, and the run says where its error exceeds 2%.
+    pub teacher_cache_max_error: Option<f64>,
 }
 
 impl Default for ModelSection {
@@ -54,6 +58,7 @@ impl Default for ModelSection {
             student: PathBuf::new(),
             teacher_dtype: Precision::F32,
             teacher_cache: None,
+            teacher_cache_max_error: None,
         }
     }
 }
@@ -442,6 +447,13 @@ impl Recipe {
         }
         if e.dev_rouge_samples > 0 && e.max_new_tokens == 0 {
             bail!("eval.max_new_tokens: must be at least 1 when eval.dev_rouge_samples > 0");
+        }
+        if let Some(m) = self.model.teacher_cache_max_error {
+            if !(m >= 0.0 && m.is_finite()) {
+                bail!(
+                    "model.teacher_cache_max_error: must be a finite relative error >= 0 (got {m})"
+                );
+            }
         }
         if self.objective.loss.needs_teacher() && self.model.teacher.is_none() {
             bail!("model.teacher: required for loss \"{}\" (use objective.loss = \"sft\" to train without one)", self.objective.loss);

@@ -515,22 +515,27 @@ fn a_killed_build_resumes_to_the_same_cache() {
     );
 }
 
-/// The step losses of `r` run into `out` (`pipeline::run_recipe`), with whether each step was
-/// on-policy.
-fn step_losses(r: &Recipe, out: &Path) -> Vec<(f64, bool)> {
+/// The step metrics lines of `r` run into `out` (`pipeline::run_recipe`).
+fn steps(r: &Recipe, out: &Path) -> Vec<serde_json::Value> {
     pocl::pipeline::run_recipe(r.clone(), out, false).unwrap();
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
         .filter(|x| x["type"] == "step")
-        .map(|x| {
-            (
-                x["loss"].as_f64().unwrap(),
-                x["on_policy"].as_bool().unwrap(),
-            )
-        })
         .collect()
+}
+
+/// The step losses of `r` run into `out`, with a step flag (`"on_policy"`, `"cached"`).
+fn steps_with(r: &Recipe, out: &Path, flag: &str) -> Vec<(f64, bool)> {
+    (steps(r, out).iter())
+        .map(|x| (x["loss"].as_f64().unwrap(), x[flag].as_bool().unwrap()))
+        .collect()
+}
+
+/// The step losses of `r` run into `out`, with whether each step was on-policy.
+fn step_losses(r: &Recipe, out: &Path) -> Vec<(f64, bool)> {
+    steps_with(r, out, "on_policy")
 }
 
 #[test]
@@ -573,4 +578,101 @@ fn gkd_on_a_cache_reads_it_for_data_batches_and_asks_the_live_teacher_for_sample
         "{mixed:?}"
     );
     assert!(mixed.iter().all(|x| x.0.is_finite()));
+}
+
+/// The step losses of `r` run into `out`, with whether each step read the cache.
+fn cached_steps(r: &Recipe, out: &Path) -> Vec<(f64, bool)> {
+    steps_with(r, out, "cached")
+}
+
+#[test]
+fn a_recipe_cache_measures_its_own_fidelity() {
+    let (s, r) = setup("fidelity", 16);
+    let mut r = r;
+    r.curriculum.t_start = 1.0; // stages at T = 1 and 2
+    let v = vocab(&r);
+    let open = |dir: &Path| TeacherCache::open(dir, &recipe_identity(&r, v, 0).unwrap()).unwrap();
+    // K = vocabulary: the cached loss is the full one up to the f16 logits.
+    let full = s.dir.join("cache-full");
+    build(&r, &full, v, 8);
+    let c = open(&full);
+    let f = c.fidelity().expect("measured when built");
+    assert_eq!(f.samples, 16);
+    assert_eq!(f.relative_error.len(), 6, "{:?}", f.relative_error);
+    for (d, errs) in &f.relative_error {
+        assert_eq!(errs.len(), 2);
+        assert!(errs.iter().all(|e| *e < 1e-4), "{d}: {errs:?}");
+    }
+    // K = 4 of 300: far off, more so at the higher temperature for the forward divergence.
+    let small = s.dir.join("cache-4");
+    build(&r, &small, 4, 8);
+    let c = open(&small);
+    let (e1, e2) = (
+        c.fidelity_at("fkl", 1.0).unwrap(),
+        c.fidelity_at("fkl", 2.0).unwrap(),
+    );
+    assert!(e1 > 1e-3 && e2 > e1, "fkl: {e1} at T = 1, {e2} at T = 2");
+    assert!(
+        c.fidelity_at("fkl", 1.5).is_none(),
+        "not a cached temperature"
+    );
+}
+
+#[test]
+fn stages_past_the_max_error_ask_the_live_teacher() {
+    let (s, r) = setup("max-error", 16);
+    let mut r = r;
+    r.curriculum.t_start = 1.0; // stages at T = 1 and 2
+    let v = vocab(&r);
+    let cache_dir = r.model.teacher_cache.clone().unwrap();
+    build(&r, &cache_dir, 4, 8);
+    let c = TeacherCache::open(&cache_dir, &recipe_identity(&r, v, 0).unwrap()).unwrap();
+    let (e1, e2) = (
+        c.fidelity_at("fkl", 1.0).unwrap(),
+        c.fidelity_at("fkl", 2.0).unwrap(),
+    );
+    assert!(e1 < e2, "{e1} {e2}");
+    let with_max = |m: Option<f64>| {
+        let mut r = r.clone();
+        r.model.teacher_cache_max_error = m;
+        r
+    };
+    // Unset: every step reads the cache.
+    let cached = cached_steps(&with_max(None), &s.dir.join("cached"));
+    assert!(
+        cached.len() >= 2 && cached.iter().all(|x| x.1),
+        "{cached:?}"
+    );
+    // Looser than both errors: the same run.
+    assert_eq!(
+        cached,
+        cached_steps(&with_max(Some(1e9)), &s.dir.join("loose"))
+    );
+    // Stricter than both: every step asks the live teacher, as a run without a cache does.
+    let live = cached_steps(&with_max(Some(0.0)), &s.dir.join("strict"));
+    assert!(live.iter().all(|x| !x.1), "{live:?}");
+    let mut no_cache = r.clone();
+    no_cache.model.teacher_cache = None;
+    let reference = cached_steps(&no_cache, &s.dir.join("no-cache"));
+    assert_eq!(
+        live.iter().map(|x| x.0).collect::<Vec<_>>(),
+        reference.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    // Between the two: the T = 1 stage reads the cache, the T = 2 stage asks the teacher.
+    let mixed = cached_steps(&with_max(Some((e1 + e2) / 2.0)), &s.dir.join("mixed"));
+    assert_eq!(mixed.len(), cached.len());
+    let half = mixed.len() / 2;
+    assert!(mixed[..half].iter().all(|x| x.1), "{mixed:?}");
+    assert!(mixed[half..].iter().all(|x| !x.1), "{mixed:?}");
+    assert_eq!(mixed[..half], cached[..half], "the cached stage as before");
+    // A bad value is refused naming the key.
+    let e = Recipe::load(
+        &s.dir.join("recipe.toml"),
+        &["model.teacher_cache_max_error=-1".into()],
+    )
+    .unwrap_err();
+    assert!(
+        format!("{e:#}").contains("model.teacher_cache_max_error"),
+        "{e:#}"
+    );
 }

@@ -4,13 +4,9 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use pocl::cache::{LiveSparse, SparseTeacher};
+use pocl::cache::measure_fidelity;
 use pocl::config::Recipe;
-use pocl::data::{collate, counted_rows};
-use pocl::kd::divergence::{divergence_row, RowScratch};
-use pocl::kd::sparse::sparse_divergence_row;
 use pocl::kd::Divergence;
-use pocl::model::Input;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -43,48 +39,21 @@ pub fn run(a: FidelityArgs) -> Result<()> {
         .iter()
         .map(|n| Divergence::parse(n, None, None))
         .collect::<Result<_>>()?;
-    // Per (K, T, divergence): (Σ sparse, Σ dense) over every counted token.
     for &k in &a.ks {
         let k = k.min(vocab);
-        for &t in &temps {
-            let mut sums = vec![(0.0, 0.0); divs.len()];
-            let live = LiveSparse {
-                teacher: teacher.as_ref(),
-                vocab,
-                top_k: k,
-            };
-            for e in ex {
-                let b = collate(&[e], 0)?.to_device(&backend.device)?;
-                let targets = live.targets(&b, t)?;
-                let input = Input {
-                    ids: &b.input_ids,
-                    positions: &b.position_ids,
-                    key_mask: &b.attention_mask,
-                };
-                let tl = teacher.logits(&input, None)?.narrow(2, 0, vocab)?.get(0)?;
-                let sl = student.logits(&input, None)?.narrow(2, 0, vocab)?.get(0)?;
-                let mut sc = RowScratch::new(vocab);
-                for (row, i) in counted_rows(e).enumerate() {
-                    let (z, s) = (tl.get(i)?.to_vec1::<f32>()?, sl.get(i)?.to_vec1::<f32>()?);
-                    for (d, sum) in divs.iter().zip(sums.iter_mut()) {
-                        let sp = sparse_divergence_row(
-                            *d,
-                            targets.row(row),
-                            &s,
-                            1.0 / t,
-                            &mut sc,
-                            None,
-                        )?;
-                        let de = divergence_row(*d, &z, &s, 1.0 / t, &mut sc, None)?;
-                        sum.0 += sp;
-                        sum.1 += de;
-                    }
-                }
-            }
-            let errs: serde_json::Map<String, serde_json::Value> = divs
-                .iter()
-                .zip(&sums)
-                .map(|(d, (sp, de))| (d.name().to_string(), ((sp - de) / de).abs().into()))
+        let errs = measure_fidelity(
+            teacher.as_ref(),
+            student.as_ref(),
+            ex,
+            vocab,
+            k,
+            &temps,
+            &divs,
+        )?;
+        for (t, errs) in temps.iter().zip(errs) {
+            let errs: serde_json::Map<String, serde_json::Value> = (divs.iter())
+                .zip(errs)
+                .map(|(d, e)| (d.name().to_string(), e.into()))
                 .collect();
             println!(
                 "{}",

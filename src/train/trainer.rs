@@ -59,6 +59,9 @@ pub struct Trainer {
     teacher: Option<Box<dyn CausalLm>>,
     /// Read instead of running the teacher (`model.teacher_cache`).
     teacher_cache: Option<crate::cache::TeacherCache>,
+    /// Stage temperatures at which the live teacher replaces the cache (its measured error
+    /// there exceeds `model.teacher_cache_max_error`).
+    live_temperatures: Vec<f64>,
     tokenizer: Tokenizer,
     objective: Objective,
     /// On-policy (GKD) probability λ; 0 for off-policy losses.
@@ -99,6 +102,50 @@ pub fn objective_of(recipe: &Recipe) -> Result<(Objective, f64)> {
     ))
 }
 
+/// The schedule temperatures at which a run asks the live teacher instead of its cache: those
+/// where the cache's measured error for the run's loss exceeds `model.teacher_cache_max_error`.
+/// Says (stderr) where the error exceeds the 2% target, and what it does about it.
+fn cache_live_temperatures(
+    recipe: &Recipe,
+    cache: &crate::cache::TeacherCache,
+) -> Result<Vec<f64>> {
+    use crate::cache::FIDELITY_TARGET;
+    let o = &recipe.objective;
+    let name = o.loss.divergence(o.alpha, o.beta)?.name();
+    let max = recipe.model.teacher_cache_max_error;
+    let (mut live, mut off) = (vec![], vec![]);
+    for t in crate::cache::schedule_temperatures(recipe) {
+        let Some(err) = cache.fidelity_at(name, t) else {
+            if max.is_some() {
+                bail!("model.teacher_cache_max_error: the cache has no measured error for {name} at T = {t} (built without a student, or by an older pocl); rebuild it with pocl cache-teacher --config");
+            }
+            eprintln!("teacher cache: no measured error for {name} at T = {t}");
+            continue;
+        };
+        if max.is_some_and(|m| err > m) {
+            live.push(t);
+        }
+        if err > FIDELITY_TARGET {
+            off.push(format!("{:.1}% at T = {t:.3}", 100.0 * err));
+        }
+    }
+    if let (Some(f), false) = (cache.fidelity(), off.is_empty()) {
+        eprintln!(
+            "teacher cache: {name}'s cached loss is off the full-vocabulary loss by {} (measured when built, {} samples, student {}; target {}%); {}",
+            off.join(", "),
+            f.samples,
+            f.student,
+            100.0 * FIDELITY_TARGET,
+            match (max, live.is_empty()) {
+                (None, _) => format!("set model.teacher_cache_max_error = {FIDELITY_TARGET} to run such stages on the live teacher"),
+                (Some(m), true) => format!("every stage reads the cache (model.teacher_cache_max_error = {m})"),
+                (Some(m), false) => format!("the stages at T = {live:?} ask the live teacher (model.teacher_cache_max_error = {m})"),
+            }
+        );
+    }
+    Ok(live)
+}
+
 impl Trainer {
     /// Prepares a run in `run_dir`, or continues the one there when `resume` is set.
     pub fn new(
@@ -128,12 +175,26 @@ impl Trainer {
             .teacher_cache
             .clone()
             .filter(|_| recipe.objective.loss.needs_teacher());
+        let teacher_cache = match &cache_dir {
+            Some(d) => Some(
+                crate::cache::open_or_build(&recipe, d, kd_vocab, backend)
+                    .context("model.teacher_cache")?,
+            ),
+            None => None,
+        };
+        let live_temperatures = match &teacher_cache {
+            Some(c) => cache_live_temperatures(&recipe, c)?,
+            None => vec![],
+        };
         // With a teacher cache the teacher's weights are loaded only for on-policy batches (the
-        // student's own samples, which no cache can hold).
+        // student's own samples, which no cache can hold) and for the stages the cache does not
+        // serve faithfully enough (`model.teacher_cache_max_error`).
         let teacher = match &recipe.model.teacher {
             Some(dir)
                 if recipe.objective.loss.needs_teacher()
-                    && (cache_dir.is_none() || on_policy > 0.0) =>
+                    && (cache_dir.is_none()
+                        || on_policy > 0.0
+                        || !live_temperatures.is_empty()) =>
             {
                 Some(crate::pipeline::load_frozen(
                     dir,
@@ -144,13 +205,6 @@ impl Trainer {
             _ => None,
         };
         let pad_id = crate::pipeline::pad_id(student.config(), &eos_ids);
-        let teacher_cache = match &cache_dir {
-            Some(d) => Some(
-                crate::cache::open_or_build(&recipe, d, kd_vocab, backend)
-                    .context("model.teacher_cache")?,
-            ),
-            None => None,
-        };
         let bucket = bucket_positions(&recipe, &data.train, scores.as_deref())?;
         let opt = AdamW::new(
             student.params().iter(),
@@ -177,6 +231,7 @@ impl Trainer {
             student,
             teacher,
             teacher_cache,
+            live_temperatures,
             tokenizer,
             objective,
             on_policy,
@@ -349,8 +404,10 @@ impl Trainer {
             &self.student.backend().device,
         )?;
         // The cache holds the teacher on the data's responses only: on-policy batches (GKD)
-        // ask the live teacher, data batches read the cache and leave the teacher idle.
-        let cache = (!on_policy)
+        // ask the live teacher, data batches read the cache and leave the teacher idle, except
+        // at temperatures where the cache is not faithful enough.
+        let live_t = self.live_temperatures.contains(&mix.temperature);
+        let cache = (!on_policy && !live_t)
             .then_some(self.teacher_cache.as_ref())
             .flatten()
             .map(|c| c as &dyn crate::cache::SparseTeacher);
@@ -366,7 +423,8 @@ impl Trainer {
             .with_context(|| format!("step {}", self.state.global_step + 1))?;
         Ok(
             serde_json::json!({"loss": out.loss, "ce": out.ce, "kd": out.kd, "grad_norm": out.grad_norm,
-            "tokens": out.tokens, "samples": batch.len(), "on_policy": on_policy}),
+            "tokens": out.tokens, "samples": batch.len(), "on_policy": on_policy,
+            "cached": cache.is_some()}),
         )
     }
 
