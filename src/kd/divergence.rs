@@ -21,7 +21,7 @@
 //! the teacher does not, while its gradient q − p stays finite. jsd, tvd, skl and srkl are
 //! bounded for all inputs (skl, srkl ≤ log(1/α); jsd ≤ H(β) ≤ log 2; tvd ≤ 1).
 
-use super::fastmath as fm;
+use crate::ops::fastmath as fm;
 use crate::ops::simd::multiversion;
 use anyhow::{bail, Result};
 

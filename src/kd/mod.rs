@@ -43,7 +43,6 @@
 
 pub mod chunked;
 pub mod divergence;
-pub mod fastmath;
 pub mod head;
 pub mod kernel;
 pub mod loss_kind;

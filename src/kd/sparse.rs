@@ -25,8 +25,8 @@
 //! form as the dense kernel's (see `divergence`), with the closed forms of g per divergence below.
 
 use super::divergence::{cross_entropy_row, row_max, Divergence, RowScratch, LOG_PROB_FLOOR};
-use super::fastmath as fm;
 use super::kernel::{with_scratch, LossSpec, RowLoss};
+use crate::ops::fastmath as fm;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 

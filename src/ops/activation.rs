@@ -1,11 +1,11 @@
 //! Fused, vectorised activations with their backward: GELU (tanh approximation, GPT-2) and SiLU
 //! (Llama, Qwen). candle's own versions call libm's `tanhf` / `expf` per element and build the
 //! backward from ~8 elementwise tensors (pow, tanh, mul, add...); here forward and backward are
-//! one pass each, in f32 with the branch-free `exp_f32` of `kd::fastmath` (≤ 2 ulp) so the loops
+//! one pass each, in f32 with the branch-free `exp_f32` of `ops::fastmath` (≤ 2 ulp) so the loops
 //! vectorise 16 lanes wide (compiled per instruction set, see [`super::simd`]).
 
+use super::fastmath::exp_f32;
 use super::simd::multiversion;
-use crate::kd::fastmath::exp_f32;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 

@@ -15,6 +15,7 @@ pub mod activation;
 pub mod attention;
 pub mod bf16;
 pub mod cuda;
+pub mod fastmath;
 pub mod fused;
 pub mod gemm;
 pub mod grad;

@@ -3,8 +3,8 @@
 //! `exp_f32` (masked scores give exactly 0) and 16 lanes of partial sums; compiled per
 //! instruction set.
 
+use super::fastmath::exp_f32;
 use super::simd::multiversion;
-use crate::kd::fastmath::exp_f32;
 
 /// In place: row ← softmax(row·scale + bias) (the attention op's rows). f32 with the
 /// vectorised `exp_f32` (masked scores give exactly 0) and 16 lanes of partial sums.
