@@ -543,9 +543,10 @@ mod tiles512 {
         let mut acc = [[_mm512_setzero_ps(); 2]; TI];
         let mut c = 0;
         while c < full {
-            // W streams from memory: ask for it a few rows ahead (the prefetch never faults).
-            _mm_prefetch::<_MM_HINT_T0>(w.add(c + PREFETCH) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(w.add(c + PREFETCH + 16) as *const i8);
+            // W streams from memory: ask for it ahead (a prefetch never faults; wrapping_add,
+            // since the address may lie past W).
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c + PREFETCH) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(c + PREFETCH + 16) as *const i8);
             let (w0, w1) = (_mm512_loadu_ps(w.add(c)), _mm512_loadu_ps(w.add(c + 16)));
             for (b, acc) in acc.iter_mut().enumerate() {
                 let p = x.add(b * k + c);
@@ -654,7 +655,7 @@ mod tiles512 {
         for l in 0..rows {
             let p = w.add(l * ld);
             for v in 0..NV {
-                _mm_prefetch::<_MM_HINT_T0>(p.add(PANEL * ld + 16 * v) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PANEL * ld + 16 * v) as *const i8);
             }
             let wv: [__m512; NV] = std::array::from_fn(|v| _mm512_loadu_ps(p.add(16 * v)));
             for (b, acc) in acc.iter_mut().enumerate() {
