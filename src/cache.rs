@@ -14,6 +14,11 @@
 //! log p_top, exact up to the f16 rounding of its logit. K = 64 with four temperatures and a
 //! vocabulary below 65 536: 64·2 + 64·2 + 4·8 = 288 bytes per token.
 //!
+//! With a sampled rest (`Identity::sampled` = M > 0, manifest format 2) the last M of the K
+//! slots hold tokens drawn from the rest at the hottest temperature (per row, from a random
+//! stream seeded by the sample's id and the row), and log p_rest is the mass outside the first
+//! K − M; the importance weights follow from the same stored numbers.
+//!
 //! A shard file: magic `POCLTC01`, the example count (u64), per example (id, first row, rows) as
 //! three u64, then the records. Building writes shard by shard (temp file + rename, then the
 //! manifest), so a killed build resumes at the first missing shard; a finished cache whose
@@ -35,6 +40,20 @@ use std::path::{Path, PathBuf};
 /// does NOT keep every loss within 2% of the full one (README, "Teacher cache"): each cache
 /// measures its own [`Fidelity`], and runs report it.
 pub const DEFAULT_TOP_K: usize = 64;
+/// Of the K slots, the tokens a forward-KL recipe's cache draws from the rest by default: with
+/// K = 64 this keeps the forward KL within 2% of the full loss up to T = 2 on SmolLM2 (README,
+/// "Teacher cache"), where the top 64 alone miss by up to 15%.
+pub const DEFAULT_SAMPLED_REST: usize = 16;
+
+/// Sampled rest slots for a recipe's cache: [`DEFAULT_SAMPLED_REST`] when its loss is forward
+/// KL (the only divergence that uses them), else none.
+pub fn default_sampled(recipe: &crate::config::Recipe) -> usize {
+    let o = &recipe.objective;
+    match o.loss.divergence(o.alpha, o.beta) {
+        Ok(crate::kd::Divergence::Fkl) => DEFAULT_SAMPLED_REST,
+        _ => 0,
+    }
+}
 /// Samples a recipe's cache measures its fidelity on (the first of the training file).
 pub const FIDELITY_SAMPLES: usize = 16;
 /// Relative error of the cached loss above which a run is told (issue 15's target).
@@ -42,7 +61,9 @@ pub const FIDELITY_TARGET: f64 = 0.02;
 /// Examples per shard unless told otherwise: the unit of resumption and of checksumming.
 pub const DEFAULT_EXAMPLES_PER_SHARD: usize = 256;
 const MAGIC: &[u8; 8] = b"POCLTC01";
-const FORMAT: u32 = 1;
+/// Manifest format: 1, or 2 for a cache with a sampled rest (which a pocl that reads only 1
+/// must refuse rather than read its samples as top tokens).
+const FORMAT: u32 = 2;
 const MANIFEST: &str = "manifest.json";
 
 /// What a cache was built from; a run refuses a cache whose identity differs from its own.
@@ -59,6 +80,11 @@ pub struct Identity {
     /// The width the teacher's rows were compared over (the common vocabulary prefix).
     pub vocab: usize,
     pub top_k: usize,
+    /// Of the K slots, how many hold tokens sampled from the rest (at the hottest temperature)
+    /// instead of the next most probable ones: the forward KL's rest is then estimated from
+    /// them ([`crate::kd::sparse`]'s sampled rest). 0: the top K and one rest bucket.
+    #[serde(default)]
+    pub sampled: usize,
     pub temperatures: Vec<f64>,
 }
 
@@ -66,13 +92,18 @@ impl Identity {
     /// The first field (by its manifest name) where `self` (the cache) differs from `want`
     /// (the run), with both values.
     pub fn mismatch(&self, want: &Identity) -> Option<String> {
-        let fields: [(&str, String, String); 7] = [
+        let fields: [(&str, String, String); 8] = [
             ("teacher", self.teacher.clone(), want.teacher.clone()),
             ("tokenizer", self.tokenizer.clone(), want.tokenizer.clone()),
             ("data", self.data.clone(), want.data.clone()),
             ("template", self.template.clone(), want.template.clone()),
             ("vocab", self.vocab.to_string(), want.vocab.to_string()),
             ("top_k", self.top_k.to_string(), want.top_k.to_string()),
+            (
+                "sampled",
+                self.sampled.to_string(),
+                want.sampled.to_string(),
+            ),
             (
                 "temperatures",
                 format!("{:?}", self.temperatures),
@@ -170,6 +201,7 @@ pub fn measure_fidelity(
     examples: &[Example],
     vocab: usize,
     top_k: usize,
+    sampled: usize,
     temperatures: &[f64],
     divergences: &[crate::kd::Divergence],
 ) -> Result<Vec<Vec<f64>>> {
@@ -179,6 +211,8 @@ pub fn measure_fidelity(
         teacher,
         vocab,
         top_k,
+        sampled,
+        hottest: temperatures.iter().copied().fold(f64::MIN, f64::max),
     };
     // Per (T, divergence): (Σ sparse, Σ full).
     let mut sums = vec![vec![(0.0, 0.0); divergences.len()]; temperatures.len()];
@@ -196,7 +230,8 @@ pub fn measure_fidelity(
             .map(|i| Ok((tl.get(i)?.to_vec1()?, sl.get(i)?.to_vec1()?)))
             .collect::<Result<_>>()?;
         for (&t, sums) in temperatures.iter().zip(sums.iter_mut()) {
-            let targets = live.targets_of(rows.iter().map(|r| r.0.as_slice()), t);
+            let seeds = (0..rows.len()).map(|r| row_seed(e.id, r));
+            let targets = live.targets_of(rows.iter().map(|r| r.0.as_slice()).zip(seeds), t);
             for (row, (z, s)) in rows.iter().enumerate() {
                 for (d, sum) in divergences.iter().zip(sums.iter_mut()) {
                     sum.0 +=
@@ -212,10 +247,17 @@ pub fn measure_fidelity(
         .collect())
 }
 
+/// The random stream of one cached row: its sample's id and its row within the sample.
+fn row_seed(example: u64, row: usize) -> u64 {
+    example.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (row as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+}
+
 /// The byte layout of one token record.
 #[derive(Clone, Copy, Debug)]
 struct Record {
     k: usize,
+    /// Of the k slots, the sampled rest tokens (the last ones).
+    m: usize,
     temps: usize,
     id_bytes: usize,
 }
@@ -225,10 +267,19 @@ impl Record {
         self.k * (self.id_bytes + 2) + self.temps * 8
     }
 
-    /// Appends the record of one teacher row `z` (f32 logits over the compared vocabulary).
-    fn encode(&self, z: &[f32], temperatures: &[f64], out: &mut Vec<u8>) {
-        let (ids, lps) = teacher_buckets(z, self.k, temperatures);
+    /// Appends the record of one teacher row `z` (f32 logits over the compared vocabulary):
+    /// the top k − m tokens and m tokens drawn from the rest at the hottest temperature with
+    /// the random stream `seed` (one per row, so a rebuilt or live row draws the same).
+    fn encode(&self, z: &[f32], temperatures: &[f64], seed: u64, out: &mut Vec<u8>) {
+        let top = self.k - self.m;
+        let (mut ids, lps) = teacher_buckets(z, top, temperatures);
         let zmax = z[ids[0] as usize];
+        if self.m > 0 {
+            let hottest = temperatures.iter().copied().fold(f64::MIN, f64::max);
+            ids.extend(crate::kd::sparse::sample_rest(
+                z, &ids, hottest, self.m, seed,
+            ));
+        }
         for &i in &ids {
             match self.id_bytes {
                 2 => out.extend_from_slice(&(i as u16).to_le_bytes()),
@@ -240,33 +291,54 @@ impl Record {
         }
         for lp in &lps {
             out.extend_from_slice(&(lp[0] as f32).to_le_bytes());
-            out.extend_from_slice(&(lp[self.k] as f32).to_le_bytes());
+            out.extend_from_slice(&(lp[top] as f32).to_le_bytes());
         }
     }
 
-    /// The ids and the K + 1 bucket log-probabilities at temperature index `ti`.
+    /// The row's targets at temperature index `ti` appended to `out`: the top ids and their
+    /// K − M + 1 bucket log-probabilities, and the samples with their log p and log weight
+    /// (the proposal: the rest at the hottest temperature, index `hot`).
     fn decode(
         &self,
         rec: &[u8],
         ti: usize,
+        hot: usize,
         temperature: f64,
-        ids: &mut Vec<u32>,
-        lp: &mut Vec<f64>,
+        hot_t: f64,
+        out: &mut SparseTargets,
     ) {
-        let k = self.k;
+        let (k, top) = (self.k, self.k - self.m);
         let (idb, rest) = rec.split_at(k * self.id_bytes);
         let (zb, tb) = rest.split_at(2 * k);
-        ids.extend(idb.chunks_exact(self.id_bytes).map(|c| match c.len() {
-            2 => u16::from_le_bytes([c[0], c[1]]) as u32,
-            _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-        }));
+        let ids: Vec<u32> = idb
+            .chunks_exact(self.id_bytes)
+            .map(|c| match c.len() {
+                2 => u16::from_le_bytes([c[0], c[1]]) as u32,
+                _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            })
+            .collect();
+        let rel: Vec<f64> = zb
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
+            .collect();
         let f = |o: usize| f32::from_le_bytes([tb[o], tb[o + 1], tb[o + 2], tb[o + 3]]) as f64;
-        let (top, rest) = (f(8 * ti), f(8 * ti + 4));
-        lp.extend(
-            zb.chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64() / temperature + top),
-        );
-        lp.push(rest);
+        let (top_lp, rest_lp) = (f(8 * ti), f(8 * ti + 4));
+        out.ids.extend_from_slice(&ids[..top]);
+        out.log_p
+            .extend(rel[..top].iter().map(|r| r / temperature + top_lp));
+        out.log_p.push(rest_lp);
+        if self.m > 0 {
+            // log π(j) = log p_hot(j) − log R_hot; log w = log p_T(j) − log M − log π(j).
+            let (hot_top, hot_rest) = (f(8 * hot), f(8 * hot + 4));
+            let ln_m = (self.m as f64).ln();
+            for (&i, &r) in ids[top..].iter().zip(&rel[top..]) {
+                let lp = r / temperature + top_lp;
+                let l_pi = r / hot_t + hot_top - hot_rest;
+                out.sample_ids.push(i);
+                out.sample_log_p.push(lp);
+                out.sample_log_w.push(lp - ln_m - l_pi);
+            }
+        }
     }
 }
 
@@ -323,7 +395,7 @@ pub fn build(
             m
         }
         None => Manifest {
-            format: FORMAT,
+            format: if id.sampled > 0 { FORMAT } else { 1 },
             identity: id.clone(),
             id_bytes: if id.vocab <= 1 << 16 { 2 } else { 4 },
             examples_per_shard: eps,
@@ -333,8 +405,16 @@ pub fn build(
             fidelity: None,
         },
     };
+    if id.sampled >= id.top_k {
+        bail!(
+            "sampled = {} must be below top_k = {} (the top tokens come first)",
+            id.sampled,
+            id.top_k
+        );
+    }
     let rec = Record {
         k: id.top_k,
+        m: id.sampled,
         temps: id.temperatures.len(),
         id_bytes: manifest.id_bytes,
     };
@@ -383,8 +463,9 @@ fn shard_bytes(
     for part in chunk.chunks(opts.batch_size.max(1)) {
         let b = collate(&part.iter().collect::<Vec<_>>(), opts.pad_id)?
             .to_device(&teacher.backend().device)?;
-        for z in counted_logits(teacher, &b, id.vocab)? {
-            rec.encode(&z, &id.temperatures, &mut body);
+        let seeds = batch_seeds(&b)?;
+        for (z, seed) in counted_logits(teacher, &b, id.vocab)?.iter().zip(seeds) {
+            rec.encode(z, &id.temperatures, seed, &mut body);
         }
     }
     head.extend_from_slice(&body);
@@ -426,9 +507,9 @@ fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
     };
     let m: Manifest = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a teacher-cache manifest", p.display()))?;
-    if m.format != FORMAT {
+    if !(1..=FORMAT).contains(&m.format) || (m.format == 1 && m.identity.sampled > 0) {
         bail!(
-            "{}: format {} (this pocl reads format {FORMAT})",
+            "{}: format {} (this pocl reads formats 1 to {FORMAT})",
             p.display(),
             m.format
         );
@@ -471,6 +552,7 @@ impl TeacherCache {
         let mut cmp = want.clone();
         if want.top_k == 0 {
             cmp.top_k = m.identity.top_k;
+            cmp.sampled = m.identity.sampled;
         }
         let cached = &m.identity.temperatures;
         if want
@@ -488,6 +570,7 @@ impl TeacherCache {
         }
         let rec = Record {
             k: m.identity.top_k,
+            m: m.identity.sampled,
             temps: m.identity.temperatures.len(),
             id_bytes: m.id_bytes,
         };
@@ -579,8 +662,11 @@ impl TeacherCache {
 impl SparseTeacher for TeacherCache {
     fn targets(&self, batch: &Batch, temperature: f64) -> Result<SparseTargets> {
         let ti = self.temperature_index(temperature)?;
+        let ts = &self.manifest.identity.temperatures;
+        let hot = (0..ts.len()).fold(0, |h, i| if ts[i] > ts[h] { i } else { h });
         let mut out = SparseTargets {
-            k: self.rec.k,
+            k: self.rec.k - self.rec.m,
+            m: self.rec.m,
             ..Default::default()
         };
         for (&id, m) in batch.ids.iter().zip(counted_mask(batch)?) {
@@ -601,7 +687,7 @@ impl SparseTeacher for TeacherCache {
             for r in 0..rows {
                 let rec = &self.maps[s][off + r * rb..off + (r + 1) * rb];
                 self.rec
-                    .decode(rec, ti, temperature, &mut out.ids, &mut out.log_p);
+                    .decode(rec, ti, hot, temperature, ts[hot], &mut out);
             }
         }
         Ok(out)
@@ -614,38 +700,57 @@ pub struct LiveSparse<'a> {
     pub teacher: &'a dyn CausalLm,
     pub vocab: usize,
     pub top_k: usize,
+    /// Of the top_k, the tokens sampled from the rest, and the temperature they are drawn at
+    /// (a cache's hottest).
+    pub sampled: usize,
+    pub hottest: f64,
 }
 
 impl LiveSparse<'_> {
-    /// The sparse targets of teacher rows `z` (logits over the compared vocabulary).
+    /// The sparse targets of teacher rows `z` (logits over the compared vocabulary), each
+    /// with its random stream ([`row_seed`]).
     fn targets_of<'z>(
         &self,
-        rows: impl IntoIterator<Item = &'z [f32]>,
+        rows: impl IntoIterator<Item = (&'z [f32], u64)>,
         temperature: f64,
     ) -> SparseTargets {
+        let temps = [temperature, self.hottest];
         let rec = Record {
             k: self.top_k,
-            temps: 1,
+            m: self.sampled,
+            temps: 2,
             id_bytes: if self.vocab <= 1 << 16 { 2 } else { 4 },
         };
         let mut out = SparseTargets {
-            k: self.top_k,
+            k: self.top_k - self.sampled,
+            m: self.sampled,
             ..Default::default()
         };
         let mut buf = Vec::new();
-        for z in rows {
+        for (z, seed) in rows {
             buf.clear();
-            rec.encode(z, &[temperature], &mut buf);
-            rec.decode(&buf, 0, temperature, &mut out.ids, &mut out.log_p);
+            rec.encode(z, &temps, seed, &mut buf);
+            rec.decode(&buf, 0, 1, temperature, self.hottest, &mut out);
         }
         out
     }
 }
 
+/// The random stream of each counted row of `b`, in the order of [`counted_logits`].
+fn batch_seeds(b: &Batch) -> Result<Vec<u64>> {
+    let mut seeds = vec![];
+    for (&id, m) in b.ids.iter().zip(counted_mask(b)?) {
+        let n = m.iter().filter(|&&x| x != 0.0).count();
+        seeds.extend((0..n).map(|r| row_seed(id, r)));
+    }
+    Ok(seeds)
+}
+
 impl SparseTeacher for LiveSparse<'_> {
     fn targets(&self, batch: &Batch, temperature: f64) -> Result<SparseTargets> {
         let rows = counted_logits(self.teacher, batch, self.vocab)?;
-        Ok(self.targets_of(rows.iter().map(|z| z.as_slice()), temperature))
+        let seeds = batch_seeds(batch)?;
+        Ok(self.targets_of(rows.iter().map(|z| z.as_slice()).zip(seeds), temperature))
     }
 }
 
@@ -693,6 +798,7 @@ pub fn recipe_identity(
         template: template_key(&recipe.data),
         vocab,
         top_k,
+        sampled: 0,
         temperatures: schedule_temperatures(recipe),
     })
 }
@@ -709,19 +815,27 @@ fn all_examples(recipe: &crate::config::Recipe) -> Result<Vec<Example>> {
     Ok(ex)
 }
 
-/// Builds (or finishes) the cache of a recipe's teacher and training file in `dir`, with `top_k`
-/// and the schedule's temperatures unless `temperatures` are given.
+/// What a cache stores per token: `top_k` slots, the last `sampled` of them drawn from the rest,
+/// at `temperatures` (None: the recipe schedule's).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Slots {
+    pub top_k: usize,
+    pub sampled: usize,
+    pub temperatures: Option<Vec<f64>>,
+}
+
+/// Builds (or finishes) the cache of a recipe's teacher and training file in `dir`.
 pub fn build_for_recipe(
     recipe: &crate::config::Recipe,
     dir: &Path,
     vocab: usize,
-    top_k: usize,
-    temperatures: Option<Vec<f64>>,
+    slots: Slots,
     examples_per_shard: usize,
     backend: &crate::backend::Backend,
 ) -> Result<()> {
-    let mut identity = recipe_identity(recipe, vocab, top_k)?;
-    if let Some(t) = temperatures {
+    let mut identity = recipe_identity(recipe, vocab, slots.top_k)?;
+    identity.sampled = slots.sampled;
+    if let Some(t) = slots.temperatures {
         identity.temperatures = t;
     }
     let examples = all_examples(recipe)?;
@@ -788,6 +902,7 @@ fn recipe_fidelity(
         samples,
         id.vocab,
         id.top_k,
+        id.sampled,
         &id.temperatures,
         &divs,
     )?;
@@ -825,12 +940,16 @@ pub fn open_or_build(
 ) -> Result<TeacherCache> {
     if !read_manifest(dir)?.is_some_and(|m| m.complete) {
         let k = DEFAULT_TOP_K.min(vocab);
+        let slots = Slots {
+            top_k: k,
+            sampled: default_sampled(recipe).min(k - 1),
+            temperatures: None,
+        };
         build_for_recipe(
             recipe,
             dir,
             vocab,
-            k,
-            None,
+            slots,
             DEFAULT_EXAMPLES_PER_SHARD,
             backend,
         )?;

@@ -388,7 +388,14 @@ impl Demo {
         let started = Instant::now();
         let k = crate::cache::DEFAULT_TOP_K.min(vocab);
         let per_shard = crate::cache::DEFAULT_EXAMPLES_PER_SHARD;
-        crate::cache::build_for_recipe(&r, dir, vocab, k, Some(temps), per_shard, backend)?;
+        // One cache for every method: the top K and a rest bucket (a sampled rest serves
+        // forward KL only).
+        let slots = crate::cache::Slots {
+            top_k: k,
+            sampled: 0,
+            temperatures: Some(temps),
+        };
+        crate::cache::build_for_recipe(&r, dir, vocab, slots, per_shard, backend)?;
         Ok(started.elapsed().as_secs_f64())
     }
 

@@ -208,6 +208,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     template: "bench".into(),
                     vocab: VOCAB,
                     top_k: pocl::cache::DEFAULT_TOP_K,
+                    sampled: 0,
                     temperatures: vec![1.0],
                 };
                 std::fs::remove_dir_all(&cache_dir).ok();

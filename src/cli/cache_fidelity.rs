@@ -17,6 +17,10 @@ pub struct FidelityArgs {
     /// Values of K to measure.
     #[arg(long, value_delimiter = ',', default_value = "4,8,16,32,64,128")]
     pub ks: Vec<usize>,
+    /// Of each K, how many slots hold tokens sampled from the rest (`cache-teacher
+    /// --sampled-rest`): measured as K − M top tokens + M samples.
+    #[arg(long, default_value_t = 0)]
+    pub sampled_rest: usize,
     /// Samples of the training file to measure on.
     #[arg(long, default_value_t = 64)]
     pub samples: usize,
@@ -47,6 +51,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
             ex,
             vocab,
             k,
+            a.sampled_rest.min(k.saturating_sub(1)),
             &temps,
             &divs,
         )?;
@@ -57,7 +62,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({"bench": "cache-fidelity", "k": k, "temperature": t, "samples": ex.len(), "relative_error": errs})
+                serde_json::json!({"bench": "cache-fidelity", "k": k, "sampled_rest": a.sampled_rest.min(k.saturating_sub(1)), "temperature": t, "samples": ex.len(), "relative_error": errs})
             );
         }
     }

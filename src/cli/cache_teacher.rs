@@ -28,6 +28,12 @@ pub struct CacheTeacherArgs {
     /// Cached tokens per row.
     #[arg(long, default_value_t = pocl::cache::DEFAULT_TOP_K)]
     pub top_k: usize,
+    /// Of the --top-k slots, how many hold tokens sampled from the teacher's rest (at the
+    /// hottest temperature) instead of the next most probable: the forward KL's rest is then
+    /// estimated from them, unbiased at every temperature (README, "Teacher cache"); 0: the
+    /// top K and one rest bucket. Default: 16 when the recipe's loss is fkl, else 0.
+    #[arg(long)]
+    pub sampled_rest: Option<usize>,
     /// Temperatures to store the exact log-sum-exp at (default: the recipe schedule's, exactly).
     #[arg(long, value_delimiter = ',')]
     pub temperatures: Option<Vec<f64>>,
@@ -73,7 +79,14 @@ pub fn run(a: CacheTeacherArgs) -> Result<()> {
     let vocab = pocl::pipeline::kd_vocab_of_dirs(&teacher, &r.model.student)?;
     let started = std::time::Instant::now();
     let (k, temps, eps) = (a.top_k, a.temperatures.clone(), a.examples_per_shard);
-    pocl::cache::build_for_recipe(&r, &out, vocab, k, temps, eps, &backend)?;
+    let slots = pocl::cache::Slots {
+        top_k: k,
+        sampled: a
+            .sampled_rest
+            .unwrap_or_else(|| pocl::cache::default_sampled(&r).min(k.saturating_sub(1))),
+        temperatures: temps,
+    };
+    pocl::cache::build_for_recipe(&r, &out, vocab, slots, eps, &backend)?;
     eprintln!(
         "teacher cache ready in {} ({:.1} s)",
         out.display(),

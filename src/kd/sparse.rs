@@ -20,6 +20,14 @@
 //!   gradient): inside the rest bucket it pushes the student's tokens in proportion to their own
 //!   probabilities.
 //!
+//! - **Sampled rest** (a cache built with `sampled` = M > 0): K − M top tokens, and M tokens
+//!   drawn from the teacher's rest distribution π at the cache's hottest temperature. Forward
+//!   KL then estimates its rest term by importance weighting ([`sampled_fkl`]): unbiased, in
+//!   value and gradient, at every temperature, instead of the bucket's lower bound; per row the
+//!   estimate is noisy (it is an average over tokens that makes it precise). The other
+//!   divergences weight the rest by the student's mass, where the teacher's samples rarely fall,
+//!   and keep the bucket over the K − M top tokens.
+//!
 //! Gradient: with bucket probabilities q̄_b = Σ_{j∈b} q_j and g_b = ∂D/∂q̄_b,
 //! dD/db_j = q_j (g_{b(j)} − ḡ), ḡ = Σ_b q̄_b g_b (b = s/T, the student's scaled logits), the same
 //! form as the dense kernel's (see `divergence`), with the closed forms of g per divergence below.
@@ -31,20 +39,38 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 /// One row's sparse teacher at the stage temperature: the token ids of its top K and the log
-/// probabilities of the K + 1 buckets (`log_p[K]` is the rest; −∞ when the rest is empty).
+/// probabilities of the K + 1 buckets (`log_p[K]` is the rest; −∞ when the rest is empty), and,
+/// in a cache with a sampled rest, M tokens drawn from the rest with their log-probabilities
+/// and log importance weights (see [`sampled_fkl`]).
 #[derive(Clone, Copy, Debug)]
 pub struct SparseRow<'a> {
     pub ids: &'a [u32],
     pub log_p: &'a [f64],
+    pub samples: Samples<'a>,
+}
+
+/// A row's tokens sampled from the teacher's rest (empty when the cache has none): ids (may
+/// repeat), the teacher's log p at the stage temperature and log w = log p_T − log(M·π), π the
+/// rest distribution the samples were drawn from.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Samples<'a> {
+    pub ids: &'a [u32],
+    pub log_p: &'a [f64],
+    pub log_w: &'a [f64],
 }
 
 /// The sparse teacher of a batch's counted rows: K ids and K + 1 bucket log-probabilities per
-/// row (a teacher cache's rows, or the same computed live).
+/// row (a teacher cache's rows, or the same computed live), and M samples of the rest per row.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SparseTargets {
     pub k: usize,
     pub ids: Vec<u32>,
     pub log_p: Vec<f64>,
+    /// Sampled rest tokens per row (0: none).
+    pub m: usize,
+    pub sample_ids: Vec<u32>,
+    pub sample_log_p: Vec<f64>,
+    pub sample_log_w: Vec<f64>,
 }
 
 impl SparseTargets {
@@ -52,9 +78,15 @@ impl SparseTargets {
         self.ids.len() / self.k.max(1)
     }
     pub fn row(&self, r: usize) -> SparseRow<'_> {
+        let (a, b) = (r * self.m, (r + 1) * self.m);
         SparseRow {
             ids: &self.ids[r * self.k..(r + 1) * self.k],
             log_p: &self.log_p[r * (self.k + 1)..(r + 1) * (self.k + 1)],
+            samples: Samples {
+                ids: &self.sample_ids[a..b],
+                log_p: &self.sample_log_p[a..b],
+                log_w: &self.sample_log_w[a..b],
+            },
         }
     }
 }
@@ -168,6 +200,36 @@ pub fn teacher_buckets(z: &[f32], k: usize, temperatures: &[f64]) -> (Vec<u32>, 
     (idx, lps)
 }
 
+/// m token ids drawn (with replacement) from the teacher's distribution over the tokens NOT
+/// in `top`, at temperature `t`, by inversion of its cumulative sum (f64).
+pub fn sample_rest(z: &[f32], top: &[u32], t: f64, m: usize, seed: u64) -> Vec<u32> {
+    use rand::{Rng, SeedableRng};
+    let mut in_top = vec![false; z.len()];
+    for &i in top {
+        in_top[i as usize] = true;
+    }
+    let hi = (z.iter().zip(&in_top))
+        .filter(|(_, &t)| !t)
+        .map(|(&x, _)| x as f64)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let mut cum = Vec::with_capacity(z.len());
+    let mut acc = 0.0;
+    for (&x, &skip) in z.iter().zip(&in_top) {
+        if !skip {
+            acc += ((x as f64 - hi) / t).exp();
+        }
+        cum.push(acc);
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..m)
+        .map(|_| {
+            let u = rng.random::<f64>() * acc;
+            // The first token whose cumulative mass exceeds u (never a top token: its mass is 0).
+            cum.partition_point(|&c| c <= u).min(z.len() - 1) as u32
+        })
+        .collect()
+}
+
 /// Checks a sparse row against a vocabulary of `v`: ids in range and distinct, K + 1 log probs.
 fn check_row(t: &SparseRow, v: usize) -> Result<()> {
     if t.log_p.len() != t.ids.len() + 1 {
@@ -186,6 +248,22 @@ fn check_row(t: &SparseRow, v: usize) -> Result<()> {
     }
     if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
         bail!("sparse teacher row: token id {} appears twice", w[0]);
+    }
+    let sm = &t.samples;
+    if sm.log_p.len() != sm.ids.len() || sm.log_w.len() != sm.ids.len() {
+        bail!(
+            "sparse teacher row: {} sampled ids, {} log p, {} log w",
+            sm.ids.len(),
+            sm.log_p.len(),
+            sm.log_w.len()
+        );
+    }
+    if let Some(&i) = sm
+        .ids
+        .iter()
+        .find(|&&i| i as usize >= v || t.ids.contains(&i))
+    {
+        bail!("sparse teacher row: sampled token id {i} is outside the vocabulary (size {v}) or among the top ids");
     }
     Ok(())
 }
@@ -212,6 +290,9 @@ pub fn sparse_divergence_row(
     let z = fm::sum(v, |j| qe[j]);
     let lz = z.ln();
     let k = t.ids.len();
+    if div == Divergence::Fkl && !t.samples.ids.is_empty() {
+        return Ok(sampled_fkl(&t, s, ms, inv_t, lz, qe, z, grad));
+    }
     // The student's rest mass summed directly over the rest (no 1 − Σ cancellation): the
     // cached entries are zeroed for the sum and restored after.
     let saved: Vec<f64> = t.ids.iter().map(|&i| qe[i as usize]).collect();
@@ -256,6 +337,53 @@ pub fn sparse_divergence_row(
         }
     }
     Ok(d)
+}
+
+/// Forward KL with a sampled rest: the top K exact and the rest estimated from M tokens j_m
+/// drawn from the teacher's rest distribution π (at the cache's hottest temperature):
+///   Σ_rest p_j log(p_j/q_j) ≈ Σ_m w_m log(p_{j_m}/q_{j_m}),  w_m = p_{j_m} / (M·π(j_m)),
+/// unbiased at every temperature (E[Σ_m w_m f(j_m)] = Σ_rest p_j f(j)). As a soft-target
+/// cross-entropy with coefficients c (p on the top K, w_m on each sample) plus the teacher's
+/// own entropy term, its gradient is dD/db_j = (Σ c) q_j − c_j. The estimate is of the value
+/// and of its gradient, not a divergence between two distributions: one row's can be negative.
+#[allow(clippy::too_many_arguments)]
+fn sampled_fkl(
+    t: &SparseRow,
+    s: &[f32],
+    ms: f64,
+    inv_t: f64,
+    lz: f64,
+    qe: &[f64],
+    z: f64,
+    grad: Option<(&mut [f32], f64)>,
+) -> f64 {
+    let k = t.ids.len();
+    let lq = |i: u32| (s[i as usize] as f64 - ms) * inv_t - lz;
+    // (coefficient, teacher log p, token) per term.
+    let terms = (0..k)
+        .map(|b| (t.log_p[b].exp(), t.log_p[b], t.ids[b]))
+        .chain((0..t.samples.ids.len()).map(|m| {
+            let sm = &t.samples;
+            (sm.log_w[m].exp(), sm.log_p[m], sm.ids[m])
+        }));
+    let mut d = 0.0;
+    let mut total = 0.0;
+    for (c, lp, i) in terms.clone() {
+        if c > 0.0 {
+            d += c * (lp.max(LOG_PROB_FLOOR) - lq(i));
+        }
+        total += c;
+    }
+    if let Some((gr, coef)) = grad {
+        let cq = coef * total / z;
+        for (g, &e) in gr.iter_mut().zip(qe) {
+            *g += (cq * e) as f32;
+        }
+        for (c, _, i) in terms {
+            gr[i as usize] -= (coef * c) as f32;
+        }
+    }
+    d
 }
 
 /// D over bucket distributions given as log-probabilities (teacher `lp`, student `lq`) and
