@@ -3,8 +3,9 @@
 //! kernels; [`Kernels::Portable`]: compositions of candle tensor ops that run on any candle
 //! device; [`Kernels::Cuda`]: pocl's CUDA kernels where one exists, portable ops elsewhere).
 //! Both are chosen here, once, from the user's words (`--device`, `--kernels`, the
-//! recipe's `run.device` / `run.kernels`); every layer below receives a [`Backend`] and never
-//! looks at a device to decide how to compute.
+//! recipe's `run.device` / `run.kernels`), and so is the student's default precision
+//! ([`Backend::student_precision`]); every layer below receives a [`Backend`] and never looks
+//! at a device to decide how to compute.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, DeviceLocation};
