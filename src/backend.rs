@@ -3,8 +3,9 @@
 //! kernels; [`Kernels::Portable`]: compositions of candle tensor ops that run on any candle
 //! device; [`Kernels::Cuda`]: pocl's CUDA kernels where one exists, portable ops elsewhere).
 //! Both are chosen here, once, from the user's words (`--device`, `--kernels`, the
-//! recipe's `run.device` / `run.kernels`); every layer below receives a [`Backend`] and never
-//! looks at a device to decide how to compute.
+//! recipe's `run.device` / `run.kernels`), and so is the student's default precision
+//! ([`Backend::student_precision`]); every layer below receives a [`Backend`] and never looks
+//! at a device to decide how to compute.
 
 use anyhow::{bail, Result};
 use candle_core::{Device, DeviceLocation};
@@ -113,6 +114,44 @@ macro_rules! serde_as_string {
 }
 serde_as_string!(DeviceChoice);
 serde_as_string!(Kernels);
+serde_as_string!(StudentPrecision);
+
+/// How a trainable model (the student) computes its linear layers (recipe key
+/// `model.student_precision`, `--student-precision`). The weights, their gradients, the
+/// optimiser and checkpoints are f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum StudentPrecision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// torch.autocast(bfloat16) for the linear layers: x and W rounded to bf16 (RNE), the
+    /// product accumulated in f32 and rounded to bf16, read as f32 downstream; the backward's
+    /// products likewise (see `ops::portable::linear_bf16_mixed`). Norms, softmax, attention,
+    /// activations, the embedding, the lm head and the loss stay f32.
+    #[value(name = "bf16-mixed")]
+    Bf16Mixed,
+}
+
+impl FromStr for StudentPrecision {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "f32" => Ok(StudentPrecision::F32),
+            "bf16-mixed" => Ok(StudentPrecision::Bf16Mixed),
+            other => bail!("unknown student precision \"{other}\": expected f32 or bf16-mixed"),
+        }
+    }
+}
+
+impl fmt::Display for StudentPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            StudentPrecision::F32 => "f32",
+            StudentPrecision::Bf16Mixed => "bf16-mixed",
+        })
+    }
+}
 
 /// A device and the kernels that compute on it; every model is loaded onto one.
 #[derive(Clone, Debug)]
@@ -158,6 +197,17 @@ impl Backend {
             (Kernels::Portable, _) => Kernels::Portable,
         };
         Ok(Backend { device, kernels })
+    }
+
+    /// The student's precision: `asked`, else the device's default, decided here only: f32 on
+    /// the CPU (exact, and the CPU has no fast bf16 gemm with a backward: the mixed path widens
+    /// to f32 there, so it is slower than f32), bf16-mixed on a GPU (cuBLAS bf16 products, as
+    /// PyTorch users train).
+    pub fn student_precision(&self, asked: Option<StudentPrecision>) -> StudentPrecision {
+        asked.unwrap_or(match self.device {
+            Device::Cpu => StudentPrecision::F32,
+            _ => StudentPrecision::Bf16Mixed,
+        })
     }
 
     /// A short label for logs and benchmark output, e.g. "cpu/fused".
@@ -236,6 +286,27 @@ mod tests {
         assert!("cuda".parse::<Kernels>().is_err());
         let b = Backend::new(DeviceChoice::Cpu, Some(Kernels::Cuda)).unwrap();
         assert_eq!(b.kernels, Kernels::Fused);
+    }
+
+    #[test]
+    fn student_precision_parses_and_defaults_to_f32_on_the_cpu() {
+        for (s, p) in [
+            ("f32", StudentPrecision::F32),
+            ("bf16-mixed", StudentPrecision::Bf16Mixed),
+        ] {
+            assert_eq!(s.parse::<StudentPrecision>().unwrap(), p);
+            assert_eq!(p.to_string(), s);
+        }
+        let e = "bf16".parse::<StudentPrecision>().unwrap_err().to_string();
+        assert!(e.contains("expected f32 or bf16-mixed"), "{e}");
+        for kernels in [Kernels::Fused, Kernels::Portable] {
+            let b = Backend::cpu_with(kernels);
+            assert_eq!(b.student_precision(None), StudentPrecision::F32);
+            assert_eq!(
+                b.student_precision(Some(StudentPrecision::Bf16Mixed)),
+                StudentPrecision::Bf16Mixed
+            );
+        }
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -2,7 +2,7 @@
 //! `--set section.key=value` overrides. Unknown keys and impossible values are errors that name
 //! the key.
 
-use crate::backend::{Backend, DeviceChoice, Kernels};
+use crate::backend::{Backend, DeviceChoice, Kernels, StudentPrecision};
 use crate::curriculum::fuse::Metric;
 use crate::curriculum::measure::MeasureConfig;
 use crate::curriculum::schedule::{Kind, Schedule};
@@ -38,8 +38,13 @@ pub struct ModelSection {
     /// Student directory (HF layout): training starts from it, and the measurer scores with it.
     pub student: PathBuf,
     /// "f32", or "bf16": the teacher's matrices converted once to bf16 (AMX tiles where the CPU
-    /// has them; half the teacher's memory). The student always trains in f32.
+    /// has them; half the teacher's memory).
     pub teacher_dtype: Precision,
+    /// How the student's linear layers compute: "f32", or "bf16-mixed" (torch.autocast's
+    /// bf16 products; weights, optimiser, loss and checkpoints stay f32). Unset: the device's
+    /// default (`Backend::student_precision`: f32 on the CPU, bf16-mixed on a GPU); a run's
+    /// saved recipe holds the resolved value.
+    pub student_precision: Option<StudentPrecision>,
     /// Teacher cache directory (`pocl cache-teacher`): training reads the teacher's top-K
     /// targets there instead of running the teacher; built first when missing. With an
     /// on-policy loss (gkd) the data batches read it and the student's samples still ask the
@@ -57,6 +62,7 @@ impl Default for ModelSection {
             teacher: None,
             student: PathBuf::new(),
             teacher_dtype: Precision::F32,
+            student_precision: None,
             teacher_cache: None,
             teacher_cache_max_error: None,
         }
@@ -652,22 +658,41 @@ mod tests {
             msg.contains("model.teacher_dtype: unknown variant `f16`, expected `f32` or `bf16`"),
             "{msg}"
         );
+        let e = Recipe::load(&p, &["model.student_precision=bf16".into()]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("model.student_precision: unknown student precision \"bf16\": expected f32 or bf16-mixed")
+                && !msg.contains('\n'),
+            "{msg}"
+        );
         // The spellings recipes use load, and a resolved recipe writes them back unchanged.
+        assert_eq!(Recipe::load(&p, &[]).unwrap().model.student_precision, None);
         let r = Recipe::load(
             &p,
             &[
                 "objective.loss=gkd".into(),
                 "model.teacher_dtype=bf16".into(),
+                "model.student_precision=bf16-mixed".into(),
             ],
         )
         .unwrap();
         assert_eq!(
-            (r.objective.loss, r.model.teacher_dtype),
-            (LossKind::Gkd, Precision::Bf16)
+            (
+                r.objective.loss,
+                r.model.teacher_dtype,
+                r.model.student_precision
+            ),
+            (
+                LossKind::Gkd,
+                Precision::Bf16,
+                Some(StudentPrecision::Bf16Mixed)
+            )
         );
         let text = toml::to_string_pretty(&r).unwrap();
         assert!(
-            text.contains("teacher_dtype = \"bf16\"") && text.contains("loss = \"gkd\""),
+            text.contains("teacher_dtype = \"bf16\"")
+                && text.contains("loss = \"gkd\"")
+                && text.contains("student_precision = \"bf16-mixed\""),
             "{text}"
         );
     }

@@ -34,6 +34,10 @@ fn expected_checks() -> BTreeSet<String> {
         "attention",
         "attention.decode",
         "attention_qkv",
+        "linear.bf16_mixed",
+        "linear.conv1d.bf16_mixed",
+        "model.gpt2.bf16_mixed",
+        "model.qwen3.bf16_mixed",
     ]
     .iter()
     .flat_map(|op| [format!("{op}.forward"), format!("{op}.backward")])
@@ -61,6 +65,10 @@ fn expected_checks() -> BTreeSet<String> {
         "kd_steps.gpt2",
         "kd_steps.qwen3",
         "kd_steps.gpt2.bf16_teacher",
+        "kd_steps.gpt2.bf16_mixed",
+        "kd_steps.gpt2.bf16_mixed.grad_norms",
+        "kd_steps.qwen3.bf16_mixed",
+        "kd_steps.qwen3.bf16_mixed.grad_norms",
         "generate.gpt2",
         "generate.opt",
         "generate.qwen3",

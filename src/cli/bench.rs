@@ -4,13 +4,13 @@
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use pocl::backend::Backend;
+use pocl::backend::{Backend, StudentPrecision};
 use pocl::cache::{build, BuildOptions, Identity, SparseTeacher, TeacherCache};
 use pocl::data::{collate, Example};
 use pocl::kd::{Divergence, Mix, Objective};
 use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
-use pocl::model::init::{build_with, config_json, Shape};
+use pocl::model::init::{build_student, build_with, config_json, Shape};
 use pocl::model::CausalLm;
 use pocl::pipeline::Precision;
 use pocl::train::optim::{AdamW, AdamWConfig};
@@ -42,10 +42,14 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
     /// kd-step: the teacher's matrices in "f32" or "bf16" (recipe key model.teacher_dtype);
-    /// default as the peer: f32 for the standard workload, bf16 for the large one. The student
-    /// is f32 either way.
+    /// default as the peer: f32 for the standard workload, bf16 for the large one.
     #[arg(long, value_enum)]
     pub teacher_dtype: Option<Precision>,
+    /// kd-step: the student's linear layers in "f32" or "bf16-mixed" (torch.autocast's bf16
+    /// products, f32 master weights; recipe key model.student_precision); default: the
+    /// device's (f32 on the CPU, bf16-mixed on a GPU, as the peer's autocast student).
+    #[arg(long, value_enum)]
+    pub student_precision: Option<StudentPrecision>,
     /// kd-step: the model pair and batch (see the command's help).
     #[arg(long, value_enum, default_value_t = Workload::Standard)]
     pub workload: Workload,
@@ -121,6 +125,14 @@ fn gpt2(
     bf16: bool,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
+    let config = gpt2_config((hidden, layers, heads), max_positions)?;
+    build_with(config, seed, frozen, bf16, backend)
+}
+
+fn gpt2_config(
+    (hidden, layers, heads): (usize, usize, usize),
+    max_positions: usize,
+) -> Result<ModelConfig> {
     let shape = Shape {
         hidden,
         layers,
@@ -129,13 +141,7 @@ fn gpt2(
         intermediate: 0,
         max_positions,
     };
-    build_with(
-        ModelConfig::from_json(config_json("gpt2", &shape, VOCAB, 50256)?)?,
-        seed,
-        frozen,
-        bf16,
-        backend,
-    )
+    ModelConfig::from_json(config_json("gpt2", &shape, VOCAB, 50256)?)
 }
 
 fn max_rss_mib() -> f64 {
@@ -184,7 +190,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let teacher_dtype = a.teacher_dtype.unwrap_or(w.teacher_dtype);
             let bf16 = teacher_dtype == Precision::Bf16;
             let teacher = gpt2(w.teacher, w.max_positions, 1, true, bf16, &backend)?;
-            let student = gpt2(w.student, w.max_positions, 2, false, false, &backend)?;
+            let student_precision = backend.student_precision(a.student_precision);
+            let student = build_student(
+                gpt2_config(w.student, w.max_positions)?,
+                2,
+                student_precision,
+                &backend,
+            )?;
             let (b, t) = (w.batch, w.seq);
             // Sequences of t + 1 tokens, the first `prompt` + 1 of them the prompt: rows
             // prompt..t-1 of each sequence count (standard: 32..127; large: 128..511).
@@ -291,7 +303,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 })
                 .collect();
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
-            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(teacher_dtype, &backend)?,
+            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "student_precision": student_precision.to_string(), "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(teacher_dtype, &backend)?,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown});
             if !dev.is_cpu() {

@@ -60,6 +60,13 @@ impl Loader<'_> {
         )
     }
 
+    /// The token embedding, also the (tied) lm head: f32 whatever the precision.
+    fn embedding(&mut self, name: &str, shape: &[usize]) -> Result<Weight> {
+        let from = format!("{}{name}", self.src);
+        self.params
+            .embedding(self.sd, &from, &format!("transformer.{name}"), shape)
+    }
+
     /// LayerNorm (weight, bias).
     fn norm(&mut self, name: &str, d: usize) -> Result<(Tensor, Tensor)> {
         Ok((
@@ -95,7 +102,7 @@ impl Gpt2 {
             sd,
             src,
         };
-        let wte = l.matrix("wte.weight", &[v, d], true)?;
+        let wte = l.embedding("wte.weight", &[v, d])?;
         let wpe = l.tensor("wpe.weight", &[config.max_positions, d])?;
         let mut blocks = Vec::with_capacity(config.num_layers);
         for i in 0..config.num_layers {

@@ -87,11 +87,28 @@ pub fn build_with(
     sd.frozen = frozen || bf16;
     sd.bf16 = bf16;
     sd.backend = backend.clone();
+    build_from(config, &mut sd)
+}
+
+fn build_from(config: ModelConfig, sd: &mut StateDict) -> Result<Box<dyn CausalLm>> {
     Ok(match config.family {
-        super::config::Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
-        super::config::Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),
-        super::config::Family::Llama => Box::new(llama::Llama::new(config, &mut sd)?),
+        super::config::Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, sd)?),
+        super::config::Family::Opt => Box::new(opt::Opt::new(config, sd)?),
+        super::config::Family::Llama => Box::new(llama::Llama::new(config, sd)?),
     })
+}
+
+/// A trainable random model whose linear layers compute in `precision` (see `Params::weight`).
+pub fn build_student(
+    config: ModelConfig,
+    seed: u64,
+    precision: crate::backend::StudentPrecision,
+    backend: &crate::backend::Backend,
+) -> Result<Box<dyn CausalLm>> {
+    let mut sd = StateDict::random(seed);
+    sd.backend = backend.clone();
+    sd.precision = precision;
+    build_from(config, &mut sd)
 }
 
 /// Writes a new random `family` model of `shape` for the tokenizer in `tokenizer_dir` to `out`.

@@ -45,12 +45,11 @@ impl Llama {
         let p = |params: &mut Params, sd: &mut StateDict, name: &str, shape: &[usize]| {
             params.take(sd, name, name, shape)
         };
-        let embed_tokens = params.weight(
+        let embed_tokens = params.embedding(
             sd,
             "model.embed_tokens.weight",
             "model.embed_tokens.weight",
             &[v, d],
-            true,
         )?;
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
@@ -123,7 +122,7 @@ impl Llama {
             }
             embed_tokens.clone()
         } else {
-            params.weight(sd, "lm_head.weight", "lm_head.weight", &[v, d], true)?
+            params.embedding(sd, "lm_head.weight", "lm_head.weight", &[v, d])?
         };
         let inv_freq = inv_freq(c);
         Ok(Llama {

@@ -11,7 +11,7 @@ pub mod llama;
 pub mod opt;
 pub mod weights;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StudentPrecision};
 use crate::ops;
 use anyhow::{Context, Result};
 use candle_core::Tensor;
@@ -97,28 +97,44 @@ pub trait CausalLm: Send + Sync {
 /// Loads the model in `dir` (config.json + safetensors weights, HF layout) onto `backend`,
 /// computing in f32, trainable.
 pub fn load(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, false, false, backend)
+    load_student(dir, backend, StudentPrecision::F32)
+}
+
+/// [`load`], with the linear layers computing in `precision` (the weights stay f32).
+pub fn load_student(
+    dir: &Path,
+    backend: &Backend,
+    precision: StudentPrecision,
+) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, false, false, backend, precision)
 }
 
 /// Loads a model that is only run forward (a teacher, an evaluated checkpoint): no autograd graph.
 pub fn load_frozen(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, false, backend)
+    load_with(dir, true, false, backend, StudentPrecision::F32)
 }
 
 /// A frozen model whose matrices (linear layers, embeddings, lm head) are converted once to bf16
 /// (packed for the bf16 kernels of `ops::bf16` with the fused kernels: AMX tiles where the CPU
 /// has them); norms and biases stay f32. For a teacher that only runs forward: half its memory.
 pub fn load_frozen_bf16(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, true, backend)
+    load_with(dir, true, true, backend, StudentPrecision::F32)
 }
 
-fn load_with(dir: &Path, frozen: bool, bf16: bool, backend: &Backend) -> Result<Box<dyn CausalLm>> {
+fn load_with(
+    dir: &Path,
+    frozen: bool,
+    bf16: bool,
+    backend: &Backend,
+    precision: StudentPrecision,
+) -> Result<Box<dyn CausalLm>> {
     let dir = &gguf::model_dir(dir)?;
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
     sd.bf16 = bf16;
     sd.backend = backend.clone();
+    sd.precision = precision;
     let model: Box<dyn CausalLm> = match config.family {
         Family::Gpt2 => Box::new(gpt2::Gpt2::new(config, &mut sd)?),
         Family::Opt => Box::new(opt::Opt::new(config, &mut sd)?),

@@ -75,7 +75,8 @@ impl Opt {
             params.weight(sd, &from, &to, shape, true)
         };
         let ps = &mut params;
-        let embed_tokens = m(ps, sd, "embed_tokens.weight", &[v, wep])?;
+        let (from, to) = key("embed_tokens.weight");
+        let embed_tokens = ps.embedding(sd, &from, &to, &[v, wep])?;
         let embed_positions = p(
             ps,
             sd,
@@ -154,7 +155,7 @@ impl Opt {
             }
             embed_tokens.clone()
         } else {
-            params.weight(sd, "lm_head.weight", "lm_head.weight", &[v, wep], true)?
+            params.embedding(sd, "lm_head.weight", "lm_head.weight", &[v, wep])?
         };
         Ok(Opt {
             config,

@@ -1,7 +1,7 @@
 //! Weights: reading HF safetensors checkpoints (single file or sharded index; f32, f16 or bf16
 //! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
 
-use crate::backend::{Backend, Kernels};
+use crate::backend::{Backend, Kernels, StudentPrecision};
 use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{anyhow, bail, Context, Result};
@@ -27,6 +27,8 @@ pub struct StateDict {
     pub bf16: bool,
     /// Where the model computes: its tensors are moved to this device as they are taken.
     pub backend: Backend,
+    /// How a trainable model's linear layers multiply (see [`Params::weight`]).
+    pub precision: StudentPrecision,
     /// Fresh initialisation instead of a file: `take` draws every tensor (see [`StateDict::random`]).
     random_seed: Option<u64>,
 }
@@ -150,6 +152,7 @@ impl StateDict {
             frozen: false,
             bf16: false,
             backend: Backend::cpu(),
+            precision: StudentPrecision::F32,
             random_seed: None,
         })
     }
@@ -165,6 +168,7 @@ impl StateDict {
             frozen: false,
             bf16: false,
             backend: Backend::cpu(),
+            precision: StudentPrecision::F32,
             random_seed: Some(seed),
         }
     }
@@ -299,6 +303,7 @@ pub struct Params {
     /// no graph for them, which saves the memory and time of tracking ops nobody differentiates.
     pub frozen: bool,
     backend: Backend,
+    precision: StudentPrecision,
 }
 
 impl Params {
@@ -309,6 +314,7 @@ impl Params {
             buffers: Vec::new(),
             frozen: sd.frozen,
             backend: sd.backend.clone(),
+            precision: sd.precision,
         }
     }
 
@@ -334,6 +340,7 @@ impl Params {
     /// `out_in` tells its layout. A bf16 model (`sd.bf16`) gets it in bf16 instead (packed for
     /// the fused kernels, a bf16 tensor for the portable ones), and neither the f32 tensor nor
     /// a parameter entry is kept (such a model is never trained or saved). A trainable matrix
+    /// of a bf16-mixed model multiplies as torch.autocast does ([`Weight::bf16_mixed`]); else it
     /// gets an in-place gradient buffer when the fused kernels compute with it.
     pub fn weight(
         &mut self,
@@ -353,6 +360,9 @@ impl Params {
             });
         }
         let t = self.take(sd, from, save_as, shape)?;
+        if !self.frozen && self.precision == StudentPrecision::Bf16Mixed {
+            return Ok(Weight::bf16_mixed(t, out_in));
+        }
         // The in-place gradient buffers are the fused CPU kernels' (host memory).
         if self.frozen || self.backend.kernels != Kernels::Fused {
             return Ok(if out_in {
@@ -364,6 +374,24 @@ impl Params {
         let buffer = Arc::new(GradBuffer::new(t.shape()));
         self.buffers.push((self.entries.len() - 1, buffer.clone()));
         Ok(Weight::trainable(t, out_in, buffer))
+    }
+
+    /// [`Params::weight`] for a token embedding, which may also be the lm head ([vocab, d]):
+    /// f32 whatever the precision. The lm head feeds the KD loss, whose divergences compare
+    /// logits: bf16 logits (steps of 1/8 at |logit| 16..32) would quantise exactly the
+    /// teacher-student differences distillation learns from, and the fused heads never
+    /// materialise the logits, so bf16 would save no memory there (NOTES.md, "CUDA").
+    pub fn embedding(
+        &mut self,
+        sd: &mut StateDict,
+        from: &str,
+        save_as: &str,
+        shape: &[usize],
+    ) -> Result<Weight> {
+        let precision = std::mem::take(&mut self.precision); // f32
+        let w = self.weight(sd, from, save_as, shape, true);
+        self.precision = precision;
+        w
     }
 
     /// The gradient of every parameter after a backward pass, in `vars()` order (shared

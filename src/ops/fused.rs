@@ -20,7 +20,14 @@ pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     );
     let x2 = x.reshape((rows, inp))?;
     let y = match w {
-        Weight::F32 { w, out_in, grad } => {
+        // torch.autocast's arithmetic is a composition of candle ops (bf16 products; slower
+        // than the f32 gemm on the CPU, see README): one implementation for every kernel set.
+        Weight::F32 {
+            bf16_mixed: true, ..
+        } => return super::portable::linear(w, x, b),
+        Weight::F32 {
+            w, out_in, grad, ..
+        } => {
             // Few rows (decoding) and nothing to differentiate: stream the weight instead of
             // having the gemm pack all of it for a handful of rows.
             if rows <= gemm::SKINNY_ROWS && !x.track_op() && !w.track_op() {
@@ -70,6 +77,7 @@ pub fn embed(w: &Weight, ids: &Tensor) -> Result<Tensor> {
             w,
             out_in: true,
             grad: Some(g),
+            ..
         } if w.track_op() => {
             let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
             w.apply_op1(Embed {

@@ -14,10 +14,14 @@ pub enum Weight {
     /// f32; `out_in`: torch `nn.Linear` layout [out, in], else GPT-2's Conv1D [in, out].
     /// `grad`: a trainable model's in-place gradient buffer (see [`super::grad`]), shared by
     /// every use of the matrix (a tied embedding and lm head write into the same one).
+    /// `bf16_mixed`: a bf16-mixed student's matrix, f32 but multiplied as torch.autocast does
+    /// (`super::portable::linear_bf16_mixed`, on every kernel set); never the embedding / lm
+    /// head, and never with a gradient buffer.
     F32 {
         w: Tensor,
         out_in: bool,
         grad: Option<Arc<GradBuffer>>,
+        bf16_mixed: bool,
     },
     /// A frozen model's matrix in bf16 (RNE), packed once for the fused CPU kernels; no f32
     /// copy is kept.
@@ -34,6 +38,7 @@ impl Weight {
             w,
             out_in: true,
             grad: None,
+            bf16_mixed: false,
         }
     }
 
@@ -43,6 +48,7 @@ impl Weight {
             w,
             out_in: false,
             grad: None,
+            bf16_mixed: false,
         }
     }
 
@@ -52,6 +58,17 @@ impl Weight {
             w,
             out_in,
             grad: Some(grad),
+            bf16_mixed: false,
+        }
+    }
+
+    /// A trainable weight of a bf16-mixed student (see [`Weight::F32`]'s `bf16_mixed`).
+    pub fn bf16_mixed(w: Tensor, out_in: bool) -> Self {
+        Weight::F32 {
+            w,
+            out_in,
+            grad: None,
+            bf16_mixed: true,
         }
     }
 
@@ -59,10 +76,16 @@ impl Weight {
     /// loss), so that the fused head does not compute a gradient for it.
     pub fn detach(&self) -> Self {
         match self {
-            Weight::F32 { w, out_in, .. } => Weight::F32 {
+            Weight::F32 {
+                w,
+                out_in,
+                bf16_mixed,
+                ..
+            } => Weight::F32 {
                 w: w.detach(),
                 out_in: *out_in,
                 grad: None,
+                bf16_mixed: *bf16_mixed,
             },
             Weight::Bf16(p) => Weight::Bf16(p.clone()),
             Weight::Bf16Tensor { w, out_in } => Weight::Bf16Tensor {

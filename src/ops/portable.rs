@@ -7,9 +7,16 @@
 use super::{Activation, Weight};
 use candle_core::{bail, DType, Result, Tensor, D};
 
-/// y = x·Wᵀ + b for x [.., in]; a bf16 weight is widened to the input's dtype first.
+/// y = x·Wᵀ + b for x [.., in]; a bf16 weight is widened to the input's dtype first; a
+/// bf16-mixed student's weight multiplies as [`linear_bf16_mixed`] says.
 pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (w, out_in) = match w {
+        Weight::F32 {
+            w,
+            out_in,
+            bf16_mixed: true,
+            ..
+        } => return linear_bf16_mixed(w, *out_in, x, b),
         Weight::F32 { w, out_in, .. } => (w.clone(), *out_in),
         Weight::Bf16Tensor { w, out_in } => (w.to_dtype(x.dtype())?, *out_in),
         Weight::Bf16(_) => bail!("a packed bf16 weight belongs to the fused CPU kernels"),
@@ -22,6 +29,42 @@ pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     };
+    let mut out = dims;
+    *out.last_mut().unwrap() = y.dim(1)?;
+    y.reshape(out)
+}
+
+/// A linear layer of a bf16-mixed student, as torch.autocast(dtype=bfloat16) computes one: x,
+/// the f32 master W and the bias rounded to bf16 (RNE), x·W + b accumulated in f32 and rounded
+/// once to bf16 (candle widens to the f32 gemm on the CPU; cuBLAS bf16 with f32 compute on
+/// CUDA), read as f32. The bias joins the product as a row of W times a column of ones in x
+/// (7 zero columns keep k a multiple of 8 for the tensor cores): adding it after the product's
+/// rounding would round twice, one bf16 rounding per layer away from torch. Backward through
+/// candle's autograd: the upstream gradient rounded to bf16, dx = g·W, dW = gᵀ·x and db = Σ g
+/// as bf16 products, each widened to f32 into the master's gradient (torch's ToCopyBackward).
+pub fn linear_bf16_mixed(
+    w: &Tensor,
+    out_in: bool,
+    x: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<Tensor> {
+    let w = w.to_dtype(DType::BF16)?;
+    let w = if out_in { w.t()? } else { w }; // [k, n]
+    let dims = x.dims().to_vec();
+    let inp = dims[dims.len() - 1];
+    let x = x.reshape(((), inp))?.to_dtype(DType::BF16)?; // [m, k]
+    let (x, w) = match b {
+        Some(b) => {
+            let (m, n, dev) = (x.dim(0)?, w.dim(1)?, x.device());
+            let ones = Tensor::ones((m, 1), DType::BF16, dev)?;
+            let x = Tensor::cat(&[&x, &ones, &Tensor::zeros((m, 7), DType::BF16, dev)?], 1)?;
+            let bias = b.to_dtype(DType::BF16)?.reshape((1, n))?;
+            let w = Tensor::cat(&[&w, &bias, &Tensor::zeros((7, n), DType::BF16, dev)?], 0)?;
+            (x, w)
+        }
+        None => (x, w),
+    };
+    let y = x.matmul(&w)?.to_dtype(DType::F32)?;
     let mut out = dims;
     *out.last_mut().unwrap() = y.dim(1)?;
     y.reshape(out)

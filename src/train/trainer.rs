@@ -149,7 +149,7 @@ fn cache_live_temperatures(
 impl Trainer {
     /// Prepares a run in `run_dir`, or continues the one there when `resume` is set.
     pub fn new(
-        recipe: Recipe,
+        mut recipe: Recipe,
         backend: &crate::backend::Backend,
         run_dir: &Path,
         resume: bool,
@@ -163,7 +163,11 @@ impl Trainer {
         } else {
             recipe.model.student.clone()
         };
-        let student = model::load(&student_dir, backend)?;
+        // Resolved once (the device's default when unset) and saved so in the run's recipe, so
+        // a resumed run computes as it started, whatever device it resumes on.
+        let precision = backend.student_precision(recipe.model.student_precision);
+        recipe.model.student_precision = Some(precision);
+        let student = model::load_student(&student_dir, backend, precision)?;
         let (mut objective, on_policy) = objective_of(&recipe)?;
         objective.kernels = backend.kernels;
         let eos_ids =
