@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The one script for a machine WITH a GPU (e.g. a lent H200): self-test, the paper-scale KD step
-# with both kernel sets, and the PyTorch peer, each result as JSON lines under $OUT. Prepared
-# without a GPU; not yet run on one.
+# with both kernel sets, and the PyTorch peer, each result as JSON lines under $OUT.
 #
 #   OUT=out POCL_BIN=./pocl PEER=../shared/bench/peer_torch.py tools/gpu-check.sh
 #
@@ -16,17 +15,22 @@ lib=${CUDA_LIB:-$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.
 export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 case "$LD_LIBRARY_PATH" in *stubs*) echo "refusing: a stubs/ directory is on LD_LIBRARY_PATH" >&2; exit 2 ;; esac
 status=0
+# Few files: a lent machine's tool brings back only a handful (the first run lost the peer's).
 step() {  # name, timeout seconds, command...
   local name=$1 secs=$2; shift 2
-  echo "== $name" >&2
-  if ! timeout "$secs" "$@" > "$out/$name.jsonl" 2> "$out/$name.err"; then
-    echo "FAIL $name (see $out/$name.err)" >&2; status=1
+  echo "== $name" | tee -a "$out/log.txt" >&2
+  echo "{\"step\": \"$name\"}" >> "$out/results.jsonl"
+  if ! timeout "$secs" "$@" >> "$out/results.jsonl" 2>> "$out/log.txt"; then
+    echo "FAIL $name (see $out/log.txt)" | tee -a "$out/log.txt" >&2; status=1
   fi
 }
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-step doctor 180 "$bin" doctor --device cuda
-step doctor-fused 180 "$bin" doctor --device cuda --kernels fused
-step bench-portable 150 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 5
-step bench-fused 150 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 5
-step peer 150 python3 "$peer" kd-step-large
+nvidia-smi >> "$out/log.txt" 2>&1 || true
+# Most informative first (a lent machine's time is short): pocl's CUDA kernels against the CPU,
+# the paper-scale step on them, the peer, then the portable set. Worst case 540 s in all.
+step doctor-fused 100 "$bin" doctor --device cuda --kernels fused
+step bench-fused 110 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3
+step peer 120 python3 "$peer" kd-step-large
+step bench-portable 110 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 3
+step doctor 100 "$bin" doctor --device cuda
+cat "$out/results.jsonl"
 exit $status
