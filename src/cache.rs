@@ -383,6 +383,8 @@ pub fn build(
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    // A killed build's half-written shard or manifest (its temporary), before resuming.
+    crate::train::run_dir::remove_debris(dir)?;
     let eps = opts.examples_per_shard.max(1);
     let mut manifest = match read_manifest(dir)? {
         Some(m) => {

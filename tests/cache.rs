@@ -653,6 +653,9 @@ fn a_killed_build_resumes_to_the_same_cache() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    // What a kill inside a write leaves (a temporary of the dead process): removed on resume.
+    let debris = dir.join(format!(".shard-00009.bin.tmp{}", child.id()));
+    std::fs::write(&debris, b"half a shard").unwrap();
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     assert_eq!(m["complete"], false, "killed before the end");

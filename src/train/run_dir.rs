@@ -83,28 +83,33 @@ fn alive(pid: u32) -> bool {
 /// Called under the run's lock: no other process writes there, and this process has not
 /// started writing, so a temporary of our own pid (an earlier failed call) is debris too.
 pub fn clean_debris(run_dir: &Path) -> Result<()> {
+    remove_debris(run_dir)?;
+    remove_debris(&run_dir.join("checkpoints"))
+}
+
+/// Removes from `dir` the temporaries (`.NAME.tmpPID`) of processes that no longer run, and
+/// this process's own (call it before this process writes there). A missing `dir` is fine.
+pub fn remove_debris(dir: &Path) -> Result<()> {
     let me = std::process::id();
-    for dir in [run_dir.to_path_buf(), run_dir.join("checkpoints")] {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = temp_owner(&name) else {
             continue;
         };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            let Some(pid) = temp_owner(&name) else {
-                continue;
-            };
-            if pid != me && alive(pid) {
-                continue;
-            }
-            let p = e.path();
-            let removed = if p.is_dir() {
-                std::fs::remove_dir_all(&p)
-            } else {
-                std::fs::remove_file(&p)
-            };
-            removed.with_context(|| format!("cannot remove stale {}", p.display()))?;
-            eprintln!("removed {} (left by a killed process)", p.display());
+        if pid != me && alive(pid) {
+            continue;
         }
+        let p = e.path();
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.with_context(|| format!("cannot remove stale {}", p.display()))?;
+        eprintln!("removed {} (left by a killed process)", p.display());
     }
     Ok(())
 }
