@@ -139,17 +139,21 @@ fn quick_demo_reports_kd_with_and_without_pocl() {
         "demo --teacher-cache failed:\n{log}"
     );
     assert!(out.join("teacher-cache/manifest.json").is_file(), "{log}");
+    // The FKL runs read their own cache, with a sampled rest.
+    let manifest = std::fs::read_to_string(out.join("teacher-cache-fkl/manifest.json")).unwrap();
+    assert!(manifest.contains("\"sampled\": 16"), "{manifest}");
     let pocl = stage_records(&out.join("runs/fkl-pocl-s10-cached"));
     assert_eq!(pocl.len(), 4, "the cached POCL run went through its stages");
     assert_eq!(stage_records(&out.join("runs/fkl-s10-cached")).len(), 1);
     let report3 = std::fs::read_to_string(out.join("report.md")).unwrap();
     let line = report3
         .lines()
-        .find(|l| l.contains("Teacher cache: built once"))
+        .find(|l| l.contains("Teacher caches (a sampled rest for FKL"))
         .unwrap_or_else(|| panic!("no cache line in the report:\n{report3}"));
     assert!(
         line.contains("read by 2 runs")
-            && line.contains("the same runs with the live teacher took"),
+            && line.contains("the same runs with the live teacher took")
+            && line.contains("Relative error of the FKL cache's loss"),
         "{line}"
     );
     std::fs::remove_dir_all(&out).ok();
