@@ -26,11 +26,15 @@ step() {  # name, timeout seconds, command...
 }
 nvidia-smi >> "$out/log.txt" 2>&1 || true
 # Most informative first (a lent machine's time is short): pocl's CUDA kernels against the CPU,
-# the paper-scale step on them, the peer, then the portable set. Worst case 540 s in all.
-step doctor-fused 100 "$bin" doctor --device cuda --kernels fused
-step bench-fused 110 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3
-step peer 120 python3 "$peer" kd-step-large
-step bench-portable 110 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 3
-step doctor 100 "$bin" doctor --device cuda
+# the paper-scale step on them, the peer, the f32 student, the demo, then the portable set.
+# Timeouts sum to 560 s (the tool's limit is 600 s a call); measured on an H200 (2026-11-30):
+# doctor 17 s, each bench ~40 s, the peer ~40 s, the demo 82 s.
+step doctor-fused 60 "$bin" doctor --device cuda --kernels fused
+step bench-fused 80 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3
+step peer 80 python3 "$peer" kd-step-large
+step bench-fused-f32-student 80 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3 --student-precision f32
+step demo 150 sh -c "'$bin' demo --device cuda --kernels fused --out '$out/demo' >&2 && cp '$out/demo/report.md' '$out/demo-report.md' && rm -rf '$out/demo' && echo '{\"demo\": \"demo-report.md\"}'"
+step bench-portable 60 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 3
+step doctor 50 "$bin" doctor --device cuda
 cat "$out/results.jsonl"
 exit $status
