@@ -310,28 +310,25 @@ impl Record {
         let (k, top) = (self.k, self.k - self.m);
         let (idb, rest) = rec.split_at(k * self.id_bytes);
         let (zb, tb) = rest.split_at(2 * k);
-        let ids: Vec<u32> = idb
-            .chunks_exact(self.id_bytes)
-            .map(|c| match c.len() {
-                2 => u16::from_le_bytes([c[0], c[1]]) as u32,
-                _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
-            })
-            .collect();
-        let rel: Vec<f64> = zb
+        // Decoded per row and step (the training hot path): iterators, no buffers.
+        let ids = idb.chunks_exact(self.id_bytes).map(|c| match c.len() {
+            2 => u16::from_le_bytes([c[0], c[1]]) as u32,
+            _ => u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+        });
+        let rel = zb
             .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect();
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f64());
         let f = |o: usize| f32::from_le_bytes([tb[o], tb[o + 1], tb[o + 2], tb[o + 3]]) as f64;
         let (top_lp, rest_lp) = (f(8 * ti), f(8 * ti + 4));
-        out.ids.extend_from_slice(&ids[..top]);
+        out.ids.extend(ids.clone().take(top));
         out.log_p
-            .extend(rel[..top].iter().map(|r| r / temperature + top_lp));
+            .extend(rel.clone().take(top).map(|r| r / temperature + top_lp));
         out.log_p.push(rest_lp);
         if self.m > 0 {
             // log π(j) = log p_hot(j) − log R_hot; log w = log p_T(j) − log M − log π(j).
             let (hot_top, hot_rest) = (f(8 * hot), f(8 * hot + 4));
             let ln_m = (self.m as f64).ln();
-            for (&i, &r) in ids[top..].iter().zip(&rel[top..]) {
+            for (i, r) in ids.skip(top).zip(rel.skip(top)) {
                 let lp = r / temperature + top_lp;
                 let l_pi = r / hot_t + hot_top - hot_rest;
                 out.sample_ids.push(i);
@@ -384,7 +381,7 @@ pub fn build(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     // A killed build's half-written shard or manifest (its temporary), before resuming.
-    crate::train::run_dir::remove_debris(dir)?;
+    crate::remove_debris(dir)?;
     let eps = opts.examples_per_shard.max(1);
     let mut manifest = match read_manifest(dir)? {
         Some(m) => {

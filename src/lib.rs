@@ -76,6 +76,48 @@ pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> anyhow::Result<()> 
     written
 }
 
+/// The pid in a temporary name `.NAME.tmpPID` (what `write_atomic` and `model::save` use).
+pub(crate) fn temp_owner(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, pid) = rest.rsplit_once(".tmp")?;
+    pid.parse().ok()
+}
+
+fn alive(pid: u32) -> bool {
+    // kill(pid, 0) probes without signalling; EPERM means the process exists (another user's).
+    // SAFETY: signal 0 sends nothing; the call only reads the process table.
+    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Removes from `dir` the temporaries (`.NAME.tmpPID`) of processes that no longer run, and
+/// this process's own (call it before this process writes there). A missing `dir` is fine.
+pub fn remove_debris(dir: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = temp_owner(&name) else {
+            continue;
+        };
+        if pid != me && alive(pid) {
+            continue;
+        }
+        let p = e.path();
+        let removed = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        removed.with_context(|| format!("cannot remove stale {}", p.display()))?;
+        eprintln!("removed {} (left by a killed process)", p.display());
+    }
+    Ok(())
+}
+
 /// Creates `dir` and its parents; the error names the path, and the ancestor that is a file when
 /// that is the cause (the OS only says "File exists" or "Not a directory").
 pub fn create_dir_all(dir: &std::path::Path) -> anyhow::Result<()> {

@@ -489,6 +489,12 @@ mod tiles512 {
             && std::arch::is_x86_feature_detected!("avx512f")
     }
 
+    /// Rows of x in the next tile: the largest power of two up to `max` (a compiled tile
+    /// shape) that the `left` rows fill.
+    fn tile_rows(left: usize, max: usize) -> usize {
+        1 << left.min(max).ilog2()
+    }
+
     /// [`super::dot_block`] in tiles of one row of W × up to 4 rows of x: each W chunk loaded
     /// serves 4 rows of x. (Tiles of 2 rows of W measured up to 2x slower on Zen 4.) The
     /// lane sums stay sequential, as in [`super::dot_block`]: at d = 512 they cost about as
@@ -514,11 +520,7 @@ mod tiles512 {
         for j in j0..j1 {
             let mut i = 0;
             while i < m {
-                let ti = match m - i {
-                    1 => 1,
-                    2 | 3 => 2,
-                    _ => 4,
-                };
+                let ti = tile_rows(m - i, 4);
                 let (wj, xi, oij) = (w.add(j * ld), x.add(i * k), o.add(i * bw + j - j0));
                 match ti {
                     4 => dot_tile::<4>(xi, k, wj, oij, bw),
@@ -597,12 +599,7 @@ mod tiles512 {
             let rows = PANEL.min(k - l0);
             let mut i = 0;
             while i < m {
-                let ti = match m - i {
-                    1 => 1,
-                    2 | 3 => 2,
-                    4..=7 => 4,
-                    _ => 8,
-                };
+                let ti = tile_rows(m - i, 8);
                 j = j0;
                 while j + 32 <= j1 {
                     let nv = (16 / ti).min((j1 - j) / 16);

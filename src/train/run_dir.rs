@@ -3,6 +3,7 @@
 //! data, models and difficulty scores, recorded in `inputs.json` and checked on `--resume`).
 
 use crate::config::Recipe;
+use crate::{remove_debris, temp_owner};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -65,53 +66,12 @@ pub fn lock(run_dir: &Path) -> Result<RunLock> {
     Ok(RunLock { _file: file })
 }
 
-/// The pid in a temporary name `.NAME.tmpPID` (what `write_atomic` and `model::save` use).
-fn temp_owner(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix('.')?;
-    let (_, pid) = rest.rsplit_once(".tmp")?;
-    pid.parse().ok()
-}
-
-fn alive(pid: u32) -> bool {
-    // kill(pid, 0) probes without signalling; EPERM means the process exists (another user's).
-    // SAFETY: signal 0 sends nothing; the call only reads the process table.
-    let r = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
-}
-
 /// Removes the temporaries that killed writers left in `run_dir` and its checkpoints folder.
 /// Called under the run's lock: no other process writes there, and this process has not
 /// started writing, so a temporary of our own pid (an earlier failed call) is debris too.
 pub fn clean_debris(run_dir: &Path) -> Result<()> {
     remove_debris(run_dir)?;
     remove_debris(&run_dir.join("checkpoints"))
-}
-
-/// Removes from `dir` the temporaries (`.NAME.tmpPID`) of processes that no longer run, and
-/// this process's own (call it before this process writes there). A missing `dir` is fine.
-pub fn remove_debris(dir: &Path) -> Result<()> {
-    let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = temp_owner(&name) else {
-            continue;
-        };
-        if pid != me && alive(pid) {
-            continue;
-        }
-        let p = e.path();
-        let removed = if p.is_dir() {
-            std::fs::remove_dir_all(&p)
-        } else {
-            std::fs::remove_file(&p)
-        };
-        removed.with_context(|| format!("cannot remove stale {}", p.display()))?;
-        eprintln!("removed {} (left by a killed process)", p.display());
-    }
-    Ok(())
 }
 
 /// Refuses to start a run in a directory that holds something other than a run (the recipe's
