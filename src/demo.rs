@@ -133,6 +133,26 @@ pub struct Demo {
 }
 
 /// Wall time of each run, for the report's compute column.
+/// One of the demo's teacher caches (`--teacher-cache`): a directory under the output, and
+/// whether it spends slots on a sampled rest.
+struct DemoCache {
+    dir: &'static str,
+    sampled: bool,
+}
+
+/// A sampled rest for the forward-KL runs (the only divergence that uses it), the top K and a
+/// rest bucket for the others.
+const DEMO_CACHES: [DemoCache; 2] = [
+    DemoCache {
+        dir: "teacher-cache",
+        sampled: false,
+    },
+    DemoCache {
+        dir: "teacher-cache-fkl",
+        sampled: true,
+    },
+];
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Timing {
     pub name: String,
@@ -366,13 +386,14 @@ impl Demo {
         Ok(())
     }
 
-    /// The demo's teacher caches: one with a sampled rest for the forward-KL runs (the only
-    /// divergence that uses it), one with the top K and a rest bucket for the others.
+    /// The teacher cache a method's runs read ([`DemoCache`]).
     fn cache_for(&self, method: LossKind) -> PathBuf {
-        match method {
-            LossKind::Fkl => self.out.join("teacher-cache-fkl"),
-            _ => self.out.join("teacher-cache"),
-        }
+        let sampled = method == LossKind::Fkl;
+        let c = DEMO_CACHES
+            .iter()
+            .find(|c| c.sampled == sampled)
+            .expect("both kinds listed");
+        self.out.join(c.dir)
     }
 
     /// Builds the demo's teacher caches (K = 64, every temperature of the POCL schedule and of
@@ -396,16 +417,17 @@ impl Demo {
         let started = Instant::now();
         let k = crate::cache::DEFAULT_TOP_K.min(vocab);
         let per_shard = crate::cache::DEFAULT_EXAMPLES_PER_SHARD;
-        for (method, sampled) in [
-            (LossKind::Jsd, 0),
-            (LossKind::Fkl, crate::cache::DEFAULT_SAMPLED_REST.min(k - 1)),
-        ] {
+        for c in &DEMO_CACHES {
             let slots = crate::cache::Slots {
                 top_k: k,
-                sampled,
+                sampled: if c.sampled {
+                    crate::cache::DEFAULT_SAMPLED_REST.min(k - 1)
+                } else {
+                    0
+                },
                 temperatures: Some(temps.clone()),
             };
-            let dir = self.cache_for(method);
+            let dir = self.out.join(c.dir);
             crate::cache::build_for_recipe(&r, &dir, vocab, slots, per_shard, backend)?;
         }
         Ok(started.elapsed().as_secs_f64())
@@ -442,12 +464,13 @@ impl Demo {
             ));
         }
         line.push('.');
-        for (method, only) in [(LossKind::Jsd, None), (LossKind::Fkl, Some("fkl"))] {
-            let Ok(Some(f)) = crate::cache::read_fidelity(&self.cache_for(method)) else {
+        for c in &DEMO_CACHES {
+            let Ok(Some(f)) = crate::cache::read_fidelity(&self.out.join(c.dir)) else {
                 continue;
             };
+            // A sampled rest serves forward KL only: its other errors are the bucket's.
             let errs: Vec<String> = (f.relative_error.iter())
-                .filter(|(d, _)| only.is_none_or(|o| o == d.as_str()))
+                .filter(|(d, _)| !c.sampled || d.as_str() == "fkl")
                 .map(|(d, e)| {
                     let (lo, hi) = e
                         .iter()
@@ -457,7 +480,7 @@ impl Demo {
                 .collect();
             line.push_str(&format!(
                 " Relative error of the {} cache's loss against the full vocabulary over the cached temperatures ({} samples, the base student): {}.",
-                if only.is_some() { "FKL" } else { "bucket" },
+                if c.sampled { "FKL" } else { "bucket" },
                 f.samples,
                 errs.join(", "),
             ));
