@@ -6,7 +6,7 @@
 //! Run: cargo bench --bench bf16_matmul [-- --quick] [-- --m 512 --reps 10 --only amx]
 
 use candle_core::{Device, Tensor};
-use pocl::ops::bf16::{amx_available, Kernel, PackedBf16};
+use pocl::ops::bf16::{amx_available, Kernel, Packed};
 use std::time::Instant;
 
 mod common;
@@ -108,11 +108,11 @@ fn main() -> anyhow::Result<()> {
         let flops = 2.0 * (m * k * n) as f64;
 
         let t0 = Instant::now();
-        let packed = PackedBf16::from_out_in(&w, n, k);
+        let packed = Packed::bf16_out_in(&w, n, k);
         let pack_out_in = t0.elapsed().as_secs_f64();
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
         let t0 = Instant::now();
-        let packed_t = PackedBf16::from_in_out(&wt, k, n);
+        let packed_t = Packed::bf16_in_out(&wt, k, n);
         let pack_in_out = t0.elapsed().as_secs_f64();
         drop((packed_t, wt));
         println!(

@@ -839,7 +839,7 @@ pub fn build_for_recipe(
     }
     let examples = all_examples(recipe)?;
     let teacher_dir = recipe.model.teacher.as_ref().context("model.teacher")?;
-    let teacher = crate::pipeline::load_frozen(teacher_dir, recipe.model.teacher_dtype, backend)?;
+    let teacher = crate::pipeline::load_teacher(teacher_dir, recipe.model.teacher_dtype, backend)?;
     let opts = BuildOptions {
         identity,
         examples_per_shard,

@@ -24,7 +24,7 @@ use crate::kd::{Divergence, Head, Mix, Objective, Targets};
 use crate::model::config::ModelConfig;
 use crate::model::generate::{generate, GenerationConfig};
 use crate::model::init::{build_student, build_with, config_json, Shape};
-use crate::model::{CausalLm, Params, StateDict};
+use crate::model::{CausalLm, Matrices, Params, StateDict};
 use crate::ops::{self, Activation, Weight};
 use crate::train::optim::{clip_coef, AdamW, AdamWConfig};
 use crate::train::step::{self, Models};
@@ -543,11 +543,11 @@ impl Side {
         name: &str,
         shape: &[usize],
         out_in: bool,
-        bf16: bool,
+        matrices: Matrices,
     ) -> Result<Weight> {
         let mut sd = StateDict::random(SEED);
         sd.frozen = true;
-        sd.bf16 = bf16;
+        sd.matrices = matrices;
         sd.backend = self.backend.clone();
         Params::new(&sd).weight(&mut sd, name, name, shape, out_in)
     }
@@ -699,7 +699,7 @@ fn op_cases() -> Vec<OpCase> {
             s.outcome(&y, vec![], true)
         }),
         case("embed.bf16", "W[53,19] bf16 ids[9]", BF16_TOL, false, |s| {
-            let w = s.frozen_matrix("w", &[53, 19], true, true)?;
+            let w = s.frozen_matrix("w", &[53, 19], true, Matrices::Bf16)?;
             let ids = Tensor::new(random_ids("ids", 9, 53), s.device())?;
             let y = s.kernels().embed(&w, &ids)?;
             s.outcome(&y, vec![], false)
@@ -740,15 +740,24 @@ fn op_cases() -> Vec<OpCase> {
             },
         ));
     }
-    for (name, rows, bf16) in [("linear.decode", 1, false), ("linear.bf16", 7, true)] {
+    for (name, rows, matrices) in [
+        ("linear.decode", 1, Matrices::F32),
+        ("linear.f32_packed", 7, Matrices::F32Packed),
+        ("linear.bf16", 7, Matrices::Bf16),
+    ] {
+        let bf16 = matrices == Matrices::Bf16;
         let tol = if bf16 { BF16_TOL } else { F32_TOL };
         let shape = format!(
             "x[{rows},37] W[29,37]+b frozen{}",
-            if bf16 { ", bf16" } else { "" }
+            match matrices {
+                Matrices::F32 => "",
+                Matrices::F32Packed => ", f32 packed",
+                Matrices::Bf16 => ", bf16",
+            }
         );
         cases.push(case(name, shape, tol, false, move |s| {
             let x = s.constant("x", &[rows, 37], 1.0)?;
-            let w = s.frozen_matrix("w", &[29, 37], true, bf16)?;
+            let w = s.frozen_matrix("w", &[29, 37], true, matrices)?;
             let b = s.constant("b", &[29], 0.1)?;
             let y = s.kernels().linear(&w, &x, Some(&b))?;
             s.outcome(&y, vec![], false)
@@ -863,7 +872,12 @@ fn kd_case(div: Divergence, temperature: f64, bf16_teacher: bool) -> OpCase {
         let hidden = s.input("student_hidden", &[2, 9, 24], 1.0)?;
         let head = s.matrix("student_head", &[61, 24], true)?;
         let teacher_hidden = s.constant("teacher_hidden", &[2, 9, 20], 3.0)?;
-        let teacher_head = s.frozen_matrix("teacher_head", &[64, 20], true, bf16_teacher)?;
+        let teacher_head = s.frozen_matrix(
+            "teacher_head",
+            &[64, 20],
+            true,
+            teacher_matrices_of(bf16_teacher),
+        )?;
         let labels = Tensor::from_vec(random_ids("labels", 18, 61), (2, 9), &dev)?;
         let mask: Vec<f32> = (0..18)
             .map(|i| if (i % 9) < 2 || i >= 16 { 0.0 } else { 1.0 })
@@ -978,10 +992,20 @@ const EOS: u32 = 60;
 fn tiny_model(
     family: &str,
     frozen: bool,
-    bf16: bool,
+    matrices: Matrices,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
-    tiny(family, frozen, bf16, None, backend)
+    tiny(family, frozen, matrices, None, backend)
+}
+
+/// A teacher's matrices as training loads them (`pipeline::load_teacher`).
+fn teacher_matrices_of(bf16: bool) -> Matrices {
+    use crate::pipeline::{teacher_matrices, Precision};
+    teacher_matrices(if bf16 {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    })
 }
 
 /// A tiny trainable `family` model whose linear layers compute in `precision`.
@@ -990,13 +1014,13 @@ fn tiny_student(
     precision: StudentPrecision,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
-    tiny(family, false, false, Some(precision), backend)
+    tiny(family, false, Matrices::F32, Some(precision), backend)
 }
 
 fn tiny(
     family: &str,
     frozen: bool,
-    bf16: bool,
+    matrices: Matrices,
     precision: Option<StudentPrecision>,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
@@ -1016,7 +1040,7 @@ fn tiny(
     let seed = if family == "gpt2" { 1 } else { 2 };
     match precision {
         Some(p) => build_student(config, seed, p, backend),
-        None => build_with(config, seed, frozen, bf16, backend),
+        None => build_with(config, seed, frozen, matrices, backend),
     }
 }
 
@@ -1091,7 +1115,7 @@ fn kd_steps(
     bf16_teacher: bool,
     precision: StudentPrecision,
 ) -> Result<Vec<(String, Tensor)>> {
-    let teacher = tiny_model(teacher, true, bf16_teacher, backend)?;
+    let teacher = tiny_model(teacher, true, teacher_matrices_of(bf16_teacher), backend)?;
     let student = tiny_student(student, precision, backend)?;
     let examples: Vec<Example> = [(3, 5), (6, 2), (2, 7)]
         .into_iter()
@@ -1202,7 +1226,11 @@ impl Doctor {
         ];
         let cfg = GenerationConfig::greedy(8, vec![]);
         let side = |b: &Backend| -> Result<Vec<Vec<u32>>> {
-            generate(tiny_model(family, true, false, b)?.as_ref(), &prompts, &cfg)
+            generate(
+                tiny_model(family, true, Matrices::F32, b)?.as_ref(),
+                &prompts,
+                &cfg,
+            )
         };
         let measure = guarded(|| -> Result<Measure> {
             let (mut t, r) = (side(&self.target)?, side(&self.reference)?);

@@ -8,7 +8,7 @@ use crate::curriculum::fuse::Scored;
 use crate::curriculum::measure;
 use crate::model::config::ModelConfig;
 use crate::model::context::Limits;
-use crate::model::CausalLm;
+use crate::model::{CausalLm, Matrices};
 use crate::tokenizer::Tokenizer;
 use crate::train::checkpoint::{best_checkpoint, last_checkpoint, prepare_run_dir};
 use crate::train::run_dir::{self, Inputs, SCORES_FILE};
@@ -31,7 +31,8 @@ pub enum Precision {
     Bf16,
 }
 
-/// The model in `dir`, frozen (forward only), with its matrices in `precision`, on `backend`.
+/// The model in `dir`, frozen (forward only), with its matrices in `precision`, on `backend`:
+/// for evaluation and decoding.
 pub fn load_frozen(
     dir: &Path,
     precision: Precision,
@@ -40,6 +41,26 @@ pub fn load_frozen(
     match precision {
         Precision::F32 => crate::model::load_frozen(dir, backend),
         Precision::Bf16 => crate::model::load_frozen_bf16(dir, backend),
+    }
+}
+
+/// A distillation teacher (`model.teacher_dtype` = `precision`): frozen, its matrices packed
+/// once for the fused CPU kernels in either precision ([`Matrices`]), so that its forward
+/// passes of many rows never pay the gemm crate's per-call packing. The live teacher and the
+/// teacher cache's builder both load it here, so their logits agree to the bit.
+pub fn load_teacher(
+    dir: &Path,
+    precision: Precision,
+    backend: &Backend,
+) -> Result<Box<dyn CausalLm>> {
+    crate::model::load_frozen_as(dir, teacher_matrices(precision), backend)
+}
+
+/// How a teacher in `precision` keeps its matrices ([`load_teacher`]).
+pub fn teacher_matrices(precision: Precision) -> Matrices {
+    match precision {
+        Precision::F32 => Matrices::F32Packed,
+        Precision::Bf16 => Matrices::Bf16,
     }
 }
 

@@ -4,7 +4,7 @@
 //! run, so no path goes untested without saying so; portable and f32-widen must run everywhere
 //! f32 FMAs exist (x86-64 with AVX2 + FMA or AVX-512, aarch64).
 
-use pocl::ops::bf16::{bf16_bits_to_f32, f32_to_bf16_bits, selected_kernel, Kernel, PackedBf16};
+use pocl::ops::bf16::{bf16_bits_to_f32, f32_to_bf16_bits, selected_kernel, Kernel, Packed};
 
 /// A line on stderr that the test harness does not capture (it captures `print!`/`eprint!`
 /// only): which kernels ran is shown on every `cargo test`, not only with `--nocapture`.
@@ -107,7 +107,7 @@ fn every_bf16_kernel_this_cpu_runs_matches_the_f64_reference() {
             let x = values(m * k, (m * 31 + k) as u64);
             let w = values(n * k, (n * 7 + k) as u64 + 5); // [n, k]
             let bias = values(n, n as u64 + 11);
-            let packed = PackedBf16::from_out_in(&w, n, k);
+            let packed = Packed::bf16_out_in(&w, n, k);
             const SENTINEL: f32 = 4321.0;
             let case = format!("[{m}, {k}] x [{k}, {n}] ldo {ldo}");
             let mut out = vec![SENTINEL; m * ldo];
@@ -165,7 +165,7 @@ fn f32_widen_is_the_closest_to_f32() {
     }
     let (m, k, n) = (16, 512, 64);
     let (x, w) = (values(m * k, 1), values(n * k, 2));
-    let packed = PackedBf16::from_out_in(&w, n, k);
+    let packed = Packed::bf16_out_in(&w, n, k);
     let exact: Vec<f64> = (0..m * n)
         .map(|e| {
             let (i, j) = (e / n, e % n);

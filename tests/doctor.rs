@@ -44,6 +44,7 @@ fn expected_checks() -> BTreeSet<String> {
     .collect();
     for op in [
         "linear.decode",
+        "linear.f32_packed",
         "linear.bf16",
         "embed.bf16",
         "attention.left_padded",

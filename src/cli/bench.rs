@@ -11,7 +11,7 @@ use pocl::kd::{Divergence, Mix, Objective};
 use pocl::model::config::ModelConfig;
 use pocl::model::generate::{generate, GenerationConfig};
 use pocl::model::init::{build_student, build_with, config_json, Shape};
-use pocl::model::CausalLm;
+use pocl::model::{CausalLm, Matrices};
 use pocl::pipeline::Precision;
 use pocl::train::optim::{AdamW, AdamWConfig};
 use pocl::train::step::{self, Phase};
@@ -122,11 +122,11 @@ fn gpt2(
     max_positions: usize,
     seed: u64,
     frozen: bool,
-    bf16: bool,
+    matrices: Matrices,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
     let config = gpt2_config((hidden, layers, heads), max_positions)?;
-    build_with(config, seed, frozen, bf16, backend)
+    build_with(config, seed, frozen, matrices, backend)
 }
 
 fn gpt2_config(
@@ -188,8 +188,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::KdStep(a) => {
             let w = a.workload.kd();
             let teacher_dtype = a.teacher_dtype.unwrap_or(w.teacher_dtype);
-            let bf16 = teacher_dtype == Precision::Bf16;
-            let teacher = gpt2(w.teacher, w.max_positions, 1, true, bf16, &backend)?;
+            let matrices = pocl::pipeline::teacher_matrices(teacher_dtype);
+            let teacher = gpt2(w.teacher, w.max_positions, 1, true, matrices, &backend)?;
             let student_precision = backend.student_precision(a.student_precision);
             let student = build_student(
                 gpt2_config(w.student, w.max_positions)?,
@@ -303,7 +303,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 })
                 .collect();
             let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
-            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "student_precision": student_precision.to_string(), "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(teacher_dtype, &backend)?,
+            let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "student_precision": student_precision.to_string(), "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(matrices, &backend)?,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown});
             if !dev.is_cpu() {
@@ -318,8 +318,12 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         }
         BenchCommand::CacheFidelity(_) => unreachable!("handled above"),
         BenchCommand::Generate(a) => {
-            let bf16 = a.dtype == Precision::Bf16;
-            let student = gpt2((512, 6, 8), 512, 2, true, bf16, &backend)?;
+            // As `pocl generate` loads a model (`pipeline::load_frozen`).
+            let matrices = match a.dtype {
+                Precision::F32 => Matrices::F32,
+                Precision::Bf16 => Matrices::Bf16,
+            };
+            let student = gpt2((512, 6, 8), 512, 2, true, matrices, &backend)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
                 // No EOS: every row produces all 96 tokens, as min_new_tokens does for the peer.
@@ -332,7 +336,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 let dt = t0.elapsed().as_secs_f64() / a.reps as f64;
                 println!(
                     "{}",
-                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype, "backend": backend.label(), "kernel": kernel_label(a.dtype, &backend)?,
+                    serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": "generate", "batch": bs, "dtype": a.dtype, "backend": backend.label(), "kernel": kernel_label(matrices, &backend)?,
                         "threads": threads, "new_tokens_per_second": ((bs * 96) as f64 / dt * 10.0).round() / 10.0,
                         "max_rss_mib": max_rss_mib().round()})
                 );
@@ -342,17 +346,19 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     Ok(())
 }
 
-/// What multiplies the matrices that are in `precision`: the bf16 kernel chosen for this CPU
+/// What multiplies the matrices kept as `matrices`: the bf16 kernel chosen for this CPU
 /// (`ops::bf16::selected_kernel`: "amx", "avx512bf16", "f32-widen" or "portable") for bf16 on
 /// pocl's fused CPU kernels, "bf16-tensor" for bf16 on the portable backend (candle's matmul),
-/// "f32" for f32 weights.
-fn kernel_label(precision: Precision, backend: &Backend) -> Result<&'static str> {
-    Ok(match (precision, backend.kernels) {
-        (Precision::Bf16, pocl::backend::Kernels::Fused) => {
-            pocl::ops::bf16::selected_kernel()?.name()
+/// "f32-packed" for a teacher's f32 panels (`ops::bf16::Element::F32`), "f32" for f32 tensors.
+fn kernel_label(matrices: Matrices, backend: &Backend) -> Result<&'static str> {
+    use pocl::backend::Kernels;
+    Ok(match (matrices, backend.kernels) {
+        (Matrices::Bf16, Kernels::Fused) => pocl::ops::bf16::selected_kernel()?.name(),
+        (Matrices::Bf16, Kernels::Portable) => "bf16-tensor",
+        (Matrices::Bf16, Kernels::Cuda) => "bf16-cuda",
+        (Matrices::F32Packed, Kernels::Fused) if pocl::ops::bf16::Packed::f32_supported() => {
+            "f32-packed"
         }
-        (Precision::Bf16, pocl::backend::Kernels::Portable) => "bf16-tensor",
-        (Precision::Bf16, pocl::backend::Kernels::Cuda) => "bf16-cuda",
         _ => "f32",
     })
 }

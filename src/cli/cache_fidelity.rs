@@ -31,7 +31,7 @@ pub fn run(a: FidelityArgs) -> Result<()> {
     let backend = r.run.backend()?;
     let tdir = r.model.teacher.clone().context("model.teacher: required")?;
     let vocab = pocl::pipeline::kd_vocab_of_dirs(&tdir, &r.model.student)?;
-    let teacher = pocl::model::load_frozen(&tdir, &backend)?;
+    let teacher = pocl::pipeline::load_teacher(&tdir, r.model.teacher_dtype, &backend)?;
     let student = pocl::model::load_frozen(&r.model.student, &backend)?;
     let tok = pocl::tokenizer::Tokenizer::from_dir(&r.model.student, None)?;
     use pocl::train::splits;

@@ -63,7 +63,7 @@ pub(crate) fn head_loss(
                     w, out_in: true, ..
                 } => w.detach().narrow(0, 0, vocab)?,
                 Weight::Bf16Tensor { w, out_in: true } => w.narrow(0, 0, vocab)?,
-                Weight::Bf16(_) => {
+                Weight::Packed(_) => {
                     bail!("a packed bf16 teacher head belongs to the fused CPU kernels")
                 }
                 _ => bail!("the teacher's lm head must be [vocab, d]"),

@@ -13,7 +13,7 @@
 
 use super::kernel::{gradient_buffer, loss_rows, loss_rows_in_place, LossSpec, RowLoss, Rows};
 use super::sparse::{sparse_loss_rows, SparseTargets};
-use crate::ops::bf16::PackedBf16;
+use crate::ops::bf16::Packed;
 use crate::ops::gemm::{matmul, View};
 use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
@@ -107,7 +107,7 @@ impl FusedHeadOp {
 /// The teacher's head as the chunk loop reads it: f32 data [Vt, dt], or packed bf16.
 enum TeacherHead<'a> {
     F32(&'a [f32], usize, usize),
-    Bf16(std::sync::Arc<PackedBf16>),
+    Packed(std::sync::Arc<Packed>),
 }
 
 impl TeacherHead<'_> {
@@ -115,7 +115,7 @@ impl TeacherHead<'_> {
     fn dims(&self) -> (usize, usize) {
         match self {
             TeacherHead::F32(_, v, d) => (*v, *d),
-            TeacherHead::Bf16(p) => (p.n_out(), p.k()),
+            TeacherHead::Packed(p) => (p.n_out(), p.k()),
         }
     }
 }
@@ -163,7 +163,7 @@ impl FusedHeadOp {
                     let (gw, lw) = w.storage_and_layout();
                     Ok((gw, lw.clone()))
                 }
-                Weight::Bf16(p) => Err(p.clone()),
+                Weight::Packed(p) => Err(p.clone()),
             };
             (gh, lh.clone(), w)
         });
@@ -181,7 +181,7 @@ impl FusedHeadOp {
                         let (tw, tv, tw_d) = matrix(sw, lw, "teacher head")?;
                         TeacherHead::F32(tw, tv, tw_d)
                     }
-                    Err(p) => TeacherHead::Bf16(p.clone()),
+                    Err(p) => TeacherHead::Packed(p.clone()),
                 };
                 let (tv, tw_d) = head.dims();
                 if tn != n || tw_d != dt || v > tv {
@@ -252,7 +252,7 @@ impl FusedHeadOp {
                                     tv,
                                     false,
                                 ),
-                                TeacherHead::Bf16(p) => p.matmul(h, r, &mut t_logits, tv),
+                                TeacherHead::Packed(p) => p.matmul(h, r, &mut t_logits, tv),
                             }
                             Some(Rows {
                                 data: &t_logits[..(r - 1) * tv + v],

@@ -224,7 +224,7 @@ impl Objective {
                     Weight::F32 {
                         w, out_in: true, ..
                     } => Weight::out_in(w.contiguous()?.detach()),
-                    Weight::Bf16(p) => Weight::Bf16(p.clone()),
+                    Weight::Packed(p) => Weight::Packed(p.clone()),
                     Weight::F32 { .. } => bail!("the teacher's lm head must be [vocab, d]"),
                     Weight::Bf16Tensor { .. } => {
                         bail!("a bf16 tensor head belongs to the portable kernels")

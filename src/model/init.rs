@@ -3,7 +3,7 @@
 //! their teachers and students this way. Also students pruned from a teacher ([`init_from`]).
 
 use super::config::ModelConfig;
-use super::{gpt2, llama, opt, CausalLm, StateDict};
+use super::{gpt2, llama, opt, CausalLm, Matrices, StateDict};
 use crate::tokenizer::Tokenizer;
 use anyhow::{bail, Result};
 use serde_json::{json, Value};
@@ -71,21 +71,27 @@ pub fn config_json(family: &str, shape: &Shape, vocab: usize, eos: u32) -> Resul
 
 /// Builds a freshly initialised model from a config (on the CPU; it is saved, not trained).
 pub fn build(config: ModelConfig, seed: u64) -> Result<Box<dyn CausalLm>> {
-    build_with(config, seed, false, false, &crate::backend::Backend::cpu())
+    build_with(
+        config,
+        seed,
+        false,
+        Matrices::F32,
+        &crate::backend::Backend::cpu(),
+    )
 }
 
 /// [`build`], optionally frozen (forward only, see `Params::frozen`).
-/// `frozen`: no autograd graph; `bf16`: also matrices packed to bf16 (see `model::load_frozen_bf16`).
+/// `frozen`: no autograd graph; `matrices`: their form (frozen unless [`Matrices::F32`]).
 pub fn build_with(
     config: ModelConfig,
     seed: u64,
     frozen: bool,
-    bf16: bool,
+    matrices: Matrices,
     backend: &crate::backend::Backend,
 ) -> Result<Box<dyn CausalLm>> {
     let mut sd = StateDict::random(seed);
-    sd.frozen = frozen || bf16;
-    sd.bf16 = bf16;
+    sd.frozen = frozen || matrices != Matrices::F32;
+    sd.matrices = matrices;
     sd.backend = backend.clone();
     build_from(config, &mut sd)
 }

@@ -17,7 +17,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use config::{Family, ModelConfig};
 use std::path::Path;
-pub use weights::{Params, StateDict};
+pub use weights::{Matrices, Params, StateDict};
 
 /// One forward call's token inputs. `key_mask` covers the cached tokens followed by the new ones.
 pub struct Input<'a> {
@@ -106,25 +106,35 @@ pub fn load_student(
     backend: &Backend,
     precision: StudentPrecision,
 ) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, false, false, backend, precision)
+    load_with(dir, false, Matrices::F32, backend, precision)
 }
 
-/// Loads a model that is only run forward (a teacher, an evaluated checkpoint): no autograd graph.
+/// Loads a model that is only run forward (an evaluated checkpoint, a model that decodes): no
+/// autograd graph, f32 tensors.
 pub fn load_frozen(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, false, backend, StudentPrecision::F32)
+    load_frozen_as(dir, Matrices::F32, backend)
 }
 
 /// A frozen model whose matrices (linear layers, embeddings, lm head) are converted once to bf16
 /// (packed for the bf16 kernels of `ops::bf16` with the fused kernels: AMX tiles where the CPU
 /// has them); norms and biases stay f32. For a teacher that only runs forward: half its memory.
 pub fn load_frozen_bf16(dir: &Path, backend: &Backend) -> Result<Box<dyn CausalLm>> {
-    load_with(dir, true, true, backend, StudentPrecision::F32)
+    load_frozen_as(dir, Matrices::Bf16, backend)
+}
+
+/// A frozen model with its matrices in the form `matrices` says ([`Matrices`]).
+pub fn load_frozen_as(
+    dir: &Path,
+    matrices: Matrices,
+    backend: &Backend,
+) -> Result<Box<dyn CausalLm>> {
+    load_with(dir, true, matrices, backend, StudentPrecision::F32)
 }
 
 fn load_with(
     dir: &Path,
     frozen: bool,
-    bf16: bool,
+    matrices: Matrices,
     backend: &Backend,
     precision: StudentPrecision,
 ) -> Result<Box<dyn CausalLm>> {
@@ -132,7 +142,7 @@ fn load_with(
     let config = ModelConfig::from_dir(dir)?;
     let mut sd = StateDict::load(dir)?;
     sd.frozen = frozen;
-    sd.bf16 = bf16;
+    sd.matrices = matrices;
     sd.backend = backend.clone();
     sd.precision = precision;
     let model: Box<dyn CausalLm> = match config.family {

@@ -2,6 +2,7 @@
 //! stored, upcast to f32) and the trainable parameter store that is saved back under HF key names.
 
 use crate::backend::{Backend, Kernels, StudentPrecision};
+use crate::ops::bf16::{Element, Packed};
 use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{anyhow, bail, Context, Result};
@@ -10,6 +11,21 @@ use candle_core::{DType, Device, Tensor, Var};
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// How a model keeps its matrices (linear layers, embeddings, lm head) once taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Matrices {
+    /// f32 tensors as loaded: a trained model, or a frozen one for evaluation and decoding (the
+    /// streamed matmul reads them for the few rows of a decoding step).
+    #[default]
+    F32,
+    /// Frozen f32 packed once for the fused CPU kernels' f32 kernel (`ops::bf16::Element::F32`):
+    /// a teacher, whose forward passes are many rows (plain f32 tensors on other kernel sets,
+    /// and on CPUs the f32 kernel does not run).
+    F32Packed,
+    /// Frozen bf16: packed for the fused kernels, bf16 tensors for the others.
+    Bf16,
+}
 
 /// The tensors of a checkpoint by key name, upcast to f32 when taken; keys are consumed by the
 /// model builders so that leftovers (unknown tensors) can be reported. Loading maps the files and
@@ -23,8 +39,8 @@ pub struct StateDict {
     files: Vec<MappedFile>,
     /// Build a frozen model (see [`Params::frozen`]).
     pub frozen: bool,
-    /// Frozen, with the matrices converted to bf16 (see [`Params::weight`]).
-    pub bf16: bool,
+    /// How a frozen model keeps its matrices (see [`Params::weight`]).
+    pub matrices: Matrices,
     /// Where the model computes: its tensors are moved to this device as they are taken.
     pub backend: Backend,
     /// How a trainable model's linear layers multiply (see [`Params::weight`]).
@@ -150,7 +166,7 @@ impl StateDict {
             tensors,
             files,
             frozen: false,
-            bf16: false,
+            matrices: Matrices::F32,
             backend: Backend::cpu(),
             precision: StudentPrecision::F32,
             random_seed: None,
@@ -166,7 +182,7 @@ impl StateDict {
             tensors: HashMap::new(),
             files: Vec::new(),
             frozen: false,
-            bf16: false,
+            matrices: Matrices::F32,
             backend: Backend::cpu(),
             precision: StudentPrecision::F32,
             random_seed: Some(seed),
@@ -337,9 +353,11 @@ impl Params {
     }
 
     /// Like [`Params::take`] for a matrix used by a linear layer (or a tied embedding / lm head):
-    /// `out_in` tells its layout. A bf16 model (`sd.bf16`) gets it in bf16 instead (packed for
-    /// the fused kernels, a bf16 tensor for the portable ones), and neither the f32 tensor nor
-    /// a parameter entry is kept (such a model is never trained or saved). A trainable matrix
+    /// `out_in` tells its layout. A frozen model's matrices take the form `sd.matrices` says: a
+    /// bf16 model gets them in bf16 (packed for the fused kernels, a bf16 tensor for the
+    /// portable ones), an f32 teacher packed once for the fused kernels' f32 kernel; then
+    /// neither the f32 tensor nor a parameter entry is kept (such a model is never trained or
+    /// saved). A trainable matrix
     /// of a bf16-mixed model multiplies as torch.autocast does ([`Weight::bf16_mixed`]); else it
     /// gets an in-place gradient buffer when the fused kernels compute with it.
     pub fn weight(
@@ -350,14 +368,26 @@ impl Params {
         shape: &[usize],
         out_in: bool,
     ) -> Result<Weight> {
-        if sd.bf16 {
-            let t = sd.take(from, shape)?;
-            return Ok(match self.backend.kernels {
-                Kernels::Fused => Weight::to_bf16(&t, out_in)?,
-                Kernels::Portable | Kernels::Cuda => {
-                    Weight::to_bf16_tensor(&t.to_device(&self.backend.device)?, out_in)?
-                }
-            });
+        match (sd.matrices, self.backend.kernels) {
+            (Matrices::Bf16, Kernels::Fused) => {
+                return Ok(Weight::to_packed(
+                    &sd.take(from, shape)?,
+                    out_in,
+                    Element::Bf16,
+                )?)
+            }
+            (Matrices::Bf16, Kernels::Portable | Kernels::Cuda) => {
+                let t = sd.take(from, shape)?.to_device(&self.backend.device)?;
+                return Ok(Weight::to_bf16_tensor(&t, out_in)?);
+            }
+            (Matrices::F32Packed, Kernels::Fused) if Packed::f32_supported() => {
+                return Ok(Weight::to_packed(
+                    &sd.take(from, shape)?,
+                    out_in,
+                    Element::F32,
+                )?)
+            }
+            _ => {}
         }
         let t = self.take(sd, from, save_as, shape)?;
         if !self.frozen && self.precision == StudentPrecision::Bf16Mixed {

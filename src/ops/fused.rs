@@ -5,7 +5,7 @@
 
 use super::attention as att;
 use super::gemm;
-use super::linear::{Bf16Matmul, Embed, Linear};
+use super::linear::{Embed, Linear, PackedMatmul};
 use super::norm;
 use super::{activation, Activation, Weight};
 use candle_core::{bail, DType, Result, Tensor};
@@ -50,14 +50,14 @@ pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
                 }
             }
         }
-        Weight::Bf16(p) => {
+        Weight::Packed(p) => {
             // The bias is added inside the op (one pass over the output instead of two).
             let bias = b
                 .map(|b| b.to_dtype(DType::F32)?.to_vec1::<f32>())
                 .transpose()?;
             x2.to_dtype(DType::F32)?
                 .contiguous()?
-                .apply_op1_no_bwd(&Bf16Matmul(p.clone(), bias))?
+                .apply_op1_no_bwd(&PackedMatmul(p.clone(), bias))?
         }
         Weight::Bf16Tensor { .. } => {
             bail!("a bf16 tensor weight belongs to the portable kernels")
@@ -91,7 +91,7 @@ pub fn embed(w: &Weight, ids: &Tensor) -> Result<Tensor> {
         Weight::F32 {
             w, out_in: false, ..
         } => w.t()?.index_select(&ids, 0),
-        Weight::Bf16(p) => {
+        Weight::Packed(p) => {
             let k = p.k();
             let ids = ids.to_dtype(DType::U32)?.to_vec1::<u32>()?;
             let mut out = vec![0f32; ids.len() * k];

@@ -2,7 +2,7 @@
 //! the packed gemm, or a streamed matmul for the few rows of decoding), or bf16 packed once for a
 //! frozen model (the teacher), which computes on AMX tiles where the CPU has them.
 
-use super::bf16::PackedBf16;
+use super::bf16::{Element, Packed};
 use super::gemm;
 use super::grad::GradBuffer;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
@@ -23,9 +23,9 @@ pub enum Weight {
         grad: Option<Arc<GradBuffer>>,
         bf16_mixed: bool,
     },
-    /// A frozen model's matrix in bf16 (RNE), packed once for the fused CPU kernels; no f32
-    /// copy is kept.
-    Bf16(Arc<PackedBf16>),
+    /// A frozen model's matrix packed once for the fused CPU kernels, in bf16 (RNE) or f32
+    /// ([`Element`]); no f32 tensor is kept.
+    Packed(Arc<Packed>),
     /// A frozen model's matrix in bf16 (RNE) as a candle tensor on any device, in the layout
     /// `out_in` says: the portable kernels' form of a bf16 teacher.
     Bf16Tensor { w: Tensor, out_in: bool },
@@ -87,7 +87,7 @@ impl Weight {
                 grad: None,
                 bf16_mixed: *bf16_mixed,
             },
-            Weight::Bf16(p) => Weight::Bf16(p.clone()),
+            Weight::Packed(p) => Weight::Packed(p.clone()),
             Weight::Bf16Tensor { w, out_in } => Weight::Bf16Tensor {
                 w: w.detach(),
                 out_in: *out_in,
@@ -105,14 +105,14 @@ impl Weight {
         }
     }
 
-    /// Converts a frozen f32 weight to packed bf16 (the caller drops the f32 tensor).
-    pub fn to_bf16(w: &Tensor, out_in: bool) -> Result<Self> {
+    /// Packs a frozen f32 weight once as `element` (the caller drops the f32 tensor).
+    pub fn to_packed(w: &Tensor, out_in: bool, element: Element) -> Result<Self> {
         let (r, c) = w.dims2()?;
         let data = w.flatten_all()?.to_vec1::<f32>()?;
-        Ok(Weight::Bf16(Arc::new(if out_in {
-            PackedBf16::from_out_in(&data, r, c)
+        Ok(Weight::Packed(Arc::new(if out_in {
+            Packed::out_in(&data, r, c, element)
         } else {
-            PackedBf16::from_in_out(&data, r, c)
+            Packed::in_out(&data, r, c, element)
         })))
     }
 
@@ -128,7 +128,7 @@ impl Weight {
     pub fn tensor(&self) -> Option<&Tensor> {
         match self {
             Weight::F32 { w, .. } => Some(w),
-            Weight::Bf16(_) | Weight::Bf16Tensor { .. } => None,
+            Weight::Packed(_) | Weight::Bf16Tensor { .. } => None,
         }
     }
 
@@ -144,7 +144,7 @@ impl Weight {
                 let (i, o) = w.dims2()?;
                 (o, i)
             }
-            Weight::Bf16(p) => (p.n_out(), p.k()),
+            Weight::Packed(p) => (p.n_out(), p.k()),
             Weight::Bf16Tensor { w, out_in: true } => w.dims2()?,
             Weight::Bf16Tensor { w, out_in: false } => {
                 let (i, o) = w.dims2()?;
@@ -394,9 +394,9 @@ impl CustomOp1 for Embed {
 }
 
 /// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with the packed bf16 W (forward only: frozen models).
-pub(super) struct Bf16Matmul(pub Arc<PackedBf16>, pub Option<Vec<f32>>);
+pub(super) struct PackedMatmul(pub Arc<Packed>, pub Option<Vec<f32>>);
 
-impl CustomOp1 for Bf16Matmul {
+impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
         "pocl-bf16-matmul"
     }

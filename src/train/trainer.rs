@@ -200,7 +200,7 @@ impl Trainer {
                         || on_policy > 0.0
                         || !live_temperatures.is_empty()) =>
             {
-                Some(crate::pipeline::load_frozen(
+                Some(crate::pipeline::load_teacher(
                     dir,
                     recipe.model.teacher_dtype,
                     backend,

@@ -2,10 +2,10 @@
 //! split of panels over rayon tasks, and the [`Job`] each kernel runs.
 
 use super::cpu::Kernel;
-use super::pack::{convert_x, Line, PAIR, PANEL, STEP, TK, ZERO_LINE};
+use super::pack::{convert_x, step_lines, Line, PAIR, PANEL, STEP, TK, ZERO_LINE};
 #[cfg(target_arch = "x86_64")]
 use super::{amx, avx512bf16};
-use super::{portable, widen, PackedBf16};
+use super::{portable, widen, Element, Packed};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -14,7 +14,7 @@ use std::cell::RefCell;
 /// done group by group, so the buffer never grows much beyond this.
 const A_BLOCK_BYTES: usize = 1024 << 10;
 
-impl PackedBf16 {
+impl Packed {
     pub(super) fn matmul_impl(
         &self,
         kernel: Kernel,
@@ -24,9 +24,19 @@ impl PackedBf16 {
         ldo: usize,
         bias: Option<&[f32]>,
     ) {
+        // An f32 matrix has one kernel, the f32-widen variants' (`widen`).
+        let kernel = match self.element {
+            Element::Bf16 => kernel,
+            Element::F32 => Kernel::F32Widen,
+        };
         assert!(
             kernel.is_supported(),
-            "bf16 kernel {kernel:?} unsupported here"
+            "{} kernel {kernel:?} unsupported here",
+            if self.element == Element::F32 {
+                "f32"
+            } else {
+                "bf16"
+            }
         );
         // Checked products: a wrapped size could pass as in bounds and let the kernels write
         // outside `out` through their raw pointers.
@@ -67,6 +77,7 @@ impl PackedBf16 {
         }
         let out_ptr = OutPtr(out.as_mut_ptr());
         if kernel == Kernel::F32Widen {
+            // f32-widen, or an f32 matrix: x stays f32.
             return self.matmul_widen(x, m, out_ptr, ldo, bias);
         }
         // Rows per group: the group's converted x stays under A_BLOCK_BYTES, groups even-sized.
@@ -168,7 +179,7 @@ impl PackedBf16 {
                 // SAFETY: AVX512F + AVX512-BF16 were detected (asserted in `matmul_with`).
                 Kernel::Avx512Bf16 => unsafe { avx512bf16::run(&job, panels.clone()) },
                 // SAFETY: f32-widen is supported (asserted), so its best variant's features
-                // are present; the job holds f32 x (`matmul_widen`).
+                // are present; the job holds f32 x (`matmul_widen`). Also an f32 matrix's.
                 Kernel::F32Widen => unsafe { widen::run(widen_isa(), &job, panels.clone()) },
                 _ => portable::run(&job, panels.clone()),
             }
@@ -231,7 +242,7 @@ unsafe impl Sync for OutPtr {}
 /// `w.steps * STEP` lines; `out` is valid for writes at `(row0 + i) * ldo + j` for i < rows,
 /// j < n_out.
 pub(super) struct Job<'a> {
-    pub(super) w: &'a PackedBf16,
+    pub(super) w: &'a Packed,
     a: X<'a>,
     pub(super) rows: usize,
     row0: usize,
@@ -241,7 +252,7 @@ pub(super) struct Job<'a> {
 
 impl Job<'_> {
     pub(super) fn panel(&self, p: usize) -> &[Line] {
-        let n = self.w.steps * STEP;
+        let n = self.w.steps * step_lines(self.w.element);
         &self.w.data[p * n..(p + 1) * n]
     }
 
@@ -279,7 +290,9 @@ impl Job<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{amx_available, bf16_bits_to_f32, f32_to_bf16_bits, Kernel, PackedBf16};
+    use super::super::{
+        amx_available, bf16_bits_to_f32, f32_to_bf16_bits, Element, Kernel, Packed,
+    };
 
     /// Deterministic values in [-1, 1) (xorshift64*).
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -314,25 +327,26 @@ mod tests {
     }
 
     /// Checks every kernel and both constructors against an f64 reference of the bf16-rounded
-    /// inputs (x left in f32 for f32-widen, which does not round it): error ≤ 1e-5 · Σ_l |x||w|
-    /// per element (f32 accumulation).
+    /// inputs (x left in f32 for f32-widen, which does not round it), and f32 panels against
+    /// the unrounded inputs: error ≤ 1e-5 · Σ_l |x||w| per element (f32 accumulation).
     fn check(m: usize, k: usize, n: usize, ldo: usize) {
         let x = values(m * k, (m * 31 + k * 7 + n) as u64);
         let w = values(n * k, (n * 13 + k) as u64 + 99); // [n, k]
         let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // [k, n]
-        let p = PackedBf16::from_out_in(&w, n, k);
-        let pt = PackedBf16::from_in_out(&wt, k, n);
-        assert_eq!((p.n_out(), p.k(), pt.n_out(), pt.k()), (n, k, n, k));
-        assert!(
-            p.data.iter().zip(&pt.data).all(|(a, b)| a.0 == b.0),
-            "packings differ"
-        );
-        let wb: Vec<f64> = w.iter().map(|&v| bf(v)).collect();
-        let reference = |round_x: bool| {
-            let xb: Vec<f64> = x
-                .iter()
-                .map(|&v| if round_x { bf(v) } else { v as f64 })
-                .collect();
+        let pack = |element| {
+            let p = Packed::out_in(&w, n, k, element);
+            let pt = Packed::in_out(&wt, k, n, element);
+            assert_eq!((p.n_out(), p.k(), pt.n_out(), pt.k()), (n, k, n, k));
+            assert!(
+                p.data.iter().zip(&pt.data).all(|(a, b)| a.0 == b.0),
+                "{element:?} packings differ"
+            );
+            (p, pt)
+        };
+        let reference = |round_x: bool, round_w: bool| {
+            let r = |v: f32, round: bool| if round { bf(v) } else { v as f64 };
+            let xb: Vec<f64> = x.iter().map(|&v| r(v, round_x)).collect();
+            let wb: Vec<f64> = w.iter().map(|&v| r(v, round_w)).collect();
             let mut want = vec![0f64; m * n];
             let mut scale = vec![0f64; m * n];
             for i in 0..m {
@@ -344,31 +358,40 @@ mod tests {
             }
             (want, scale)
         };
-        let rounded = reference(true);
-        let unrounded = reference(false);
-        const SENTINEL: f32 = 12345.0;
+        let (rounded, widened) = (reference(true, true), reference(false, true));
+        let (bf16_p, bf16_pt) = pack(Element::Bf16);
+        let mut runs = vec![];
         for kernel in kernels() {
-            let (want, scale) = if kernel == Kernel::F32Widen {
-                &unrounded
+            let want = if kernel == Kernel::F32Widen {
+                &widened
             } else {
                 &rounded
             };
-            for (name, packed) in [("out_in", &p), ("in_out", &pt)] {
-                let mut out = vec![SENTINEL; m * ldo];
-                packed.matmul_with(kernel, &x, m, &mut out, ldo);
-                for i in 0..m {
-                    for j in 0..ldo {
-                        let got = out[i * ldo + j];
-                        if j >= n {
-                            assert_eq!(got, SENTINEL, "{kernel:?} wrote past n_out");
-                            continue;
-                        }
-                        let (e, s) = (want[i * n + j], scale[i * n + j]);
-                        assert!(
-                            (got as f64 - e).abs() <= 1e-5 * s + 1e-30,
-                            "{kernel:?} {name} m={m} k={k} n={n} [{i},{j}]: {got} vs {e} (scale {s})"
-                        );
+            runs.push((format!("{kernel:?} out_in"), &bf16_p, kernel, want));
+            runs.push((format!("{kernel:?} in_out"), &bf16_pt, kernel, want));
+        }
+        let exact = reference(false, false);
+        let f32_packs = Packed::f32_supported().then(|| pack(Element::F32));
+        if let Some((p, pt)) = &f32_packs {
+            runs.push(("f32 out_in".into(), p, Kernel::best(), &exact));
+            runs.push(("f32 in_out".into(), pt, Kernel::best(), &exact));
+        }
+        const SENTINEL: f32 = 12345.0;
+        for (name, packed, kernel, (want, scale)) in runs {
+            let mut out = vec![SENTINEL; m * ldo];
+            packed.matmul_with(kernel, &x, m, &mut out, ldo);
+            for i in 0..m {
+                for j in 0..ldo {
+                    let got = out[i * ldo + j];
+                    if j >= n {
+                        assert_eq!(got, SENTINEL, "{name} wrote past n_out");
+                        continue;
                     }
+                    let (e, s) = (want[i * n + j], scale[i * n + j]);
+                    assert!(
+                        (got as f64 - e).abs() <= 1e-5 * s + 1e-30,
+                        "{name} m={m} k={k} n={n} [{i},{j}]: {got} vs {e} (scale {s})"
+                    );
                 }
             }
         }
@@ -405,8 +428,10 @@ mod tests {
     fn a_row_does_not_depend_on_the_rows_beside_it() {
         let (m, k, n) = (41, 100, 70);
         let (x, w) = (values(m * k, 8), values(n * k, 9));
-        let p = PackedBf16::from_out_in(&w, n, k);
-        for kernel in kernels() {
+        let p = Packed::bf16_out_in(&w, n, k);
+        let f32_panels = Packed::f32_supported().then(|| Packed::out_in(&w, n, k, Element::F32));
+        let runs = kernels().into_iter().map(|kernel| (kernel, &p));
+        for (kernel, p) in runs.chain(f32_panels.iter().map(|p| (Kernel::best(), p))) {
             let mut all = vec![0f32; m * n];
             p.matmul_with(kernel, &x, m, &mut all, n);
             for i in 0..m {
@@ -416,7 +441,8 @@ mod tests {
                     one.iter()
                         .zip(&all[i * n..(i + 1) * n])
                         .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "{kernel:?}: row {i} alone differs"
+                    "{kernel:?} {:?}: row {i} alone differs",
+                    p.element()
                 );
             }
         }
@@ -430,12 +456,14 @@ mod tests {
 
     #[test]
     fn empty_inputs() {
-        let p = PackedBf16::from_out_in(&[], 4, 0);
-        let mut out = vec![1.0; 8];
-        for kernel in kernels() {
-            p.matmul_with(kernel, &[], 2, &mut out, 4);
-            assert_eq!(out, vec![0.0; 8]);
-            p.matmul_with(kernel, &[], 0, &mut [], 4);
+        for element in [Element::Bf16, Element::F32] {
+            let p = Packed::out_in(&[], 4, 0, element);
+            for kernel in kernels() {
+                let mut out = vec![1.0; 8];
+                p.matmul_with(kernel, &[], 2, &mut out, 4);
+                assert_eq!(out, vec![0.0; 8]);
+                p.matmul_with(kernel, &[], 0, &mut [], 4);
+            }
         }
     }
 
@@ -443,7 +471,7 @@ mod tests {
     fn matmul_runs_the_best_kernel() {
         let (m, k, n) = (5, 40, 33);
         let (x, w) = (values(m * k, 1), values(n * k, 2));
-        let p = PackedBf16::from_out_in(&w, n, k);
+        let p = Packed::bf16_out_in(&w, n, k);
         let (mut a, mut b) = (vec![0.0; m * n], vec![0.0; m * n]);
         p.matmul(&x, m, &mut a, n);
         p.matmul_with(Kernel::best(), &x, m, &mut b, n);
@@ -457,7 +485,7 @@ mod tests {
         // empty-k case that only writes the bias.
         for (m, k, n, ldo) in [(37, 40, 200, 203), (3, 0, 70, 70)] {
             let (x, w, bias) = (values(m * k, 3), values(n * k, 4), values(n, 5));
-            let p = PackedBf16::from_out_in(&w, n, k);
+            let p = Packed::bf16_out_in(&w, n, k);
             let (mut plain, mut biased) = (vec![7.0; m * ldo], vec![7.0; m * ldo]);
             p.matmul(&x, m, &mut plain, ldo);
             p.matmul_bias(&x, m, &mut biased, ldo, &bias);
@@ -478,21 +506,21 @@ mod tests {
     #[should_panic(expected = "matmul: x shorter than m·k (m = 9223372036854775808, k = 2")]
     fn a_row_count_whose_m_k_wraps_is_refused() {
         // m·k = 2⁶⁴ wraps to 0 in unchecked arithmetic, which an empty x would satisfy.
-        let p = PackedBf16::from_out_in(&[1.0; 4], 2, 2);
+        let p = Packed::bf16_out_in(&[1.0; 4], 2, 2);
         p.matmul(&[], usize::MAX / 2 + 1, &mut [0.0; 2], 2);
     }
 
     #[test]
     #[should_panic(expected = "matmul: out shorter than (m-1)·ldo + n_out")]
     fn an_output_size_that_wraps_is_refused() {
-        let p = PackedBf16::from_out_in(&[], 2, 0);
+        let p = Packed::bf16_out_in(&[], 2, 0);
         p.matmul(&[], usize::MAX / 2 + 1, &mut [0.0; 2], 2);
     }
 }
 
 #[cfg(test)]
 mod widen_tests {
-    use super::super::{widen::Isa, Kernel, PackedBf16};
+    use super::super::{widen::Isa, Kernel, Packed};
     use super::FORCED_ISA;
 
     /// Every f32-widen variant this CPU runs gives the same bits as the best one (same FMA
@@ -526,7 +554,7 @@ mod widen_tests {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 53 % 97) as f32 - 48.0) / 11.0)
                 .collect();
-            let p = PackedBf16::from_out_in(&w, n, k);
+            let p = Packed::bf16_out_in(&w, n, k);
             let mut results = vec![];
             for isa in isas {
                 if !isa.is_supported() {
@@ -560,6 +588,57 @@ mod widen_tests {
                 )
             } else {
                 format!("f32-widen variant {isa:?}: NOT RUN, this CPU cannot run it")
+            });
+        }
+    }
+
+    /// The f32 kernel is f32-widen on f32 panels: for a W whose values are bf16-exact, f32 and
+    /// bf16 panels give the same bits, in every variant this CPU runs (and the f32 kernel's
+    /// variants agree with each other).
+    #[test]
+    fn f32_panels_sum_as_f32_widen() {
+        use super::super::Element;
+        if !Packed::f32_supported() {
+            say("f32 panels: NOT RUN, this CPU cannot run the f32 kernel");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        let isas = [Isa::Avx512, Isa::Avx2];
+        #[cfg(not(target_arch = "x86_64"))]
+        let isas = [Isa::Baseline];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        for (m, k, n) in [(1, 1, 1), (3, 31, 15), (9, 70, 47), (17, 770, 100)] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            // Multiples of 1/8 below 64: exact in bf16.
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 8.0)
+                .collect();
+            let bf16 = Packed::bf16_out_in(&w, n, k);
+            let f32 = Packed::out_in(&w, n, k, Element::F32);
+            for isa in isas.into_iter().filter(|i| i.is_supported()) {
+                let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
+                pool.install(|| {
+                    FORCED_ISA.with(|f| f.set(Some(isa)));
+                    bf16.matmul_with(Kernel::F32Widen, &x, m, &mut a, n);
+                    f32.matmul(&x, m, &mut b, n);
+                    FORCED_ISA.with(|f| f.set(None));
+                });
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{isa:?}: f32 panels differ from f32-widen on [{m}, {k}, {n}]"
+                );
+            }
+        }
+        for isa in isas {
+            say(&if isa.is_supported() {
+                format!("f32 kernel variant {isa:?}: ran, equal to the bit to f32-widen's")
+            } else {
+                format!("f32 kernel variant {isa:?}: NOT RUN, this CPU cannot run it")
             });
         }
     }

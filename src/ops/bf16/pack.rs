@@ -6,7 +6,7 @@ use super::convert::convert_line_avx512;
 use super::convert::{bf16_bits_to_f32, convert_line, f32_to_bf16_bits};
 #[cfg(target_arch = "x86_64")]
 use super::cpu::has_avx512f;
-use super::PackedBf16;
+use super::{Element, Packed};
 use rayon::prelude::*;
 
 /// k per tile step: 32 bf16 = one 64-byte line of an A tile.
@@ -27,11 +27,16 @@ pub(super) struct Line(pub(super) [u16; 32]);
 
 pub(super) const ZERO_LINE: Line = Line([0; 32]);
 
-impl PackedBf16 {
-    pub(super) fn pack(n_out: usize, k: usize, get: impl Fn(usize, usize) -> f32 + Sync) -> Self {
+impl Packed {
+    pub(super) fn pack(
+        n_out: usize,
+        k: usize,
+        element: Element,
+        get: impl Fn(usize, usize) -> f32 + Sync,
+    ) -> Self {
         let steps = k.div_ceil(TK);
         let panels = n_out.div_ceil(PANEL);
-        let panel_lines = steps * STEP;
+        let panel_lines = steps * step_lines(element);
         let mut data = vec![ZERO_LINE; panels * panel_lines];
         if panel_lines > 0 {
             data.par_chunks_mut(panel_lines)
@@ -42,14 +47,23 @@ impl PackedBf16 {
                             let j0 = p * PANEL + t * 16;
                             let cols = n_out.saturating_sub(j0).min(16);
                             for r in 0..TILE {
-                                let line = &mut panel[s * STEP + t * TILE + r].0;
                                 for e in 0..2 {
                                     let l = s * TK + 2 * r + e;
                                     if l >= k {
                                         continue;
                                     }
                                     for c in 0..cols {
-                                        line[2 * c + e] = f32_to_bf16_bits(get(j0 + c, l));
+                                        let v = get(j0 + c, l);
+                                        match element {
+                                            Element::Bf16 => {
+                                                let line = &mut panel[s * STEP + t * TILE + r].0;
+                                                line[2 * c + e] = f32_to_bf16_bits(v);
+                                            }
+                                            Element::F32 => {
+                                                let i = s * 2 * STEP + 4 * r + 2 * e + t;
+                                                set_f32(&mut panel[i], c, v);
+                                            }
+                                        }
                                     }
                                 }
                             }
@@ -57,9 +71,10 @@ impl PackedBf16 {
                     }
                 });
         }
-        PackedBf16 {
+        Packed {
             n_out,
             k,
+            element,
             steps,
             panels,
             data,
@@ -71,12 +86,35 @@ impl PackedBf16 {
     pub fn row(&self, j: usize, out: &mut [f32]) {
         assert!(j < self.n_out && out.len() >= self.k, "row: out of range");
         let (p, t, c) = (j / PANEL, (j % PANEL) / 16, j % 16);
-        let panel = &self.data[p * self.steps * STEP..(p + 1) * self.steps * STEP];
+        let n = self.steps * step_lines(self.element);
+        let panel = &self.data[p * n..(p + 1) * n];
         for (l, o) in out[..self.k].iter_mut().enumerate() {
             let (s, r, e) = (l / TK, (l % TK) / 2, l % 2);
-            *o = bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]);
+            *o = match self.element {
+                Element::Bf16 => bf16_bits_to_f32(panel[s * STEP + t * TILE + r].0[2 * c + e]),
+                Element::F32 => get_f32(&panel[s * 2 * STEP + 4 * r + 2 * e + t], c),
+            };
         }
     }
+}
+
+/// Lines per k step of a panel: two bf16 tiles, or twice that in f32.
+pub(super) fn step_lines(element: Element) -> usize {
+    match element {
+        Element::Bf16 => STEP,
+        Element::F32 => 2 * STEP,
+    }
+}
+
+/// Lane c of a line read as 16 f32 (little-endian halves: what a vector load of the line sees).
+pub(super) fn get_f32(line: &Line, c: usize) -> f32 {
+    f32::from_bits(line.0[2 * c] as u32 | (line.0[2 * c + 1] as u32) << 16)
+}
+
+fn set_f32(line: &mut Line, c: usize, v: f32) {
+    let b = v.to_bits();
+    line.0[2 * c] = b as u16;
+    line.0[2 * c + 1] = (b >> 16) as u16;
 }
 
 /// Converts `x` ([rows, k] f32) to bf16 x blocks in `a` (zero padded), in parallel over blocks.
@@ -129,10 +167,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rows_unpack_the_f32_weights_exactly() {
+        let (n, k) = (45, 70);
+        let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        let p = Packed::out_in(&w, n, k, Element::F32);
+        let mut row = vec![0f32; k];
+        for j in 0..n {
+            p.row(j, &mut row);
+            assert_eq!(row, w[j * k..(j + 1) * k], "row {j}");
+        }
+    }
+
+    #[test]
     fn rows_unpack_the_rounded_weights() {
         let (n, k) = (45, 70);
         let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let p = PackedBf16::from_out_in(&w, n, k);
+        let p = Packed::bf16_out_in(&w, n, k);
         let mut row = vec![0f32; k];
         for j in [0, 15, 16, 31, 32, 44] {
             p.row(j, &mut row);

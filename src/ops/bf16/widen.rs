@@ -3,13 +3,18 @@
 //! VNNI pair, a mask for the odd one) and multiplied with the f32 x (not rounded to bf16) by f32
 //! FMAs. W keeps its half-size packed form; the arithmetic runs at f32 FMA speed.
 //!
+//! The same code is the f32 kernel for f32 panels ([`super::Element::F32`]): there the four
+//! vectors of a k pair are loaded as they are instead of widened from two.
+//!
 //! Every variant computes each output as the same chain, acc = fma(x[l], W[j, l], acc) for
-//! l = 0, 1, … in order, so they agree to the bit (tested): AVX-512F on 8 rows × 32 columns
-//! (16 zmm accumulators), and a portable body on 4 rows × 16 columns (8 ymm accumulators when
-//! compiled for AVX2 + FMA; NEON on aarch64).
+//! l = 0, 1, … in order, so they agree to the bit (tested), and bf16 and f32 panels of the same
+//! bf16-exact W give the same bits: AVX-512F on 8 rows × 32 columns (16 zmm accumulators), and
+//! a portable body on 4 rows × 16 columns (8 ymm accumulators when compiled for AVX2 + FMA; NEON
+//! on aarch64).
 
 use super::matmul::Job;
-use super::pack::{Line, PANEL, STEP, TILE, TK};
+use super::pack::{get_f32, Line, PANEL, STEP, TILE, TK};
+use super::Element;
 
 /// Which compiled variant runs (forced only by tests; [`run`] picks the best).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,27 +94,53 @@ unsafe fn run_avx512(job: &Job, panels: std::ops::Range<usize>) {
             // `steps` steps; dst rows < job.rows and columns < n_out are in `out` and owned by
             // this task (Job invariants).
             unsafe {
-                match r {
-                    8 => rows512::<8>(xr, ld, b, steps, cols, dst, job.ldo),
-                    7 => rows512::<7>(xr, ld, b, steps, cols, dst, job.ldo),
-                    6 => rows512::<6>(xr, ld, b, steps, cols, dst, job.ldo),
-                    5 => rows512::<5>(xr, ld, b, steps, cols, dst, job.ldo),
-                    4 => rows512::<4>(xr, ld, b, steps, cols, dst, job.ldo),
-                    3 => rows512::<3>(xr, ld, b, steps, cols, dst, job.ldo),
-                    2 => rows512::<2>(xr, ld, b, steps, cols, dst, job.ldo),
-                    _ => rows512::<1>(xr, ld, b, steps, cols, dst, job.ldo),
+                match job.w.element() {
+                    Element::Bf16 => rows512_any::<false>(r, xr, ld, b, steps, cols, dst, job.ldo),
+                    Element::F32 => rows512_any::<true>(r, xr, ld, b, steps, cols, dst, job.ldo),
                 }
             }
         }
     }
 }
 
-/// R rows of x (row stride `ld`, zero padded to `steps`·TK) against one panel; stores R rows ×
-/// `cols` columns at `dst` (row stride `ldo`).
+/// [`rows512`] for r ≤ 8 rows.
+///
+/// # Safety
+/// As [`rows512`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows512<const R: usize>(
+unsafe fn rows512_any<const F32: bool>(
+    r: usize,
+    xr: &[f32],
+    ld: usize,
+    b: &[Line],
+    steps: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: forwarded (caller).
+    unsafe {
+        match r {
+            8 => rows512::<8, F32>(xr, ld, b, steps, cols, dst, ldo),
+            7 => rows512::<7, F32>(xr, ld, b, steps, cols, dst, ldo),
+            6 => rows512::<6, F32>(xr, ld, b, steps, cols, dst, ldo),
+            5 => rows512::<5, F32>(xr, ld, b, steps, cols, dst, ldo),
+            4 => rows512::<4, F32>(xr, ld, b, steps, cols, dst, ldo),
+            3 => rows512::<3, F32>(xr, ld, b, steps, cols, dst, ldo),
+            2 => rows512::<2, F32>(xr, ld, b, steps, cols, dst, ldo),
+            _ => rows512::<1, F32>(xr, ld, b, steps, cols, dst, ldo),
+        }
+    }
+}
+
+/// R rows of x (row stride `ld`, zero padded to `steps`·TK) against one panel (f32 panels when
+/// `F32`, else bf16); stores R rows × `cols` columns at `dst` (row stride `ldo`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows512<const R: usize, const F32: bool>(
     x: &[f32],
     ld: usize,
     b: &[Line],
@@ -119,23 +150,37 @@ unsafe fn rows512<const R: usize>(
     ldo: usize,
 ) {
     use core::arch::x86_64::*;
-    assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * STEP);
+    let lines = if F32 { 2 * STEP } else { STEP };
+    assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * lines);
     let xp = x.as_ptr();
     let high = _mm512_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for s in 0..steps {
-        let bt = &b[s * STEP..][..STEP];
+        let bt = &b[s * lines..][..lines];
         for k2 in 0..TILE {
             // SAFETY: Lines are 64 bytes, 64-byte aligned; x indices below are
             // < (R - 1)·ld + steps·TK (asserted).
             unsafe {
-                let w0 = _mm512_load_si512(bt[k2].0.as_ptr() as *const __m512i);
-                let w1 = _mm512_load_si512(bt[TILE + k2].0.as_ptr() as *const __m512i);
-                // Columns 0..16 (w0) and 16..32 (w1); even k in the low halves of the words.
-                let e0 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w0));
-                let o0 = _mm512_castsi512_ps(_mm512_and_si512(w0, high));
-                let e1 = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w1));
-                let o1 = _mm512_castsi512_ps(_mm512_and_si512(w1, high));
+                // Columns 0..16 (e0, o0) and 16..32 (e1, o1) of the even and odd k.
+                let (e0, e1, o0, o1) = if F32 {
+                    let q = bt[4 * k2..].as_ptr() as *const f32;
+                    (
+                        _mm512_load_ps(q),
+                        _mm512_load_ps(q.add(16)),
+                        _mm512_load_ps(q.add(32)),
+                        _mm512_load_ps(q.add(48)),
+                    )
+                } else {
+                    let w0 = _mm512_load_si512(bt[k2].0.as_ptr() as *const __m512i);
+                    let w1 = _mm512_load_si512(bt[TILE + k2].0.as_ptr() as *const __m512i);
+                    // Even k in the low halves of the words.
+                    (
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w0)),
+                        _mm512_castsi512_ps(_mm512_slli_epi32::<16>(w1)),
+                        _mm512_castsi512_ps(_mm512_and_si512(w0, high)),
+                        _mm512_castsi512_ps(_mm512_and_si512(w1, high)),
+                    )
+                };
                 let l = s * TK + 2 * k2;
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let a0 = _mm512_set1_ps(*xp.add(i * ld + l));
@@ -183,7 +228,8 @@ fn run_portable(job: &Job, panels: std::ops::Range<usize>) {
             let c = (cols - c0).min(16);
             for i0 in (0..job.rows).step_by(ROWS) {
                 let r = (job.rows - i0).min(ROWS);
-                let acc = rows_half(&x[i0 * ld..], ld, r, b, steps, half);
+                let f32_panels = job.w.element() == Element::F32;
+                let acc = rows_half(&x[i0 * ld..], ld, r, b, steps, half, f32_panels);
                 for (i, acc) in acc.iter().enumerate().take(r) {
                     let dst = job.out_at(i0 + i, p * PANEL + c0);
                     // SAFETY: row < job.rows and columns < n_out are inside `out` and owned
@@ -195,7 +241,8 @@ fn run_portable(job: &Job, panels: std::ops::Range<usize>) {
     }
 }
 
-/// Up to 4 rows (`r`; missing rows read as zero) against half `half` of one panel.
+/// Up to 4 rows (`r`; missing rows read as zero) against half `half` of one panel (f32 panels
+/// when `f32_panels`, else bf16).
 #[inline(always)]
 fn rows_half(
     x: &[f32],
@@ -204,6 +251,7 @@ fn rows_half(
     b: &[Line],
     steps: usize,
     half: usize,
+    f32_panels: bool,
 ) -> [[f32; 16]; ROWS] {
     let mut acc = [[0f32; 16]; ROWS];
     let row = |i: usize| -> &[f32] {
@@ -216,13 +264,21 @@ fn rows_half(
     let xs = [row(0), row(1), row(2), row(3)];
     for s in 0..steps {
         for k2 in 0..TILE {
-            let line = &b[s * STEP + half * TILE + k2].0;
             let mut even = [0f32; 16];
             let mut odd = [0f32; 16];
-            for c in 0..16 {
-                let word = line[2 * c] as u32 | (line[2 * c + 1] as u32) << 16;
-                even[c] = f32::from_bits(word << 16);
-                odd[c] = f32::from_bits(word & 0xffff_0000);
+            if f32_panels {
+                let q = &b[s * 2 * STEP + 4 * k2 + half..];
+                for c in 0..16 {
+                    even[c] = get_f32(&q[0], c);
+                    odd[c] = get_f32(&q[2], c);
+                }
+            } else {
+                let line = &b[s * STEP + half * TILE + k2].0;
+                for c in 0..16 {
+                    let word = line[2 * c] as u32 | (line[2 * c + 1] as u32) << 16;
+                    even[c] = f32::from_bits(word << 16);
+                    odd[c] = f32::from_bits(word & 0xffff_0000);
+                }
             }
             let l = s * TK + 2 * k2;
             for (acc, xr) in acc.iter_mut().zip(&xs) {

@@ -1,0 +1,80 @@
+//! Benchmark (not a timed test): the student's training matmuls through `ops::gemm::matmul`
+//! (the `gemm` crate) on the standard workload's shapes (512 tokens, d = 512, Conv1D layout):
+//! the forward x·W, the backward dx = g·Wᵀ and dW = xᵀ·g. One JSON line per product: median ms
+//! and GFLOP/s.
+//!
+//! Run: cargo bench --bench student_gemm [-- --reps 20]
+
+use pocl::ops::gemm::{matmul, View};
+use std::time::Instant;
+
+mod common;
+use common::values;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let reps = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(20usize);
+    let m = 512;
+    for (name, k, n) in [
+        ("attn_qkv", 512, 1536),
+        ("attn_proj", 512, 512),
+        ("mlp_fc", 512, 2048),
+        ("mlp_proj", 2048, 512),
+    ] {
+        let (x, w, g) = (values(m * k, 1), values(k * n, 2), values(m * n, 3));
+        let (mut y, mut dx, mut dw) = (vec![0f32; m * n], vec![0f32; m * k], vec![0f32; k * n]);
+        let xv = View::rows(&x, m, k, k);
+        let wv = View::rows(&w, k, n, n);
+        let gv = View::rows(&g, m, n, n);
+        let (mut wt, mut dx2) = (vec![0f32; n * k], vec![0f32; m * k]);
+        let products: [(&str, &mut dyn FnMut()); 4] = [
+            ("forward x.W", &mut || matmul(xv, wv, &mut y, n, false)),
+            ("dx = g.Wt", &mut || matmul(gv, wv.t(), &mut dx, k, false)),
+            ("dW = xt.g", &mut || matmul(xv.t(), gv, &mut dw, n, true)),
+            ("dx = g.(Wt copied)", &mut || {
+                transpose(&w, k, n, &mut wt);
+                matmul(gv, View::rows(&wt, n, k, k), &mut dx2, k, false)
+            }),
+        ];
+        for (product, f) in products {
+            f();
+            let mut t: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let med = t[t.len() / 2];
+            println!(
+                "{{\"bench\":\"student_gemm\",\"shape\":\"{name}\",\"product\":\"{product}\",\"median_ms\":{:.3},\"gflops\":{:.1}}}",
+                med * 1e3,
+                2.0 * (m * k * n) as f64 / med / 1e9
+            );
+        }
+    }
+}
+
+/// dst [c, r] = src [r, c]ᵀ, in 32 x 32 blocks, rows of blocks in parallel.
+fn transpose(src: &[f32], r: usize, c: usize, dst: &mut [f32]) {
+    use rayon::prelude::*;
+    dst.par_chunks_mut(32 * r)
+        .enumerate()
+        .for_each(|(bj, out)| {
+            let j0 = bj * 32;
+            let cols = (c - j0).min(32);
+            for i0 in (0..r).step_by(32) {
+                for i in i0..(i0 + 32).min(r) {
+                    for j in 0..cols {
+                        out[j * r + i] = src[i * c + j0 + j];
+                    }
+                }
+            }
+        });
+}
