@@ -5,6 +5,7 @@
 //!
 //! Run: cargo bench --bench student_gemm [-- --reps 20]
 
+use pocl::ops::bf16::{Element, Packed};
 use pocl::ops::gemm::{matmul, View};
 use std::time::Instant;
 
@@ -32,10 +33,20 @@ fn main() {
         let wv = View::rows(&w, k, n, n);
         let gv = View::rows(&g, m, n, n);
         let (mut wt, mut dx2) = (vec![0f32; n * k], vec![0f32; m * k]);
-        let products: [(&str, &mut dyn FnMut()); 4] = [
+        let (mut y2, mut dx3) = (vec![0f32; m * n], vec![0f32; m * k]);
+        let t0 = Instant::now();
+        let pw = Packed::in_out(&w, k, n, Element::F32);
+        let pack_fwd = t0.elapsed().as_secs_f64();
+        let t0 = Instant::now();
+        let pwt = Packed::out_in(&w, k, n, Element::F32);
+        let pack_dx = t0.elapsed().as_secs_f64();
+        println!("{{\"shape\":\"{name}\",\"pack_fwd_ms\":{:.3},\"pack_dx_ms\":{:.3}}}", pack_fwd * 1e3, pack_dx * 1e3);
+        let products: [(&str, &mut dyn FnMut()); 6] = [
             ("forward x.W", &mut || matmul(xv, wv, &mut y, n, false)),
             ("dx = g.Wt", &mut || matmul(gv, wv.t(), &mut dx, k, false)),
             ("dW = xt.g", &mut || matmul(xv.t(), gv, &mut dw, n, true)),
+            ("forward packed", &mut || pw.matmul(&x, m, &mut y2, n)),
+            ("dx packed", &mut || pwt.matmul(&g, m, &mut dx3, k)),
             ("dx = g.(Wt copied)", &mut || {
                 transpose(&w, k, n, &mut wt);
                 matmul(gv, View::rows(&wt, n, k, k), &mut dx2, k, false)
