@@ -38,13 +38,22 @@ fn main() -> candle_core::Result<()> {
         let d = heads * 64;
         let dev = &Device::Cpu;
         let qkv = Var::from_tensor(&Tensor::from_vec(
-            values(b * t * 3 * d, 7).iter().map(|v| v * 40.0).collect::<Vec<_>>(),
+            values(b * t * 3 * d, 7)
+                .iter()
+                .map(|v| v * 40.0)
+                .collect::<Vec<_>>(),
             (b, t, 3 * d),
             dev,
         )?)?;
         // Causal bias [b, 1, t, t].
         let bias: Vec<f32> = (0..b * t * t)
-            .map(|i| if (i % t) > (i / t) % t { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if (i % t) > (i / t) % t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let bias = Tensor::from_vec(bias, (b, 1, t, t), dev)?;
         let flops = 4.0 * (b * t * t * d) as f64;

@@ -40,7 +40,11 @@ fn main() {
         let t0 = Instant::now();
         let pwt = Packed::out_in(&w, k, n, Element::F32);
         let pack_dx = t0.elapsed().as_secs_f64();
-        println!("{{\"shape\":\"{name}\",\"pack_fwd_ms\":{:.3},\"pack_dx_ms\":{:.3}}}", pack_fwd * 1e3, pack_dx * 1e3);
+        println!(
+            "{{\"shape\":\"{name}\",\"pack_fwd_ms\":{:.3},\"pack_dx_ms\":{:.3}}}",
+            pack_fwd * 1e3,
+            pack_dx * 1e3
+        );
         let products: [(&str, &mut dyn FnMut()); 6] = [
             ("forward x.W", &mut || matmul(xv, wv, &mut y, n, false)),
             ("dx = g.Wt", &mut || matmul(gv, wv.t(), &mut dx, k, false)),

@@ -2,9 +2,9 @@
 //! float64 transformers references through the CLI, and a device this build lacks is refused
 //! with one clear line by every command that runs a model.
 
+mod common;
 use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
-use std::process::Command;
 
 const FAMILIES: &[&str] = &[
     "gpt2", "gpt2-hub", "opt", "opt-350m", "llama", "llama-v4", "qwen2", "qwen3", "mistral",
@@ -16,15 +16,10 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// (exit code, stderr) of `pocl args`.
 fn pocl(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let (code, _, err) = common::pocl(args);
+    (code, err)
 }
 
 fn tmpdir(tag: &str) -> PathBuf {

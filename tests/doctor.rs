@@ -1,23 +1,12 @@
 //! `pocl doctor`: on this CPU every check passes and every line is JSON with the expected names;
 //! `--device cuda` in a build without CUDA is refused with one line; and every check can fail.
 
+mod common;
+use common::pocl;
 use pocl::backend::Backend;
 use pocl::doctor::Doctor;
 use serde_json::Value;
 use std::collections::BTreeSet;
-use std::process::Command;
-
-fn pocl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
-}
 
 /// The checks every run makes, by name.
 fn expected_checks() -> BTreeSet<String> {

@@ -2,6 +2,8 @@
 //! end to end on the tiny `gpt2` fixture (random weights: answers are noise, which makes
 //! different seeds give different answers).
 
+mod common;
+use common::pocl;
 use pocl::data::{load_jsonl, prompt_ids, EncodeOptions, Format, LoadOptions, Sample, Template};
 use pocl::eval::evaluate::{
     evaluate, generate_answers, mean_std, Decoding, EvalConfig, EvalReport, Generated,
@@ -11,7 +13,6 @@ use pocl::model::generate::{generate, GenerationConfig, Sampling};
 use pocl::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn gpt2() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/gpt2")
@@ -22,18 +23,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     std::fs::remove_dir_all(&d).ok();
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn pocl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 fn pocl_ok<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {

@@ -1,10 +1,11 @@
 //! `pocl kd-loss`: output format, agreement with the library, the gradient file, and clear
 //! errors (exit 1, `error: ...` naming the file and tensor, never a panic).
 
+mod common;
+use common::pocl;
 mod kd_common;
 use kd_common::lcg_logits;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn write_tensor(path: &Path, name: &str, data: &[f32], shape: &[usize]) {
     let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -35,18 +36,6 @@ fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("pocl-kd-cli-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn pocl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[test]

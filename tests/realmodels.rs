@@ -2,12 +2,12 @@
 //! float64 transformers references (tests/fixtures/realmodels, made by
 //! tools/make_realmodel_fixtures.py).
 
+mod common;
 use candle_core::{DType, Device, Tensor};
 use pocl::backend::{Backend, Kernels};
 use pocl::model::{self, init::KeepLayers};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -48,15 +48,10 @@ fn tmpdir(tag: &str) -> PathBuf {
     d
 }
 
+/// (exit code, stderr) of `pocl args`.
 fn pocl(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pocl"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    let (code, _, err) = common::pocl(args);
+    (code, err)
 }
 
 /// A failing command: non-zero exit, one line naming `needle`, no panic.

@@ -16,6 +16,7 @@ use pocl::pipeline::Precision;
 use pocl::train::optim::{AdamW, AdamWConfig};
 use pocl::train::step::{self, Phase};
 use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 const VOCAB: usize = 50257;
@@ -61,6 +62,12 @@ pub struct BenchArgs {
     /// timed steps and the peak-RSS mark is reset, so max_rss_mib is without the teacher.
     #[arg(long)]
     pub teacher_cache: bool,
+    /// kd-step: also time each model op of the forward passes (`ops::profile`: the device is
+    /// synchronised around every op, so the step itself runs slower) and print the seconds per
+    /// step by phase and op as "profile"; "other" is the rest of the phase (elementwise ops,
+    /// the KD head and loss, autograd).
+    #[arg(long)]
+    pub profile: bool,
     #[command(flatten)]
     pub device: super::device::DeviceArgs,
 }
@@ -268,13 +275,27 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             )?;
             // Seconds per phase, summed over the timed steps (the breakdown in the JSON line).
             let mut phases = [0f64; 5];
+            // With --profile: seconds per (phase, op), summed over the timed steps.
+            let mut by_op: Vec<BTreeMap<&'static str, f64>> = vec![BTreeMap::new(); 5];
+            let mut seen = BTreeMap::new();
+            pocl::ops::profile::enable(a.profile);
             // The most device memory seen in use after any phase (GPU only).
             let mut gpu_mib = 0f64;
-            let mut timed_step = |phases: &mut [f64; 5], gpu_mib: &mut f64| -> Result<()> {
+            let mut timed_step = |phases: &mut [f64; 5],
+                                  by_op: &mut Vec<BTreeMap<&'static str, f64>>,
+                                  gpu_mib: &mut f64|
+             -> Result<()> {
                 let mut clock = Instant::now();
                 let mut lap = |p: Phase| {
                     phases[p as usize] += clock.elapsed().as_secs_f64();
                     *gpu_mib = gpu_mib.max(gpu_used_mib(dev).unwrap_or(0.0));
+                    if a.profile {
+                        // What the ops added since the last phase ended is this phase's.
+                        for (op, (secs, _)) in pocl::ops::profile::totals() {
+                            let before = seen.insert(op, secs).unwrap_or(0.0);
+                            *by_op[p as usize].entry(op).or_insert(0.0) += secs - before;
+                        }
+                    }
                     clock = Instant::now();
                 };
                 step::optimizer_step(&models, &mut opt, &micro, mix, 1e-4, 1.0, &mut lap)?;
@@ -283,14 +304,16 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 Ok(())
             };
             for _ in 0..2 {
-                timed_step(&mut phases, &mut gpu_mib)?;
+                timed_step(&mut phases, &mut by_op, &mut gpu_mib)?;
             }
             phases = [0.0; 5];
+            by_op.iter_mut().for_each(|m| m.clear());
             gpu_mib = 0.0;
             let t0 = Instant::now();
             for _ in 0..a.reps {
-                timed_step(&mut phases, &mut gpu_mib)?;
+                timed_step(&mut phases, &mut by_op, &mut gpu_mib)?;
             }
+            pocl::ops::profile::enable(false);
             let breakdown: serde_json::Map<String, serde_json::Value> = Phase::ALL
                 .iter()
                 .map(|p| p.name())
@@ -306,6 +329,20 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             let mut line = serde_json::json!({"peer": format!("pocl {}", env!("CARGO_PKG_VERSION")), "bench": w.name, "threads": threads, "teacher_dtype": teacher_dtype, "student_precision": student_precision.to_string(), "teacher_cache": a.teacher_cache, "backend": backend.label(), "kernel": kernel_label(matrices, &backend)?,
                     "seconds_per_step": (dt * 1e4).round() / 1e4, "tokens_per_second": ((b * t) as f64 / dt * 10.0).round() / 10.0,
                     "max_rss_mib": max_rss_mib().round(), "phase_seconds": breakdown});
+            if a.profile {
+                let per_step = |s: f64| (s / a.reps as f64 * 1e4).round() / 1e4;
+                let mut profile = serde_json::Map::new();
+                for (p, ops) in Phase::ALL.iter().zip(&by_op) {
+                    let mut m: serde_json::Map<String, serde_json::Value> = ops
+                        .iter()
+                        .map(|(op, s)| (op.to_string(), per_step(*s).into()))
+                        .collect();
+                    let other = phases[*p as usize] - ops.values().sum::<f64>();
+                    m.insert("other".into(), per_step(other).into());
+                    profile.insert(p.name().into(), m.into());
+                }
+                line["profile"] = profile.into();
+            }
             if !dev.is_cpu() {
                 // Not torch's max_memory_allocated: the driver's count of memory in use on the
                 // whole GPU (this process's context and allocator pool included), sampled after

@@ -2,7 +2,7 @@
 //! contract as the CPU's [`super::head`] (loss from hidden states and heads, no [tokens, vocab]
 //! logits for all tokens at once), written with candle tensor ops so it runs on any device:
 //! per chunk of counted token rows, the student's and the teacher's logits are one matmul each
-//! (cuBLAS on CUDA) into chunk-sized tensors, the row op [`crate::ops::cuda::KdRows`] (our CUDA
+//! (cuBLAS on CUDA) into chunk-sized tensors, the row op [`super::rows::KdRows`] (our CUDA
 //! kernel; the CPU kernel on the CPU) writes dL/dlogits over the student's chunk, and two
 //! more matmuls give dL/dh for the chunk and add gᵀ·h into dL/dW. Peak extra memory: two
 //! [chunk, vocab] f32 buffers, plus dL/dW.
@@ -14,7 +14,7 @@
 
 use super::head::{flat_hidden, Head};
 use super::kernel::{LossSpec, RowLoss};
-use crate::ops::cuda::KdRows;
+use super::rows::KdRows;
 use crate::ops::Weight;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -158,7 +158,7 @@ pub(crate) fn logits_loss(
     weights: Vec<f32>,
     labels: Option<Vec<u32>>,
 ) -> Result<(Tensor, (f64, f64))> {
-    let (g, rows) = crate::ops::cuda::kd_rows(spec, teacher, student, weights.clone(), labels)?;
+    let (g, rows) = super::rows::kd_rows(spec, teacher, student, weights.clone(), labels)?;
     let (mut ce, mut kd) = (0.0, 0.0);
     for (r, &wi) in rows.iter().zip(&weights) {
         if wi != 0.0 {

@@ -48,6 +48,7 @@ pub mod kernel;
 pub mod loss_kind;
 pub mod naive;
 pub mod objective;
+pub mod rows;
 pub mod sparse;
 pub mod vocab;
 

@@ -105,11 +105,13 @@ impl CustomOp1 for Forward {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let x = arg.contiguous()?;
-        Ok(Some(x.apply_op2_no_bwd(
-            &grad_res.contiguous()?,
-            &Backward(self.0),
-        )?))
+        super::profile::time("activate.backward", arg.device(), || {
+            let x = arg.contiguous()?;
+            Ok(Some(x.apply_op2_no_bwd(
+                &grad_res.contiguous()?,
+                &Backward(self.0),
+            )?))
+        })
     }
 }
 

@@ -279,7 +279,9 @@ impl CustomOp3 for Attention {
             Heads::new(super::cpu_storage(&gk, who)?, lk, "k")?,
             Heads::new(super::cpu_storage(&gv, who)?, lv, "v")?,
         );
-        let (dq, dk, dv) = with_gradient(grad, |dout| self.backward(qh, kh, vh, dout))?;
+        let (dq, dk, dv) = super::profile::time("attention.backward", q.device(), || {
+            with_gradient(grad, |dout| self.backward(qh, kh, vh, dout))
+        })?;
         let dev = &candle_core::Device::Cpu;
         Ok((
             Some(Tensor::from_vec(dq, qh.dims.to_vec(), dev)?),
@@ -313,26 +315,28 @@ impl CustomOp1 for Attention {
             Heads::packed(s, layout, h, 2)?,
         );
         let [b, _, t, d] = qh.dims;
-        with_gradient(grad, |dout| {
-            let parts = self.backward(qh, kh, vh, dout)?;
-            // Rows of [b, t, 3·h·d] gathered from the three [b, h, t, d] gradients, in parallel.
-            let w = 3 * h * d;
-            let mut dqkv = super::zeros_par(b * t * w);
-            dqkv.par_chunks_mut(w.max(1))
-                .enumerate()
-                .for_each(|(row, dst)| {
-                    let (bi, i) = (row / t, row % t);
-                    for (part, src) in [&parts.0, &parts.1, &parts.2].into_iter().enumerate() {
-                        for hi in 0..h {
-                            let from = ((bi * h + hi) * t + i) * d;
-                            let to = part * h * d + hi * d;
-                            dst[to..to + d].copy_from_slice(&src[from..from + d]);
+        let gather = || {
+            with_gradient(grad, |dout| {
+                let parts = self.backward(qh, kh, vh, dout)?;
+                // Rows of [b, t, 3·h·d] gathered from the three [b, h, t, d] gradients, in parallel.
+                let w = 3 * h * d;
+                let mut dqkv = super::zeros_par(b * t * w);
+                dqkv.par_chunks_mut(w.max(1))
+                    .enumerate()
+                    .for_each(|(row, dst)| {
+                        let (bi, i) = (row / t, row % t);
+                        for (part, src) in [&parts.0, &parts.1, &parts.2].into_iter().enumerate() {
+                            for hi in 0..h {
+                                let from = ((bi * h + hi) * t + i) * d;
+                                let to = part * h * d + hi * d;
+                                dst[to..to + d].copy_from_slice(&src[from..from + d]);
+                            }
                         }
-                    }
-                });
-            Tensor::from_vec(dqkv, (b, t, w), &candle_core::Device::Cpu)
-        })
-        .map(Some)
+                    });
+                Tensor::from_vec(dqkv, (b, t, w), &candle_core::Device::Cpu)
+            })
+        };
+        super::profile::time("attention.backward", qkv.device(), gather).map(Some)
     }
 }
 

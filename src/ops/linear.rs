@@ -304,7 +304,9 @@ impl candle_core::CustomOp2 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, None, g)?;
+        let (dx, dw, _) = super::profile::time("linear.backward", x.device(), || {
+            self.backward(x, w, None, g)
+        })?;
         Ok((dx, dw))
     }
 }
@@ -338,7 +340,9 @@ impl candle_core::CustomOp3 for Linear {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.backward(x, w, Some(b), g)
+        super::profile::time("linear.backward", x.device(), || {
+            self.backward(x, w, Some(b), g)
+        })
     }
 }
 
@@ -370,7 +374,13 @@ impl CustomOp1 for Embed {
         Ok((CpuStorage::F32(out), Shape::from((self.ids.len(), d))))
     }
 
-    fn bwd(&self, _w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(&self, w: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        super::profile::time("embed.backward", w.device(), || self.backward(grad_res))
+    }
+}
+
+impl Embed {
+    fn backward(&self, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.to_dtype(DType::F32)?.contiguous()?;
         let (guard, layout) = g.storage_and_layout();
         let who = "embedding gradient";

@@ -22,6 +22,7 @@ pub mod grad;
 pub mod linear;
 pub mod norm;
 pub mod portable;
+pub mod profile;
 pub mod simd;
 pub mod softmax;
 
@@ -45,45 +46,47 @@ use candle_core::{DType, Device, Result, Tensor};
 impl Kernels {
     /// y = x·Wᵀ + b for x [.., in], whatever form W takes.
     pub fn linear(self, w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-        match self {
+        profile::time("linear", x.device(), || match self {
             Kernels::Fused => fused::linear(w, x, b),
             Kernels::Portable => portable::linear(w, x, b),
             Kernels::Cuda => cuda::linear(w, x, b),
-        }
+        })
     }
 
     /// Rows of the [vocab, d] matrix W for the ids (any shape) → [n, d].
     pub fn embed(self, w: &Weight, ids: &Tensor) -> Result<Tensor> {
-        match self {
+        profile::time("embed", ids.device(), || match self {
             Kernels::Fused => fused::embed(w, ids),
             Kernels::Portable | Kernels::Cuda => portable::embed(w, ids),
-        }
+        })
     }
 
     /// LayerNorm over the last dimension (biased variance, as torch).
     pub fn layer_norm(self, x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-        match self {
-            Kernels::Fused => fused::layer_norm(x, w, b, eps),
-            // The CPU's norm op, whose cuda_fwd runs pocl's norm kernels on CUDA storage.
-            Kernels::Cuda => norm::layer_norm(x, w, b, eps),
-            Kernels::Portable => portable::norm(x, w, Some(b), eps),
-        }
+        profile::time("layer_norm", x.device(), || {
+            match self {
+                Kernels::Fused => fused::layer_norm(x, w, b, eps),
+                // The CPU's norm op, whose cuda_fwd runs pocl's norm kernels on CUDA storage.
+                Kernels::Cuda => norm::layer_norm(x, w, b, eps),
+                Kernels::Portable => portable::norm(x, w, Some(b), eps),
+            }
+        })
     }
 
     /// RMSNorm over the last dimension: x / sqrt(mean(x²) + eps) · weight (Llama, Qwen).
     pub fn rms_norm(self, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-        match self {
+        profile::time("rms_norm", x.device(), || match self {
             Kernels::Fused => fused::rms_norm(x, w, eps),
             Kernels::Cuda => norm::rms_norm(x, w, eps),
             Kernels::Portable => portable::norm(x, w, None, eps),
-        }
+        })
     }
 
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        match self {
+        profile::time("activate", x.device(), || match self {
             Kernels::Fused => fused::activate(x, act),
             Kernels::Portable | Kernels::Cuda => portable::activate(x, act),
-        }
+        })
     }
 
     /// Scaled dot-product attention. q [b, h, tq, d]; k, v [b, h_kv, tk, d] (grouped-query
@@ -97,11 +100,11 @@ impl Kernels {
         bias: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        match self {
+        profile::time("attention", q.device(), || match self {
             Kernels::Fused => fused::attention(q, k, v, bias, scale),
             Kernels::Portable => portable::attention(q, k, v, bias, scale),
             Kernels::Cuda => cuda::attention(q, k, v, bias, scale),
-        }
+        })
     }
 
     /// Self-attention from a fused projection qkv [b, t, 3·h·d] (q, k and v side by side,
@@ -113,14 +116,14 @@ impl Kernels {
         bias: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        match self {
+        profile::time("attention", qkv.device(), || match self {
             Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
             Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
             Kernels::Cuda => {
                 let (q, k, v) = portable::split_qkv(qkv, heads)?;
                 cuda::attention(&q, &k, &v, bias, scale)
             }
-        }
+        })
     }
 }
 

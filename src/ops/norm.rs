@@ -32,32 +32,68 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&weight.contiguous()?, op)
 }
 
-/// (mean, 1/std) of a row.
+/// Rows whose statistics are summed together: independent chains for the CPU to overlap (one
+/// row's f64 sum is a chain of dependent adds, bound by their latency).
+const GROUP: usize = 8;
+
+/// (mean, 1/std) of each of the R rows of `x` (row r at r·d): every row summed in order from
+/// the first element, as `Iterator::sum` does (from −0.0), whatever R is, so grouping rows does
+/// not change a bit.
 #[inline(always)]
-fn stats(x: &[f32], n: &Norm) -> (f64, f64) {
-    let d = x.len() as f64;
-    let mean = if n.center {
-        x.iter().map(|&v| v as f64).sum::<f64>() / d
-    } else {
-        0.0
-    };
-    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / d;
-    (mean, 1.0 / (var + n.eps).sqrt())
+fn stats_rows<const R: usize>(x: &[f32], d: usize, n: &Norm) -> [(f64, f64); R] {
+    let x = &x[..R * d];
+    let mut mean = [0f64; R];
+    if n.center {
+        let mut s = [-0f64; R];
+        for i in 0..d {
+            for r in 0..R {
+                s[r] += x[r * d + i] as f64;
+            }
+        }
+        for r in 0..R {
+            mean[r] = s[r] / d as f64;
+        }
+    }
+    let mut v = [-0f64; R];
+    for i in 0..d {
+        for r in 0..R {
+            let t = x[r * d + i] as f64 - mean[r];
+            v[r] += t * t;
+        }
+    }
+    std::array::from_fn(|r| (mean[r], 1.0 / (v[r] / d as f64 + n.eps).sqrt()))
+}
+
+/// [`stats_rows`] for the rows of `x` (at most [`GROUP`]).
+#[inline(always)]
+fn stats_group(x: &[f32], d: usize, n: &Norm) -> [(f64, f64); GROUP] {
+    let rows = x.len() / d;
+    if rows == GROUP {
+        return stats_rows::<GROUP>(x, d, n);
+    }
+    let mut st = [(0.0, 0.0); GROUP];
+    for (r, st) in st.iter_mut().enumerate().take(rows) {
+        *st = stats_rows::<1>(&x[r * d..], d, n)[0];
+    }
+    st
 }
 
 #[inline(always)]
 fn forward_impl(n: Norm, x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32]) {
     let d = w.len();
-    for (x, y) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-        let (mean, rstd) = stats(x, &n);
-        for i in 0..d {
-            let v = (x[i] as f64 - mean) * rstd * w[i] as f64;
-            y[i] = (v + b.map_or(0.0, |b| b[i] as f64)) as f32;
+    for (xg, yg) in x.chunks(GROUP * d).zip(y.chunks_mut(GROUP * d)) {
+        let st = stats_group(xg, d, &n);
+        for ((x, y), &(mean, rstd)) in xg.chunks_exact(d).zip(yg.chunks_exact_mut(d)).zip(&st) {
+            for i in 0..d {
+                let v = (x[i] as f64 - mean) * rstd * w[i] as f64;
+                y[i] = (v + b.map_or(0.0, |b| b[i] as f64)) as f32;
+            }
         }
     }
 }
 
-/// dx for a block of rows; dw and db (f64, length d each) accumulate the block's share.
+/// dx for a block of rows; dw and db (f64, length d each) accumulate the block's share (row
+/// by row in order, for each element).
 #[inline(always)]
 fn backward_impl(
     n: Norm,
@@ -69,28 +105,39 @@ fn backward_impl(
     db: &mut [f64],
 ) {
     let d = w.len();
-    for ((x, dy), dx) in x
-        .chunks_exact(d)
-        .zip(dy.chunks_exact(d))
-        .zip(dx.chunks_exact_mut(d))
-    {
-        let (mean, rstd) = stats(x, &n);
+    let groups = x
+        .chunks(GROUP * d)
+        .zip(dy.chunks(GROUP * d))
+        .zip(dx.chunks_mut(GROUP * d));
+    for ((xg, dyg), dxg) in groups {
+        let rows = xg.len() / d;
+        let st = stats_group(xg, d, &n);
         // With x̂ = (x − mean)·rstd and g = dy·w: dx = rstd·(g − mean(g) − x̂·mean(g·x̂)), where
         // the mean(g) term only exists when the mean was subtracted.
-        let (mut sg, mut sgx) = (0.0, 0.0);
+        let (mut sg, mut sgx) = ([0f64; GROUP], [0f64; GROUP]);
         for i in 0..d {
-            let xh = (x[i] as f64 - mean) * rstd;
-            let g = dy[i] as f64 * w[i] as f64;
-            sg += g;
-            sgx += g * xh;
-            dw[i] += dy[i] as f64 * xh;
-            db[i] += dy[i] as f64;
+            for r in 0..rows {
+                let (mean, rstd) = st[r];
+                let xh = (xg[r * d + i] as f64 - mean) * rstd;
+                let g = dyg[r * d + i] as f64 * w[i] as f64;
+                sg[r] += g;
+                sgx[r] += g * xh;
+                dw[i] += dyg[r * d + i] as f64 * xh;
+                db[i] += dyg[r * d + i] as f64;
+            }
         }
-        let (mg, mgx) = (if n.center { sg / d as f64 } else { 0.0 }, sgx / d as f64);
-        for i in 0..d {
-            let xh = (x[i] as f64 - mean) * rstd;
-            let g = dy[i] as f64 * w[i] as f64;
-            dx[i] = (rstd * (g - mg - xh * mgx)) as f32;
+        for r in 0..rows {
+            let (mean, rstd) = st[r];
+            let (mg, mgx) = (
+                if n.center { sg[r] / d as f64 } else { 0.0 },
+                sgx[r] / d as f64,
+            );
+            let (x, dy) = (&xg[r * d..(r + 1) * d], &dyg[r * d..(r + 1) * d]);
+            for i in 0..d {
+                let xh = (x[i] as f64 - mean) * rstd;
+                let g = dy[i] as f64 * w[i] as f64;
+                dxg[r * d + i] = (rstd * (g - mg - xh * mgx)) as f32;
+            }
         }
     }
 }
@@ -125,6 +172,15 @@ impl Norm {
 
     /// (dx, dw, db) as one [rows + 2, d] tensor, split by the caller.
     fn backward(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        super::profile::time("norm.backward", x.device(), || self.backward_now(x, w, dy))
+    }
+
+    fn backward_now(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let d = w.elem_count();
         let rows = x.elem_count() / d;
         let all = x.contiguous()?.apply_op3_no_bwd(
