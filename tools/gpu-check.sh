@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one script for a machine WITH a GPU (e.g. a lent H200): self-test, the paper-scale KD step
-# with both kernel sets, and the PyTorch peer, each result as JSON lines under $OUT.
+# with both kernel sets (and profiled by op), and the PyTorch peer, each result as JSON lines
+# under $OUT.
 #
 #   OUT=out POCL_BIN=./pocl PEER=../shared/bench/peer_torch.py tools/gpu-check.sh
 #
@@ -26,15 +27,17 @@ step() {  # name, timeout seconds, command...
 }
 nvidia-smi >> "$out/log.txt" 2>&1 || true
 # Most informative first (a lent machine's time is short): pocl's CUDA kernels against the CPU,
-# the paper-scale step on them, the peer, the f32 student, the demo, then the portable set.
-# Timeouts sum to 560 s (the tool's limit is 600 s a call); measured on an H200 (2026-11-30):
-# doctor 17 s, each bench ~40 s, the peer ~40 s, the demo 82 s.
-step doctor-fused 60 "$bin" doctor --device cuda --kernels fused
-step bench-fused 80 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3
-step peer 80 python3 "$peer" kd-step-large
-step bench-fused-f32-student 80 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3 --student-precision f32
-step demo 150 sh -c "'$bin' demo --device cuda --kernels fused --out '$out/demo' >&2 && cp '$out/demo/report.md' '$out/demo-report.md' && rm -rf '$out/demo' && echo '{\"demo\": \"demo-report.md\"}'"
+# the paper-scale step on them, the same step profiled by op (`--profile`: where the time goes),
+# the peer, the f32 student, the portable set, the demo. Timeouts sum to 540 s (the tool's limit
+# is 600 s a call), about 1.5x the durations measured on an H200 (2026-11-30): doctor 17 s,
+# each bench ~40 s, the peer ~40 s, the demo 82 s, the portable doctor 5 s.
+step doctor-fused 40 "$bin" doctor --device cuda --kernels fused
+step bench-fused 60 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3
+step bench-fused-profile 60 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 2 --profile
+step peer 60 python3 "$peer" kd-step-large
+step bench-fused-f32-student 60 "$bin" bench kd-step --device cuda --kernels fused --workload large --reps 3 --student-precision f32
 step bench-portable 60 "$bin" bench kd-step --device cuda --kernels portable --workload large --reps 3
-step doctor 50 "$bin" doctor --device cuda
+step demo 160 sh -c "'$bin' demo --device cuda --kernels fused --out '$out/demo' >&2 && cp '$out/demo/report.md' '$out/demo-report.md' && rm -rf '$out/demo' && echo '{\"demo\": \"demo-report.md\"}'"
+step doctor 40 "$bin" doctor --device cuda
 cat "$out/results.jsonl"
 exit $status
