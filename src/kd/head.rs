@@ -104,6 +104,11 @@ impl FusedHeadOp {
     }
 }
 
+/// [`crate::ops::profile::time`] on the CPU, where this op runs.
+fn time(op: &'static str, f: impl FnOnce() -> candle_core::Result<()>) -> candle_core::Result<()> {
+    crate::ops::profile::time(op, &candle_core::Device::Cpu, f)
+}
+
 /// The teacher's head as the chunk loop reads it: f32 data [Vt, dt], or packed bf16.
 enum TeacherHead<'a> {
     F32(&'a [f32], usize, usize),
@@ -230,13 +235,16 @@ impl FusedHeadOp {
             for (pi, pass) in active.chunks(p).enumerate() {
                 let rp = pass.len();
                 gather(hs, ds, pass, &mut hs_p);
-                matmul(
-                    View::rows(&hs_p[..rp * ds], rp, ds, ds),
-                    s_head.t(),
-                    &mut sg[..rp * v],
-                    v,
-                    false,
-                );
+                time("head.student_logits", || {
+                    matmul(
+                        View::rows(&hs_p[..rp * ds], rp, ds, ds),
+                        s_head.t(),
+                        &mut sg[..rp * v],
+                        v,
+                        false,
+                    );
+                    Ok(())
+                })?;
                 for (ci, rows) in pass.chunks(c).enumerate() {
                     let (r, o) = (rows.len(), ci * c);
                     let t_rows = match &teacher {
@@ -244,16 +252,19 @@ impl FusedHeadOp {
                             let dt = *dt;
                             gather(th, dt, rows, &mut ht_c);
                             let h = &ht_c[..r * dt];
-                            match head {
-                                TeacherHead::F32(tw, _, _) => matmul(
-                                    View::rows(h, r, dt, dt),
-                                    View::rows(&tw[..v * dt], v, dt, dt).t(),
-                                    &mut t_logits,
-                                    tv,
-                                    false,
-                                ),
-                                TeacherHead::Packed(p) => p.matmul(h, r, &mut t_logits, tv),
-                            }
+                            time("head.teacher_logits", || {
+                                match head {
+                                    TeacherHead::F32(tw, _, _) => matmul(
+                                        View::rows(h, r, dt, dt),
+                                        View::rows(&tw[..v * dt], v, dt, dt).t(),
+                                        &mut t_logits,
+                                        tv,
+                                        false,
+                                    ),
+                                    TeacherHead::Packed(p) => p.matmul(h, r, &mut t_logits, tv),
+                                }
+                                Ok(())
+                            })?;
                             Some(Rows {
                                 data: &t_logits[..(r - 1) * tv + v],
                                 rows: r,
@@ -271,28 +282,34 @@ impl FusedHeadOp {
                     let mut out_c = vec![RowLoss::default(); r];
                     let logits = &mut sg[o * v..(o + r) * v];
                     let (spec, labels) = (&self.spec, labels.as_deref());
-                    if let Some(sp) = &self.sparse {
-                        // Row k of this chunk is counted row pi·p + o + k of the batch.
-                        let first = pi * p + o;
-                        let g = self.want_grad;
-                        sparse_loss_rows(
-                            spec, sp, first, logits, v, labels, &weights, &mut out_c, g,
-                        )
-                    } else if self.want_grad {
-                        // The gradient replaces the logits.
-                        loss_rows_in_place(spec, t_rows, logits, v, labels, &weights, &mut out_c)
-                    } else {
-                        let s_rows = Rows::contiguous(logits, v);
-                        loss_rows(spec, t_rows, s_rows, labels, &weights, None, &mut out_c)
-                    }
-                    .map_err(candle_core::Error::wrap)?;
+                    time("head.loss", || {
+                        if let Some(sp) = &self.sparse {
+                            // Row k of this chunk is counted row pi·p + o + k of the batch.
+                            let first = pi * p + o;
+                            let g = self.want_grad;
+                            sparse_loss_rows(
+                                spec, sp, first, logits, v, labels, &weights, &mut out_c, g,
+                            )
+                        } else if self.want_grad {
+                            // The gradient replaces the logits.
+                            let w = &weights;
+                            loss_rows_in_place(spec, t_rows, logits, v, labels, w, &mut out_c)
+                        } else {
+                            let s_rows = Rows::contiguous(logits, v);
+                            loss_rows(spec, t_rows, s_rows, labels, &weights, None, &mut out_c)
+                        }
+                        .map_err(candle_core::Error::wrap)
+                    })?;
                     for (&i, o) in rows.iter().zip(out_c) {
                         out[i] = o;
                     }
                 }
                 if self.want_grad {
                     let g_pass = View::rows(&sg[..rp * v], rp, v, v);
-                    matmul(g_pass, s_head, &mut gh_p, ds, false);
+                    time("head.grad_hidden", || {
+                        matmul(g_pass, s_head, &mut gh_p, ds, false);
+                        Ok(())
+                    })?;
                     for (k, &i) in pass.iter().enumerate() {
                         grad_h[i * ds..(i + 1) * ds].copy_from_slice(&gh_p[k * ds..(k + 1) * ds]);
                     }
@@ -300,7 +317,10 @@ impl FusedHeadOp {
                         let (r, o) = (rows.len(), ci * c);
                         let g_rows = View::rows(&sg[o * v..(o + r) * v], r, v, v);
                         let h_rows = View::rows(&hs_p[o * ds..(o + r) * ds], r, ds, ds);
-                        matmul(g_rows.t(), h_rows, &mut grad_w[..v * ds], ds, !first_w);
+                        time("head.grad_weight", || {
+                            matmul(g_rows.t(), h_rows, &mut grad_w[..v * ds], ds, !first_w);
+                            Ok(())
+                        })?;
                         first_w = false;
                     }
                 }
