@@ -393,7 +393,7 @@ fn kernel_label(matrices: Matrices, backend: &Backend) -> Result<&'static str> {
         (Matrices::Bf16, Kernels::Fused) => pocl::ops::bf16::selected_kernel()?.name(),
         (Matrices::Bf16, Kernels::Portable) => "bf16-tensor",
         (Matrices::Bf16, Kernels::Cuda) => "bf16-cuda",
-        (Matrices::F32Packed, Kernels::Fused) if pocl::ops::bf16::Packed::f32_supported() => {
+        (Matrices::F32Packed, Kernels::Fused) if pocl::ops::bf16::Packed::f32_preferred() => {
             "f32-packed"
         }
         _ => "f32",

@@ -21,7 +21,8 @@ pub enum Matrices {
     F32,
     /// Frozen f32 packed once for the fused CPU kernels' f32 kernel (`ops::bf16::Element::F32`):
     /// a teacher, whose forward passes are many rows (plain f32 tensors on other kernel sets,
-    /// and on CPUs the f32 kernel does not run).
+    /// and on CPUs where the kernel is not faster than the `gemm` crate:
+    /// `ops::bf16::Packed::f32_preferred`).
     F32Packed,
     /// Frozen bf16: packed for the fused kernels, bf16 tensors for the others.
     Bf16,
@@ -380,7 +381,7 @@ impl Params {
                 let t = sd.take(from, shape)?.to_device(&self.backend.device)?;
                 return Ok(Weight::to_bf16_tensor(&t, out_in)?);
             }
-            (Matrices::F32Packed, Kernels::Fused) if Packed::f32_supported() => {
+            (Matrices::F32Packed, Kernels::Fused) if Packed::f32_preferred() => {
                 return Ok(Weight::to_packed(
                     &sd.take(from, shape)?,
                     out_in,

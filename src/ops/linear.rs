@@ -232,7 +232,7 @@ impl Linear {
             // on W̃ packed for this call, as the gemm crate multiplies Conv1D's column-major
             // operand at 60-80% of its row-major speed (benches/student_gemm.rs: the student's
             // dx products 25-30% faster with the packing). Few rows would not repay the packing.
-            if Packed::f32_supported() && m >= 32 {
+            if Packed::f32_preferred() && m >= 32 {
                 let p = if self.out_in {
                     Packed::in_out(wd, n, k, Element::F32)
                 } else {
