@@ -1,7 +1,8 @@
 //! Benchmark (not a timed test): the student's training matmuls through `ops::gemm::matmul`
 //! (the `gemm` crate) on the standard workload's shapes (512 tokens, d = 512, Conv1D layout):
-//! the forward x·W, the backward dx = g·Wᵀ and dW = xᵀ·g. One JSON line per product: median ms
-//! and GFLOP/s.
+//! the forward x·W, the backward dx = g·Wᵀ and dW = xᵀ·g; and the same forward and dx products
+//! by the f32 kernel of `ops::bf16` on W packed once (the packing timed apart, once), and dx
+//! through a transposed copy of W. One JSON line per product: median ms and GFLOP/s.
 //!
 //! Run: cargo bench --bench student_gemm [-- --reps 20]
 

@@ -751,7 +751,8 @@ fn op_cases() -> Vec<OpCase> {
             "x[{rows},37] W[29,37]+b frozen{}",
             match matrices {
                 Matrices::F32 => "",
-                Matrices::F32Packed => ", f32 packed",
+                Matrices::F32Packed if crate::ops::bf16::Packed::f32_preferred() => ", f32 packed",
+                Matrices::F32Packed => ", f32 (not packed on this CPU)",
                 Matrices::Bf16 => ", bf16",
             }
         );

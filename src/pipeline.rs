@@ -38,9 +38,14 @@ pub fn load_frozen(
     precision: Precision,
     backend: &Backend,
 ) -> Result<Box<dyn CausalLm>> {
+    crate::model::load_frozen_as(dir, frozen_matrices(precision), backend)
+}
+
+/// How a model for evaluation and decoding in `precision` keeps its matrices ([`load_frozen`]).
+pub fn frozen_matrices(precision: Precision) -> Matrices {
     match precision {
-        Precision::F32 => crate::model::load_frozen(dir, backend),
-        Precision::Bf16 => crate::model::load_frozen_bf16(dir, backend),
+        Precision::F32 => Matrices::F32,
+        Precision::Bf16 => Matrices::Bf16,
     }
 }
 

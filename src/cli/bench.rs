@@ -62,10 +62,10 @@ pub struct BenchArgs {
     /// timed steps and the peak-RSS mark is reset, so max_rss_mib is without the teacher.
     #[arg(long)]
     pub teacher_cache: bool,
-    /// kd-step: also time each model op of the forward passes (`ops::profile`: the device is
-    /// synchronised around every op, so the step itself runs slower) and print the seconds per
-    /// step by phase and op as "profile"; "other" is the rest of the phase (elementwise ops,
-    /// the KD head and loss, autograd).
+    /// kd-step: also time each model op (`ops::profile`: the forward ops, the backward of
+    /// pocl's CPU ops, the parts of the fused KD head; the device is synchronised around every
+    /// op, so the step itself runs slower) and print the seconds per step by phase and op as
+    /// "profile"; "other" is the rest of the phase (candle's own ops, autograd).
     #[arg(long)]
     pub profile: bool,
     #[command(flatten)]
@@ -356,10 +356,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::CacheFidelity(_) => unreachable!("handled above"),
         BenchCommand::Generate(a) => {
             // As `pocl generate` loads a model (`pipeline::load_frozen`).
-            let matrices = match a.dtype {
-                Precision::F32 => Matrices::F32,
-                Precision::Bf16 => Matrices::Bf16,
-            };
+            let matrices = pocl::pipeline::frozen_matrices(a.dtype);
             let student = gpt2((512, 6, 8), 512, 2, true, matrices, &backend)?;
             for bs in [1usize, 8] {
                 let prompts: Vec<Vec<u32>> = (0..bs).map(|_| random_ids(&mut rng, 32)).collect();
@@ -393,9 +390,7 @@ fn kernel_label(matrices: Matrices, backend: &Backend) -> Result<&'static str> {
         (Matrices::Bf16, Kernels::Fused) => pocl::ops::bf16::selected_kernel()?.name(),
         (Matrices::Bf16, Kernels::Portable) => "bf16-tensor",
         (Matrices::Bf16, Kernels::Cuda) => "bf16-cuda",
-        (Matrices::F32Packed, Kernels::Fused) if pocl::ops::bf16::Packed::f32_preferred() => {
-            "f32-packed"
-        }
+        (m, k) if m.packs_f32(k) => "f32-packed",
         _ => "f32",
     })
 }

@@ -64,7 +64,7 @@ pub(crate) fn head_loss(
                 } => w.detach().narrow(0, 0, vocab)?,
                 Weight::Bf16Tensor { w, out_in: true } => w.narrow(0, 0, vocab)?,
                 Weight::Packed(_) => {
-                    bail!("a packed bf16 teacher head belongs to the fused CPU kernels")
+                    bail!("a packed teacher head belongs to the fused CPU kernels")
                 }
                 _ => bail!("the teacher's lm head must be [vocab, d]"),
             };

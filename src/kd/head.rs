@@ -27,7 +27,7 @@ pub struct Head<'a> {
     /// Hidden states after the final norm, [N, d] or [B, T, d].
     pub hidden: &'a Tensor,
     /// The lm-head weight [V, d] (the tied token embedding for GPT-2 and small Qwen); f32 for
-    /// the student, f32 or packed bf16 for the teacher.
+    /// the student, f32 or packed (bf16 or f32) for the teacher.
     pub weight: &'a Weight,
 }
 
@@ -114,7 +114,7 @@ fn time(op: &'static str, f: impl FnOnce() -> candle_core::Result<()>) -> candle
     crate::ops::profile::time(op, &candle_core::Device::Cpu, f)
 }
 
-/// The teacher's head as the chunk loop reads it: f32 data [Vt, dt], or packed bf16.
+/// The teacher's head as the chunk loop reads it: f32 data [Vt, dt], or packed (bf16 or f32).
 enum TeacherHead<'a> {
     F32(&'a [f32], usize, usize),
     Packed(std::sync::Arc<Packed>),
@@ -210,7 +210,7 @@ impl FusedHeadOp {
         let p = split_rows(active.len(), v, pass_bytes, min_rows);
         let c = split_rows(p, v, chunk_bytes, min_rows);
         let mut out = vec![RowLoss::default(); n];
-        // The teacher's chunk logits have its full head width (the bf16 kernel writes all of it).
+        // The teacher's chunk logits have its full head width (the packed kernels write all of it).
         let tv = teacher.as_ref().map_or(0, |(_, _, h)| h.dims().0);
         let mut shared_t = TEACHER_BUFFER.try_lock().ok();
         let mut own_t = Vec::new();

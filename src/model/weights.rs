@@ -28,6 +28,13 @@ pub enum Matrices {
     Bf16,
 }
 
+impl Matrices {
+    /// Whether f32 matrices in this form are packed with `kernels` on this CPU.
+    pub fn packs_f32(self, kernels: Kernels) -> bool {
+        self == Matrices::F32Packed && kernels == Kernels::Fused && Packed::f32_preferred()
+    }
+}
+
 /// The tensors of a checkpoint by key name, upcast to f32 when taken; keys are consumed by the
 /// model builders so that leftovers (unknown tensors) can be reported. Loading maps the files and
 /// reads their headers only: a tensor's bytes are read (and converted) when the model takes it,
@@ -381,7 +388,7 @@ impl Params {
                 let t = sd.take(from, shape)?.to_device(&self.backend.device)?;
                 return Ok(Weight::to_bf16_tensor(&t, out_in)?);
             }
-            (Matrices::F32Packed, Kernels::Fused) if Packed::f32_preferred() => {
+            (m, k) if m.packs_f32(k) => {
                 return Ok(Weight::to_packed(
                     &sd.take(from, shape)?,
                     out_in,

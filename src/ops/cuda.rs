@@ -2,7 +2,7 @@
 //! attention softmax, and the launchers of the norms' kernels (the `cuda_fwd`s of `ops::norm`);
 //! the KD row kernel's op is `kd::rows`, beside the CPU loss it mirrors. Each op is a candle
 //! custom op whose `cuda_fwd` (feature `cuda`) launches our kernel and whose `cpu_fwd` runs the
-//! CPU arithmetic of the same op, so every caller (`kd::chunked`, `train::optim` under
+//! CPU arithmetic of the same op, so every caller (`train::optim` and the model ops under
 //! [`super::Kernels::Cuda`]) runs and is tested on the CPU too, and a self-test can compare the
 //! two sides op by op through the public functions below.
 //!

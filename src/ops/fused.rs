@@ -1,5 +1,5 @@
 //! The fused kernels: how each op of the model vocabulary is computed on the CPU by pocl's own
-//! kernels (f32, or packed bf16 for a frozen model). One function per op; the arithmetic lives
+//! kernels (f32, or packed once for a frozen model). One function per op; the arithmetic lives
 //! in the kernel modules named in each. Inputs are CPU tensors: [`crate::backend::Backend`]
 //! never pairs these kernels with another device, so nothing here checks one.
 
@@ -69,7 +69,7 @@ pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 }
 
 /// Rows of W as [out, in] for the ids (any shape) → [n, in]. A trainable embedding adds its
-/// gradient rows into its in-place buffer ([`super::grad`]); a packed bf16 one is widened.
+/// gradient rows into its in-place buffer ([`super::grad`]); a packed one is unpacked.
 pub fn embed(w: &Weight, ids: &Tensor) -> Result<Tensor> {
     let ids = ids.flatten_all()?;
     match w {

@@ -1,6 +1,6 @@
 //! Linear layers, y = x·Wᵀ + b, whatever form W takes: f32 in either layout (trainable or frozen;
-//! the packed gemm, or a streamed matmul for the few rows of decoding), or bf16 packed once for a
-//! frozen model (the teacher), which computes on AMX tiles where the CPU has them.
+//! the packed gemm, or a streamed matmul for the few rows of decoding), or packed once for a
+//! frozen model (the teacher): bf16, which computes on AMX tiles where the CPU has them, or f32.
 
 use super::bf16::{Element, Packed};
 use super::gemm;
@@ -228,17 +228,14 @@ impl Linear {
         let x_rows = gemm::View::rows(xd, m, k, k);
         let dx = if x.track_op() {
             let mut dx = super::zeros_par(m * k);
-            // dx = g·W̃ᵀ with W̃ = W [k, n] (Conv1D) or Wᵀ (nn.Linear): through the f32 kernel
-            // on W̃ packed for this call, as the gemm crate multiplies Conv1D's column-major
-            // operand at 60-80% of its row-major speed (benches/student_gemm.rs: the student's
-            // dx products 25-30% faster with the packing). Few rows would not repay the packing.
-            if Packed::f32_preferred() && m >= 32 {
-                let p = if self.out_in {
-                    Packed::in_out(wd, n, k, Element::F32)
-                } else {
-                    Packed::out_in(wd, k, n, Element::F32)
-                };
-                p.matmul(g, m, &mut dx, k);
+            // Conv1D: dx = g·Wᵀ through the f32 kernel on W [k, n] packed for this call, as the
+            // gemm crate multiplies that column-major operand at 60-80% of its row-major speed
+            // (benches/student_gemm.rs); measured in the kd-step bench's profile, packing
+            // included: the student's linear backward 0.26-0.30 -> 0.23-0.24 s. (nn.Linear's W
+            // is a row-major operand already.) From 32 rows: packing costs k·n, the product
+            // m·k·n, and decoding-sized products are not worth it (a guess, not measured).
+            if !self.out_in && Packed::f32_preferred() && m >= 32 {
+                Packed::out_in(wd, k, n, Element::F32).matmul(g, m, &mut dx, k);
             } else {
                 gemm::matmul(g_rows, self.rhs(wd, k, n).t(), &mut dx, k, false);
             }
@@ -416,26 +413,26 @@ impl Embed {
     }
 }
 
-/// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with the packed bf16 W (forward only: frozen models).
+/// x [m, k] f32 → x·Wᵀ (+ bias) [m, n] with a packed W, bf16 or f32 (forward only: frozen models).
 pub(super) struct PackedMatmul(pub Arc<Packed>, pub Option<Vec<f32>>);
 
 impl CustomOp1 for PackedMatmul {
     fn name(&self) -> &'static str {
-        "pocl-bf16-matmul"
+        "pocl-packed-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(x) = s else {
-            candle_core::bail!("bf16 matmul: the input must be f32")
+            candle_core::bail!("packed matmul: the input must be f32")
         };
         let Some((a, b)) = l.contiguous_offsets() else {
-            candle_core::bail!("bf16 matmul: the input must be contiguous")
+            candle_core::bail!("packed matmul: the input must be contiguous")
         };
         let (m, k) = l.shape().dims2()?;
         let p = &self.0;
         if k != p.k() {
             candle_core::bail!(
-                "bf16 matmul: input [{m}, {k}] vs weight [{}, {}]",
+                "packed matmul: input [{m}, {k}] vs weight [{}, {}]",
                 p.n_out(),
                 p.k()
             );
@@ -444,7 +441,7 @@ impl CustomOp1 for PackedMatmul {
         let mut y = super::zeros_par(m * n);
         match &self.1 {
             Some(bias) if bias.len() != n => {
-                candle_core::bail!("bf16 matmul: bias of {} for {n} outputs", bias.len())
+                candle_core::bail!("packed matmul: bias of {} for {n} outputs", bias.len())
             }
             Some(bias) => p.matmul_bias(&x[a..b], m, &mut y, n, bias),
             None => p.matmul(&x[a..b], m, &mut y, n),

@@ -1,6 +1,6 @@
 //! LayerNorm and RMSNorm over the last dimension as fused ops with backward. Why: the composed
 //! versions are ~9 small elementwise tensors forward and twice as many backward per call (and
-//! candle's own fused norms have no backward at all). One pass per row here, f64 inside; the
+//! candle's own fused norms have no backward at all). One pass per row here (the statistics of eight rows summed side by side, each row in its own order), f64 inside; the
 //! weight and bias gradients are summed per block of rows and the blocks added in order, so the
 //! result does not depend on the thread count. On CUDA storage the same ops run the kernels of
 //! src/ops/cuda/norm.cu (`ops::cuda`), same arithmetic.
@@ -368,6 +368,40 @@ mod tests {
     }
 
     /// Fused against the composition evaluated in f64 (candle autograd), values and all gradients.
+    /// Eight rows summed side by side give each row the bits of the one-row sums (the per-row
+    /// `Iterator::sum` the norms used before), for both norms, with an all −0.0 row.
+    #[test]
+    fn grouped_row_statistics_equal_one_row_at_a_time() {
+        let d = 37;
+        let mut x: Vec<f32> = (0..8 * d)
+            .map(|i| ((i * 7919 % 1013) as f32 - 500.0) / 37.0)
+            .collect();
+        x[3 * d..4 * d].fill(-0.0);
+        for center in [true, false] {
+            let n = Norm { center, eps: 1e-5 };
+            let grouped = stats_rows::<8>(&x, d, &n);
+            for (r, &(mean, rstd)) in grouped.iter().enumerate() {
+                let row = &x[r * d..(r + 1) * d];
+                let want_mean = if center {
+                    row.iter().map(|&v| v as f64).sum::<f64>() / d as f64
+                } else {
+                    0.0
+                };
+                let var = row
+                    .iter()
+                    .map(|&v| (v as f64 - want_mean).powi(2))
+                    .sum::<f64>()
+                    / d as f64;
+                let want = (want_mean, 1.0 / (var + n.eps).sqrt());
+                assert_eq!(
+                    (mean.to_bits(), rstd.to_bits()),
+                    (want.0.to_bits(), want.1.to_bits()),
+                    "row {r}, center {center}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn fused_norms_match_the_f64_composition() -> Result<()> {
         let dev = &Device::Cpu;

@@ -19,7 +19,7 @@ pub fn linear(w: &Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         } => return linear_bf16_mixed(w, *out_in, x, b),
         Weight::F32 { w, out_in, .. } => (w.clone(), *out_in),
         Weight::Bf16Tensor { w, out_in } => (w.to_dtype(x.dtype())?, *out_in),
-        Weight::Packed(_) => bail!("a packed bf16 weight belongs to the fused CPU kernels"),
+        Weight::Packed(_) => bail!("a packed weight belongs to the fused CPU kernels"),
     };
     let w = if out_in { w.t()? } else { w };
     let dims = x.dims().to_vec();
@@ -85,7 +85,7 @@ pub fn embed(w: &Weight, ids: &Tensor) -> Result<Tensor> {
         Weight::Bf16Tensor { w, out_in: false } => {
             w.t()?.index_select(&ids, 0)?.to_dtype(DType::F32)
         }
-        Weight::Packed(_) => bail!("a packed bf16 weight belongs to the fused CPU kernels"),
+        Weight::Packed(_) => bail!("a packed weight belongs to the fused CPU kernels"),
     }
 }
 

@@ -160,14 +160,23 @@ impl Packed {
     /// matrix rounds nothing). `x` is row-major [m, k] f32. Runs on the global rayon pool with
     /// the selected kernel ([`Kernel::best`]) for bf16, the f32 kernel for f32.
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize) {
-        self.matmul_with(Kernel::best(), x, m, out, ldo)
+        self.matmul_with(self.best_kernel(), x, m, out, ldo)
+    }
+
+    /// The selected bf16 kernel for bf16; the f32 kernel for f32, whatever `POCL_BF16_KERNEL`
+    /// says (it chooses among bf16 kernels only).
+    fn best_kernel(&self) -> Kernel {
+        match self.element {
+            Element::Bf16 => Kernel::best(),
+            Element::F32 => Kernel::F32Widen,
+        }
     }
 
     /// [`Packed::matmul`] plus `bias` [n_out] on every row, added by each task to the
     /// columns it just computed (in parallel, while they are in cache).
     pub fn matmul_bias(&self, x: &[f32], m: usize, out: &mut [f32], ldo: usize, bias: &[f32]) {
         assert_eq!(bias.len(), self.n_out, "matmul: bias length");
-        self.matmul_impl(Kernel::best(), x, m, out, ldo, Some(bias))
+        self.matmul_impl(self.best_kernel(), x, m, out, ldo, Some(bias))
     }
 
     /// [`Packed::matmul`] with an explicit bf16 kernel (an f32 matrix always runs the f32

@@ -20,7 +20,8 @@ pub(super) const TILE: usize = 16;
 /// Lines per k step of a panel or an x block: two tiles.
 pub(super) const STEP: usize = 2 * TILE;
 
-/// 64 bytes, 64-byte aligned: tile rows never straddle cache lines.
+/// 64 bytes, 64-byte aligned: tile rows never straddle cache lines. A bf16 line holds 32 bf16;
+/// an f32 line 16 f32, each as its two little-endian halves (what a vector load reads).
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 pub(super) struct Line(pub(super) [u16; 32]);
