@@ -7,32 +7,12 @@
 
 use candle_core::{Device, Tensor, Var};
 use pocl::ops::attention::attention_qkv;
-use std::time::Instant;
 
 mod common;
-use common::values;
-
-fn median(reps: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    let mut t: Vec<f64> = (0..reps)
-        .map(|_| {
-            let t0 = Instant::now();
-            f();
-            t0.elapsed().as_secs_f64()
-        })
-        .collect();
-    t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    t[t.len() / 2]
-}
+use common::{arg, median_secs, values};
 
 fn main() -> candle_core::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20usize);
+    let reps = arg("--reps", 20usize);
     let (b, t) = (4, 128);
     for (name, heads) in [("teacher", 12), ("student", 8)] {
         let d = heads * 64;
@@ -57,10 +37,10 @@ fn main() -> candle_core::Result<()> {
             .collect();
         let bias = Tensor::from_vec(bias, (b, 1, t, t), dev)?;
         let flops = 4.0 * (b * t * t * d) as f64;
-        let fwd = median(reps, || {
+        let fwd = median_secs(reps, || {
             attention_qkv(&qkv.as_tensor().detach(), heads, &bias, 0.125).unwrap();
         });
-        let both = median(reps, || {
+        let both = median_secs(reps, || {
             let y = attention_qkv(qkv.as_tensor(), heads, &bias, 0.125).unwrap();
             y.sum_all().unwrap().backward().unwrap();
         });

@@ -13,12 +13,7 @@ use common::values;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(30usize);
+    let reps = common::arg("--reps", 30usize);
     let only = args
         .iter()
         .position(|a| a == "--only")

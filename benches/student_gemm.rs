@@ -11,16 +11,10 @@ use pocl::ops::gemm::{matmul, View};
 use std::time::Instant;
 
 mod common;
-use common::values;
+use common::{arg, median_secs, values};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let reps = args
-        .iter()
-        .position(|a| a == "--reps")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(20usize);
+    let reps = arg("--reps", 20usize);
     let m = 512;
     for (name, k, n) in [
         ("attn_qkv", 512, 1536),
@@ -58,16 +52,7 @@ fn main() {
             }),
         ];
         for (product, f) in products {
-            f();
-            let mut t: Vec<f64> = (0..reps)
-                .map(|_| {
-                    let t0 = Instant::now();
-                    f();
-                    t0.elapsed().as_secs_f64()
-                })
-                .collect();
-            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            let med = t[t.len() / 2];
+            let med = median_secs(reps, f);
             println!(
                 "{{\"bench\":\"student_gemm\",\"shape\":\"{name}\",\"product\":\"{product}\",\"median_ms\":{:.3},\"gflops\":{:.1}}}",
                 med * 1e3,

@@ -533,15 +533,7 @@ mod widen_tests {
             say("f32-widen: NOT RUN, this CPU cannot run it");
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        let isas = [Isa::Avx512, Isa::Avx2];
-        #[cfg(not(target_arch = "x86_64"))]
-        let isas = [Isa::Baseline];
-        // One thread, so the forced variant (a thread-local) is the one that runs.
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let (isas, pool) = variants();
         for (m, k, n) in [
             (1, 1, 1),
             (3, 31, 15),
@@ -557,7 +549,7 @@ mod widen_tests {
                 .collect();
             let p = Packed::bf16_out_in(&w, n, k);
             let mut results = vec![];
-            for isa in isas {
+            for &isa in &isas {
                 if !isa.is_supported() {
                     continue;
                 }
@@ -581,7 +573,7 @@ mod widen_tests {
                 );
             }
         }
-        for isa in isas {
+        for &isa in &isas {
             say(&if isa.is_supported() {
                 format!(
                     "f32-widen variant {isa:?}: ran, equal to the bit to {:?}",
@@ -603,14 +595,7 @@ mod widen_tests {
             say("f32 panels: NOT RUN, this CPU cannot run the f32 kernel");
             return;
         }
-        #[cfg(target_arch = "x86_64")]
-        let isas = [Isa::Avx512, Isa::Avx2];
-        #[cfg(not(target_arch = "x86_64"))]
-        let isas = [Isa::Baseline];
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
+        let (isas, pool) = variants();
         for (m, k, n) in [(1, 1, 1), (3, 31, 15), (9, 70, 47), (17, 770, 100)] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
@@ -621,7 +606,7 @@ mod widen_tests {
                 .collect();
             let bf16 = Packed::bf16_out_in(&w, n, k);
             let f32 = Packed::out_in(&w, n, k, Element::F32);
-            for isa in isas.into_iter().filter(|i| i.is_supported()) {
+            for isa in isas.iter().copied().filter(|i| i.is_supported()) {
                 let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
                 pool.install(|| {
                     FORCED_ISA.with(|f| f.set(Some(isa)));
@@ -635,13 +620,28 @@ mod widen_tests {
                 );
             }
         }
-        for isa in isas {
+        for &isa in &isas {
             say(&if isa.is_supported() {
                 format!("f32 kernel variant {isa:?}: ran, equal to the bit to f32-widen's")
             } else {
                 format!("f32 kernel variant {isa:?}: NOT RUN, this CPU cannot run it")
             });
         }
+    }
+
+    /// Every f32-widen variant compiled for this architecture (the CPU may lack some), and a
+    /// one-thread pool: on it the variant forced on the calling thread (a thread-local) is the
+    /// one that runs.
+    fn variants() -> (Vec<Isa>, rayon::ThreadPool) {
+        #[cfg(target_arch = "x86_64")]
+        let isas = vec![Isa::Avx512, Isa::Avx2];
+        #[cfg(not(target_arch = "x86_64"))]
+        let isas = vec![Isa::Baseline];
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        (isas, pool)
     }
 
     /// A line on stderr that the test harness does not capture (it captures `eprint!` only).
