@@ -19,7 +19,7 @@ use crate::ops::grad::GradBuffer;
 use crate::ops::Weight;
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Storage, Tensor};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// A model's final hidden states and output head, as the fused loss takes them.
 #[derive(Clone, Copy)]
@@ -107,6 +107,23 @@ impl FusedHeadOp {
             budgets: (PASS_BYTES, CHUNK_BYTES, 16),
         }
     }
+}
+
+/// A kept buffer (`shared`: the lock on a static one), or `own` when another thread holds it in
+/// the middle of a call (tests run in parallel), grown to at least `len`.
+fn grown<'a>(
+    shared: &'a mut Option<MutexGuard<'static, Vec<f32>>>,
+    own: &'a mut Vec<f32>,
+    len: usize,
+) -> &'a mut Vec<f32> {
+    let b = match shared.as_deref_mut() {
+        Some(b) => b,
+        None => own,
+    };
+    if b.len() < len {
+        b.resize(len, 0.0);
+    }
+    b
 }
 
 /// [`crate::ops::profile::time`] on the CPU, where this op runs.
@@ -212,28 +229,13 @@ impl FusedHeadOp {
         let mut out = vec![RowLoss::default(); n];
         // The teacher's chunk logits have its full head width (the packed kernels write all of it).
         let tv = teacher.as_ref().map_or(0, |(_, _, h)| h.dims().0);
-        let mut shared_t = TEACHER_BUFFER.try_lock().ok();
-        let mut own_t = Vec::new();
-        let t_logits: &mut Vec<f32> = match shared_t.as_deref_mut() {
-            Some(b) => b,
-            None => &mut own_t,
-        };
-        if t_logits.len() < c * tv {
-            t_logits.resize(c * tv, 0.0);
-        }
+        let (mut shared_t, mut own_t) = (TEACHER_BUFFER.try_lock().ok(), Vec::new());
+        let t_logits = grown(&mut shared_t, &mut own_t, c * tv);
         let (mut hs_p, mut gh_p) = (vec![0f32; p * ds], vec![0f32; p * ds]);
         let mut ht_c = vec![0f32; teacher.as_ref().map_or(0, |(_, dt, _)| c * dt)];
         let mut grad_h = vec![0f32; if self.want_grad { n * ds } else { 0 }];
-        // Another thread in the middle of a call (tests run in parallel) gets its own buffer.
-        let mut shared = PASS_BUFFER.try_lock().ok();
-        let mut own = Vec::new();
-        let sg: &mut Vec<f32> = match shared.as_deref_mut() {
-            Some(b) => b,
-            None => &mut own,
-        };
-        if sg.len() < p * v {
-            sg.resize(p * v, 0.0);
-        }
+        let (mut shared, mut own) = (PASS_BUFFER.try_lock().ok(), Vec::new());
+        let sg = grown(&mut shared, &mut own, p * v);
         let s_head = View::rows(&ws[..v * ds], v, ds, ds);
         // The passes; dL/dW goes to `grad_w` ([Vs, d]), added to what it holds unless
         // `overwrite_w`.
