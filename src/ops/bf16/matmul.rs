@@ -634,9 +634,9 @@ mod widen_tests {
     /// one that runs.
     fn variants() -> (Vec<Isa>, rayon::ThreadPool) {
         #[cfg(target_arch = "x86_64")]
-        let isas = vec![Isa::Avx512, Isa::Avx2];
+        let isas = vec![Isa::Avx512, Isa::Avx2, Isa::Portable];
         #[cfg(not(target_arch = "x86_64"))]
-        let isas = vec![Isa::Baseline];
+        let isas = vec![Isa::Portable];
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()

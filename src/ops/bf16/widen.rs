@@ -8,9 +8,9 @@
 //!
 //! Every variant computes each output as the same chain, acc = fma(x[l], W[j, l], acc) for
 //! l = 0, 1, … in order, so they agree to the bit (tested), and bf16 and f32 panels of the same
-//! bf16-exact W give the same bits: AVX-512F on 8 rows × 32 columns (16 zmm accumulators), and
-//! a portable body on 4 rows × 16 columns (8 ymm accumulators when compiled for AVX2 + FMA; NEON
-//! on aarch64).
+//! bf16-exact W give the same bits: AVX-512F on 8 rows × 32 columns (16 zmm accumulators),
+//! AVX2 + FMA on 6 rows × 16 columns (12 ymm accumulators), and a portable body on 4 rows × 16
+//! columns (NEON on aarch64; on x86 it runs in tests only).
 
 use super::matmul::Job;
 use super::pack::{get_f32, Line, PANEL, STEP, TILE, TK};
@@ -24,8 +24,10 @@ pub(super) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// The portable body compiled for the target's baseline (aarch64: NEON, which has FMA).
-    #[cfg(not(target_arch = "x86_64"))]
-    Baseline,
+    /// On x86 only tests run it (without FMA hardware its `mul_add` is a library call), so the
+    /// body aarch64 runs is checked here too.
+    #[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
+    Portable,
 }
 
 impl Isa {
@@ -40,7 +42,7 @@ impl Isa {
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        Isa::Baseline
+        Isa::Portable
     }
 
     #[cfg(test)]
@@ -50,8 +52,7 @@ impl Isa {
             Isa::Avx512 => super::cpu::has_avx512f(),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Baseline => cfg!(target_arch = "aarch64"),
+            Isa::Portable => true,
         }
     }
 }
@@ -68,8 +69,7 @@ pub(super) unsafe fn run(isa: Isa, job: &Job, panels: std::ops::Range<usize>) {
         // SAFETY: AVX2 + FMA present (caller).
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe { run_avx2(job, panels) },
-        #[cfg(not(target_arch = "x86_64"))]
-        Isa::Baseline => run_portable(job, panels),
+        Isa::Portable => run_portable(job, panels),
     }
 }
 
@@ -206,10 +206,165 @@ unsafe fn rows512<const R: usize, const F32: bool>(
     }
 }
 
+/// Rows per AVX2 register block: 6 rows × 16 columns are 12 ymm accumulators, leaving four
+/// of the 16 registers for W's two vectors, the broadcast x and the odd-k mask.
+#[cfg(target_arch = "x86_64")]
+const ROWS256: usize = 6;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
-    run_portable(job, panels)
+    let (x, ld) = job.x_f32();
+    let steps = job.w.steps;
+    for p in panels {
+        let b = job.panel(p);
+        let cols = job.cols(p);
+        for half in 0..2 {
+            let c0 = 16 * half;
+            if c0 >= cols {
+                break;
+            }
+            let c = (cols - c0).min(16);
+            for i0 in (0..job.rows).step_by(ROWS256) {
+                let r = (job.rows - i0).min(ROWS256);
+                let xr = &x[i0 * ld..(i0 + r) * ld];
+                let dst = job.out_at(i0, p * PANEL + c0);
+                // SAFETY: AVX2 + FMA enabled here; xr holds r rows of ld = steps·TK values, b
+                // holds `steps` steps; dst rows < job.rows and columns < n_out are in `out` and
+                // owned by this task (Job invariants).
+                unsafe {
+                    match job.w.element() {
+                        Element::Bf16 => {
+                            rows256_any::<false>(r, xr, ld, b, steps, half, c, dst, job.ldo)
+                        }
+                        Element::F32 => {
+                            rows256_any::<true>(r, xr, ld, b, steps, half, c, dst, job.ldo)
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// [`rows256`] for r ≤ 6 rows.
+///
+/// # Safety
+/// As [`rows256`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows256_any<const F32: bool>(
+    r: usize,
+    xr: &[f32],
+    ld: usize,
+    b: &[Line],
+    steps: usize,
+    half: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldo: usize,
+) {
+    // SAFETY: forwarded (caller).
+    unsafe {
+        match r {
+            6 => rows256::<6, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            5 => rows256::<5, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            4 => rows256::<4, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            3 => rows256::<3, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            2 => rows256::<2, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            _ => rows256::<1, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+        }
+    }
+}
+
+/// R rows of x (row stride `ld`, zero padded to `steps`·TK) against half `half` of one panel
+/// (f32 panels when `F32`, else bf16); stores R rows × `cols` (≤ 16) columns at `dst` (row
+/// stride `ldo`). The even k's products go in before the odd k's, as in every variant.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows256<const R: usize, const F32: bool>(
+    x: &[f32],
+    ld: usize,
+    b: &[Line],
+    steps: usize,
+    half: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldo: usize,
+) {
+    use core::arch::x86_64::*;
+    let lines = if F32 { 2 * STEP } else { STEP };
+    assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * lines && half < 2);
+    let xp = x.as_ptr();
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[_mm256_setzero_ps(); 2]; R];
+    for s in 0..steps {
+        let bt = &b[s * lines..][..lines];
+        for k2 in 0..TILE {
+            let l = s * TK + 2 * k2;
+            // SAFETY: Lines are 64 bytes, 64-byte aligned (two aligned ymm each); x indices
+            // below are < (R - 1)·ld + steps·TK (asserted).
+            unsafe {
+                // Columns 0..8 and 8..16 of this half: the even k's, then the odd k's.
+                let (e0, e1, q) = if F32 {
+                    let q = bt[4 * k2 + half..].as_ptr() as *const f32;
+                    (
+                        _mm256_load_ps(q),
+                        _mm256_load_ps(q.add(8)),
+                        q.add(32) as *const u8,
+                    )
+                } else {
+                    let q = bt[half * TILE + k2].0.as_ptr() as *const __m256i;
+                    let (w0, w1) = (_mm256_load_si256(q), _mm256_load_si256(q.add(1)));
+                    (
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w0)),
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w1)),
+                        q as *const u8,
+                    )
+                };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a0 = _mm256_broadcast_ss(&*xp.add(i * ld + l));
+                    acc[0] = _mm256_fmadd_ps(a0, e0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(a0, e1, acc[1]);
+                }
+                // The odd k's vectors are loaded after the even k's products, so that the
+                // four W vectors never hold registers at once.
+                let (o0, o1) = if F32 {
+                    let q = q as *const f32;
+                    (_mm256_load_ps(q), _mm256_load_ps(q.add(8)))
+                } else {
+                    let q = q as *const __m256i;
+                    (
+                        _mm256_castsi256_ps(_mm256_and_si256(_mm256_load_si256(q), high)),
+                        _mm256_castsi256_ps(_mm256_and_si256(_mm256_load_si256(q.add(1)), high)),
+                    )
+                };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a1 = _mm256_broadcast_ss(&*xp.add(i * ld + l + 1));
+                    acc[0] = _mm256_fmadd_ps(a1, o0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(a1, o1, acc[1]);
+                }
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        // SAFETY: row i < R and columns < cols are in bounds (caller); a partial half goes
+        // through a stack copy.
+        unsafe {
+            let d = dst.add(i * ldo);
+            if cols == 16 {
+                _mm256_storeu_ps(d, acc[0]);
+                _mm256_storeu_ps(d.add(8), acc[1]);
+            } else {
+                let mut t = [0f32; 16];
+                _mm256_storeu_ps(t.as_mut_ptr(), acc[0]);
+                _mm256_storeu_ps(t.as_mut_ptr().add(8), acc[1]);
+                std::ptr::copy_nonoverlapping(t.as_ptr(), d, cols);
+            }
+        }
+    }
 }
 
 /// The portable body: 4 rows × 16 columns (half a panel) per register block.
