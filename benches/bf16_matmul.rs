@@ -1,12 +1,13 @@
 //! Benchmark (not a timed test): the frozen-teacher matmul y = x·Wᵀ on the GPT-2 small shapes at
 //! m = 512 tokens, bf16 packed weights (`ops::bf16`, AMX and the AVX512-BF16 / f32-widen /
-//! portable fallbacks) against candle's f32 `Tensor::matmul` (the `gemm` crate). Prints one JSON line per
+//! portable fallbacks), and f32 W packed into panels (`f32_packed`, where the CPU runs the f32
+//! kernel), against candle's f32 `Tensor::matmul` (the `gemm` crate). Prints one JSON line per
 //! measurement: GFLOP/s (2·m·k·n / median time), and the one-off packing cost of W.
 //!
 //! Run: cargo bench --bench bf16_matmul [-- --quick] [-- --m 512 --reps 10 --only amx]
 
 use candle_core::{Device, Tensor};
-use pocl::ops::bf16::{amx_available, Kernel, Packed};
+use pocl::ops::bf16::{amx_available, Element, Kernel, Packed};
 use std::time::Instant;
 
 mod common;
@@ -79,6 +80,14 @@ fn main() -> anyhow::Result<()> {
         ("mlp_proj", 3072, 768),
         ("lm_head", 768, 50257),
     ];
+    /// What a measured implementation multiplies: the bf16 panels with a kernel, the f32
+    /// panels, or candle's f32 tensors.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Imp {
+        Bf16(Kernel),
+        F32Packed,
+        Candle,
+    }
     let mut impls = vec![];
     for (name, kernel) in [
         ("bf16_amx", Kernel::Amx),
@@ -87,12 +96,17 @@ fn main() -> anyhow::Result<()> {
         ("bf16_portable", Kernel::Portable),
     ] {
         if kernel.is_supported() && !(quick && kernel == Kernel::Portable) {
-            impls.push((name, Some(kernel)));
+            impls.push((name, Imp::Bf16(kernel)));
         } else if !kernel.is_supported() {
             eprintln!("{name}: this CPU cannot run it");
         }
     }
-    impls.push(("candle_f32", None));
+    if Packed::f32_supported() {
+        impls.push(("f32_packed", Imp::F32Packed));
+    } else {
+        eprintln!("f32_packed: this CPU cannot run it");
+    }
+    impls.push(("candle_f32", Imp::Candle));
     eprintln!(
         "threads {threads}, amx_available {}, selected kernel {}",
         amx_available(),
@@ -115,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         let packed_t = Packed::bf16_in_out(&wt, k, n);
         let pack_in_out = t0.elapsed().as_secs_f64();
         drop((packed_t, wt));
+        let packed_f32 = Packed::f32_supported().then(|| Packed::out_in(&w, n, k, Element::F32));
         println!(
             "{}",
             serde_json::json!({
@@ -132,20 +147,26 @@ fn main() -> anyhow::Result<()> {
                 continue;
             }
             // The portable kernel is slow; fewer reps on the lm head.
-            let reps = if kernel == Some(Kernel::Portable) {
+            let reps = if kernel == Imp::Bf16(Kernel::Portable) {
                 reps.min(3)
             } else {
                 reps
             };
             let (t, out) = match kernel {
-                Some(kernel) => {
+                Imp::Bf16(kernel) => {
                     let mut out = vec![0f32; m * n];
                     let t = time(reps, threads, || {
                         packed.matmul_with(kernel, &x, m, &mut out, n)
                     });
                     (t, out)
                 }
-                None => {
+                Imp::F32Packed => {
+                    let p = packed_f32.as_ref().expect("packed where supported");
+                    let mut out = vec![0f32; m * n];
+                    let t = time(reps, threads, || p.matmul(&x, m, &mut out, n));
+                    (t, out)
+                }
+                Imp::Candle => {
                     let dev = Device::Cpu;
                     let xt = Tensor::from_slice(&x, (m, k), &dev)?;
                     let wt = Tensor::from_slice(&w, (n, k), &dev)?.t()?;

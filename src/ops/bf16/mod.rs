@@ -124,9 +124,11 @@ impl Packed {
 
     /// Whether f32 matrices are multiplied faster packed than by the `gemm` crate here, which
     /// decides where pocl packs them (an f32 teacher, the student's dx products): only with
-    /// the AVX-512 variant. Measured on a Zen 4 with the crate's AVX2 kernels: the AVX2 + FMA
-    /// variant ran the teacher's shapes at 135-181 GFLOP/s against the crate's 167-202, so on
-    /// CPUs without AVX-512 (and on aarch64, unmeasured) f32 matrices stay f32 tensors.
+    /// the AVX-512 variant. Measured on a Zen 4 with the crate's AVX2 kernels (PERFORMANCE.md,
+    /// "An AVX2-only CPU"): f32 panels with the AVX2 + FMA variant ran the teacher's shapes at
+    /// 176-212 GFLOP/s against the crate's 143-208, ahead on the lm head and behind at
+    /// k = 3072; no clear gain, so on CPUs without AVX-512 (and on aarch64, unmeasured) f32
+    /// matrices stay f32 tensors.
     pub fn f32_preferred() -> bool {
         #[cfg(target_arch = "x86_64")]
         {

@@ -335,10 +335,14 @@ unsafe fn rows256<const R: usize, const F32: bool>(
                     let q = q as *const f32;
                     (_mm256_load_ps(q), _mm256_load_ps(q.add(8)))
                 } else {
+                    // Loaded again rather than kept from the even k's load: volatile, so that
+                    // the compiler does not merge the two loads and hold the raw words in two
+                    // registers through the even k's products (it then spilled an accumulator).
                     let q = q as *const __m256i;
+                    let (w0, w1) = (q.read_volatile(), q.add(1).read_volatile());
                     (
-                        _mm256_castsi256_ps(_mm256_and_si256(_mm256_load_si256(q), high)),
-                        _mm256_castsi256_ps(_mm256_and_si256(_mm256_load_si256(q.add(1)), high)),
+                        _mm256_castsi256_ps(_mm256_and_si256(w0, high)),
+                        _mm256_castsi256_ps(_mm256_and_si256(w1, high)),
                     )
                 };
                 for (i, acc) in acc.iter_mut().enumerate() {
