@@ -525,8 +525,8 @@ mod widen_tests {
     use super::FORCED_ISA;
 
     /// Every f32-widen variant this CPU runs gives the same bits as the best one (same FMA
-    /// chain), on shapes with partial panels, partial row blocks and padded k; the ones the CPU
-    /// cannot run are named.
+    /// chain), on shapes with partial panels, partial row blocks (and the AVX2 variant's
+    /// whole-panel last 1-2 rows) and padded k; the ones the CPU cannot run are named.
     #[test]
     fn widen_variants_agree_to_the_bit() {
         if !Kernel::F32Widen.is_supported() {
@@ -536,8 +536,11 @@ mod widen_tests {
         let (isas, pool) = variants();
         for (m, k, n) in [
             (1, 1, 1),
+            (2, 70, 47),
             (3, 31, 15),
+            (8, 100, 63),
             (9, 70, 47),
+            (13, 33, 40),
             (17, 770, 100),
             (40, 64, 33),
         ] {
@@ -596,7 +599,14 @@ mod widen_tests {
             return;
         }
         let (isas, pool) = variants();
-        for (m, k, n) in [(1, 1, 1), (3, 31, 15), (9, 70, 47), (17, 770, 100)] {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (2, 70, 47),
+            (3, 31, 15),
+            (8, 100, 63),
+            (9, 70, 47),
+            (17, 770, 100),
+        ] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();

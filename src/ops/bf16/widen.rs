@@ -211,11 +211,24 @@ unsafe fn rows512<const R: usize, const F32: bool>(
 #[cfg(target_arch = "x86_64")]
 const ROWS256: usize = 6;
 
+/// How many k steps ahead the whole-panel AVX2 rows prefetch W.
+#[cfg(target_arch = "x86_64")]
+const PREFETCH_STEPS: usize = 4;
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
     let (x, ld) = job.x_f32();
     let steps = job.w.steps;
+    let f32_panels = job.w.element() == Element::F32;
+    // Blocks of 3-6 rows take a panel in two 16-column halves; a last 1 or 2 rows (decoding)
+    // take it whole, reading W in order: half by half, every other kilobyte of the panel was
+    // read at a time, and one decoded token ran at a third of the memory bandwidth.
+    let tail = match job.rows % ROWS256 {
+        t @ (1 | 2) => t,
+        _ => 0,
+    };
+    let narrow = job.rows - tail;
     for p in panels {
         let b = job.panel(p);
         let cols = job.cols(p);
@@ -225,24 +238,130 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
                 break;
             }
             let c = (cols - c0).min(16);
-            for i0 in (0..job.rows).step_by(ROWS256) {
-                let r = (job.rows - i0).min(ROWS256);
+            for i0 in (0..narrow).step_by(ROWS256) {
+                let r = (narrow - i0).min(ROWS256);
                 let xr = &x[i0 * ld..(i0 + r) * ld];
                 let dst = job.out_at(i0, p * PANEL + c0);
                 // SAFETY: AVX2 + FMA enabled here; xr holds r rows of ld = steps·TK values, b
                 // holds `steps` steps; dst rows < job.rows and columns < n_out are in `out` and
                 // owned by this task (Job invariants).
                 unsafe {
-                    match job.w.element() {
-                        Element::Bf16 => {
-                            rows256_any::<false>(r, xr, ld, b, steps, half, c, dst, job.ldo)
-                        }
-                        Element::F32 => {
-                            rows256_any::<true>(r, xr, ld, b, steps, half, c, dst, job.ldo)
-                        }
+                    if f32_panels {
+                        rows256_any::<true>(r, xr, ld, b, steps, half, c, dst, job.ldo)
+                    } else {
+                        rows256_any::<false>(r, xr, ld, b, steps, half, c, dst, job.ldo)
                     }
                 }
             }
+        }
+        if tail > 0 {
+            let xr = &x[narrow * ld..job.rows * ld];
+            let dst = job.out_at(narrow, p * PANEL);
+            // SAFETY: as above, for the last `tail` rows and the whole panel.
+            unsafe {
+                match (tail, f32_panels) {
+                    (1, false) => rows256w::<1, false>(xr, ld, b, steps, cols, dst, job.ldo),
+                    (1, true) => rows256w::<1, true>(xr, ld, b, steps, cols, dst, job.ldo),
+                    (_, false) => rows256w::<2, false>(xr, ld, b, steps, cols, dst, job.ldo),
+                    (_, true) => rows256w::<2, true>(xr, ld, b, steps, cols, dst, job.ldo),
+                }
+            }
+        }
+    }
+}
+
+/// R ≤ 2 rows of x (row stride `ld`, zero padded to `steps`·TK) against a whole panel (f32
+/// panels when `F32`, else bf16): [`rows256`]'s sums over 32 columns (8 ymm accumulators per
+/// row pair of vectors), so W is read in order; stores R rows × `cols` columns at `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows256w<const R: usize, const F32: bool>(
+    x: &[f32],
+    ld: usize,
+    b: &[Line],
+    steps: usize,
+    cols: usize,
+    dst: *mut f32,
+    ldo: usize,
+) {
+    use core::arch::x86_64::*;
+    let lines = if F32 { 2 * STEP } else { STEP };
+    assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * lines);
+    let xp = x.as_ptr();
+    let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    let mut acc = [[_mm256_setzero_ps(); 4]; R];
+    for s in 0..steps {
+        let bt = &b[s * lines..][..lines];
+        for k2 in 0..TILE {
+            let l = s * TK + 2 * k2;
+            // SAFETY: Lines are 64 bytes, 64-byte aligned (two aligned ymm each); x indices
+            // below are < (R - 1)·ld + steps·TK (asserted).
+            unsafe {
+                // Columns 0..16 (line of half 0) and 16..32 (half 1), even k then odd k.
+                let (h0, h1) = if F32 {
+                    (bt[4 * k2..].as_ptr(), bt[4 * k2 + 1..].as_ptr())
+                } else {
+                    (bt[k2..].as_ptr(), bt[TILE + k2..].as_ptr())
+                };
+                // W streams from memory when decoding: fetch the lines PREFETCH_STEPS steps ahead.
+                // (an f32 k pair is four lines from h0, a bf16 one the lines at h0 and h1).
+                for line in if F32 {
+                    [
+                        h0,
+                        h0.wrapping_add(1),
+                        h0.wrapping_add(2),
+                        h0.wrapping_add(3),
+                    ]
+                } else {
+                    [h0, h1, h0, h1]
+                } {
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        line.wrapping_add(PREFETCH_STEPS * lines) as *const i8
+                    );
+                }
+                let vec = |line: *const Line, i: usize| (line as *const __m256i).add(i);
+                let even = if F32 {
+                    [0, 1, 2, 3].map(|i| _mm256_load_ps(vec([h0, h1][i / 2], i % 2) as *const f32))
+                } else {
+                    [0, 1, 2, 3].map(|i| {
+                        let w = _mm256_load_si256(vec([h0, h1][i / 2], i % 2));
+                        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(w))
+                    })
+                };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a0 = _mm256_broadcast_ss(&*xp.add(i * ld + l));
+                    for (acc, e) in acc.iter_mut().zip(even) {
+                        *acc = _mm256_fmadd_ps(a0, e, *acc);
+                    }
+                }
+                // As in rows256: the odd k's words loaded again, after the even k's products.
+                let odd = if F32 {
+                    [0, 1, 2, 3]
+                        .map(|i| _mm256_load_ps(vec([h0, h1][i / 2].add(2), i % 2) as *const f32))
+                } else {
+                    [0, 1, 2, 3].map(|i| {
+                        let w = vec([h0, h1][i / 2], i % 2).read_volatile();
+                        _mm256_castsi256_ps(_mm256_and_si256(w, high))
+                    })
+                };
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let a1 = _mm256_broadcast_ss(&*xp.add(i * ld + l + 1));
+                    for (acc, o) in acc.iter_mut().zip(odd) {
+                        *acc = _mm256_fmadd_ps(a1, o, *acc);
+                    }
+                }
+            }
+        }
+    }
+    for (i, acc) in acc.iter().enumerate() {
+        let mut t = [0f32; 32];
+        // SAFETY: t holds 32 f32; row i < R and columns < cols ≤ 32 are in bounds (caller).
+        unsafe {
+            for (q, v) in acc.iter().enumerate() {
+                _mm256_storeu_ps(t.as_mut_ptr().add(8 * q), *v);
+            }
+            std::ptr::copy_nonoverlapping(t.as_ptr(), dst.add(i * ldo), cols);
         }
     }
 }
