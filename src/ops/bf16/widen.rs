@@ -211,9 +211,31 @@ unsafe fn rows512<const R: usize, const F32: bool>(
 #[cfg(target_arch = "x86_64")]
 const ROWS256: usize = 6;
 
-/// How many k steps ahead the whole-panel AVX2 rows prefetch W.
+/// How many k steps ahead the AVX2 rows prefetch W where it streams from memory.
 #[cfg(target_arch = "x86_64")]
 const PREFETCH_STEPS: usize = 4;
+
+/// Prefetches the lines of k pair `k2` PREFETCH_STEPS steps after the step at `step` (of
+/// `lines` lines): four f32 lines, or a bf16 line in each half. Past the end of W it fetches
+/// nothing useful and faults on nothing.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_pair<const F32: bool>(step: *const Line, k2: usize, lines: usize) {
+    use core::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let ahead = step.wrapping_add(PREFETCH_STEPS * lines);
+    let at = |l: usize| ahead.wrapping_add(l) as *const i8;
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe {
+        if F32 {
+            for l in 4 * k2..4 * k2 + 4 {
+                _mm_prefetch::<_MM_HINT_T0>(at(l));
+            }
+        } else {
+            _mm_prefetch::<_MM_HINT_T0>(at(k2));
+            _mm_prefetch::<_MM_HINT_T0>(at(TILE + k2));
+        }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -240,6 +262,9 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
             let c = (cols - c0).min(16);
             for i0 in (0..narrow).step_by(ROWS256) {
                 let r = (narrow - i0).min(ROWS256);
+                // The panel's first pass reads it from memory (half 0 is every other
+                // kilobyte of it): it prefetches both halves; later passes find them cached.
+                let first = half == 0 && i0 == 0;
                 let xr = &x[i0 * ld..(i0 + r) * ld];
                 let dst = job.out_at(i0, p * PANEL + c0);
                 // SAFETY: AVX2 + FMA enabled here; xr holds r rows of ld = steps·TK values, b
@@ -247,9 +272,9 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
                 // owned by this task (Job invariants).
                 unsafe {
                     if f32_panels {
-                        rows256_any::<true>(r, xr, ld, b, steps, half, c, dst, job.ldo)
+                        rows256_any::<true>(r, xr, ld, b, steps, half, c, first, dst, job.ldo)
                     } else {
-                        rows256_any::<false>(r, xr, ld, b, steps, half, c, dst, job.ldo)
+                        rows256_any::<false>(r, xr, ld, b, steps, half, c, first, dst, job.ldo)
                     }
                 }
             }
@@ -304,22 +329,8 @@ unsafe fn rows256w<const R: usize, const F32: bool>(
                 } else {
                     (bt[k2..].as_ptr(), bt[TILE + k2..].as_ptr())
                 };
-                // W streams from memory when decoding: fetch the lines PREFETCH_STEPS steps ahead.
-                // (an f32 k pair is four lines from h0, a bf16 one the lines at h0 and h1).
-                for line in if F32 {
-                    [
-                        h0,
-                        h0.wrapping_add(1),
-                        h0.wrapping_add(2),
-                        h0.wrapping_add(3),
-                    ]
-                } else {
-                    [h0, h1, h0, h1]
-                } {
-                    _mm_prefetch::<_MM_HINT_T0>(
-                        line.wrapping_add(PREFETCH_STEPS * lines) as *const i8
-                    );
-                }
+                // W streams from memory when decoding.
+                prefetch_pair::<F32>(bt.as_ptr(), k2, lines);
                 let vec = |line: *const Line, i: usize| (line as *const __m256i).add(i);
                 let even = if F32 {
                     [0, 1, 2, 3].map(|i| _mm256_load_ps(vec([h0, h1][i / 2], i % 2) as *const f32))
@@ -381,25 +392,27 @@ unsafe fn rows256_any<const F32: bool>(
     steps: usize,
     half: usize,
     cols: usize,
+    prefetch: bool,
     dst: *mut f32,
     ldo: usize,
 ) {
     // SAFETY: forwarded (caller).
     unsafe {
         match r {
-            6 => rows256::<6, F32>(xr, ld, b, steps, half, cols, dst, ldo),
-            5 => rows256::<5, F32>(xr, ld, b, steps, half, cols, dst, ldo),
-            4 => rows256::<4, F32>(xr, ld, b, steps, half, cols, dst, ldo),
-            3 => rows256::<3, F32>(xr, ld, b, steps, half, cols, dst, ldo),
-            2 => rows256::<2, F32>(xr, ld, b, steps, half, cols, dst, ldo),
-            _ => rows256::<1, F32>(xr, ld, b, steps, half, cols, dst, ldo),
+            6 => rows256::<6, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            5 => rows256::<5, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            4 => rows256::<4, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            3 => rows256::<3, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            2 => rows256::<2, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            _ => rows256::<1, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
         }
     }
 }
 
 /// R rows of x (row stride `ld`, zero padded to `steps`·TK) against half `half` of one panel
 /// (f32 panels when `F32`, else bf16); stores R rows × `cols` (≤ 16) columns at `dst` (row
-/// stride `ldo`). The even k's products go in before the odd k's, as in every variant.
+/// stride `ldo`). The even k's products go in before the odd k's, as in every variant. With
+/// `prefetch`, W's lines (both halves) are prefetched [`PREFETCH_STEPS`] ahead.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -410,6 +423,7 @@ unsafe fn rows256<const R: usize, const F32: bool>(
     steps: usize,
     half: usize,
     cols: usize,
+    prefetch: bool,
     dst: *mut f32,
     ldo: usize,
 ) {
@@ -423,6 +437,9 @@ unsafe fn rows256<const R: usize, const F32: bool>(
         let bt = &b[s * lines..][..lines];
         for k2 in 0..TILE {
             let l = s * TK + 2 * k2;
+            if prefetch {
+                prefetch_pair::<F32>(bt.as_ptr(), k2, lines);
+            }
             // SAFETY: Lines are 64 bytes, 64-byte aligned (two aligned ymm each); x indices
             // below are < (R - 1)·ld + steps·TK (asserted).
             unsafe {
