@@ -107,13 +107,19 @@ impl Packed {
     /// `w` row-major [n_out, k] as `element`.
     pub fn out_in(w: &[f32], n_out: usize, k: usize, element: Element) -> Self {
         assert_eq!(w.len(), n_out * k, "Packed::out_in: w is not [n_out, k]");
-        Self::pack(n_out, k, element, |j, l| w[j * k + l])
+        match element {
+            Element::F32 => Self::pack_f32(n_out, k, w, true),
+            Element::Bf16 => Self::pack(n_out, k, element, |j, l| w[j * k + l]),
+        }
     }
 
     /// `w` row-major [k, n_out] as `element`.
     pub fn in_out(w: &[f32], k: usize, n_out: usize, element: Element) -> Self {
         assert_eq!(w.len(), n_out * k, "Packed::in_out: w is not [k, n_out]");
-        Self::pack(n_out, k, element, |j, l| w[l * n_out + j])
+        match element {
+            Element::F32 => Self::pack_f32(n_out, k, w, false),
+            Element::Bf16 => Self::pack(n_out, k, element, |j, l| w[l * n_out + j]),
+        }
     }
 
     /// Whether this CPU runs the f32 kernel (the f32-widen variants' features: AVX-512F, or

@@ -82,6 +82,69 @@ impl Packed {
         }
     }
 
+    /// f32 panels of W, [n_out, k] row-major when `out_in`, else [k, n_out]. In f32 a panel's
+    /// line s·2·STEP + 4r + 2e + t holds k = s·TK + 2r + e for columns 16t..16t + 16, so the
+    /// panel, read as f32, is W's 32 columns as a [steps·TK, 32] row-major block: a copy of
+    /// rows (in_out) or a transpose (out_in), instead of [`Packed::pack`]'s element-wise
+    /// calls (the student's dx products pack W on every backward).
+    pub(super) fn pack_f32(n_out: usize, k: usize, w: &[f32], out_in: bool) -> Self {
+        if cfg!(target_endian = "big") {
+            // Lines hold an f32 as its little-endian halves; the block view needs them native.
+            let get = |j: usize, l: usize| {
+                if out_in {
+                    w[j * k + l]
+                } else {
+                    w[l * n_out + j]
+                }
+            };
+            return Self::pack(n_out, k, Element::F32, get);
+        }
+        let steps = k.div_ceil(TK);
+        let panels = n_out.div_ceil(PANEL);
+        let panel_lines = steps * step_lines(Element::F32);
+        let mut data = vec![ZERO_LINE; panels * panel_lines];
+        if panel_lines > 0 {
+            data.par_chunks_mut(panel_lines)
+                .enumerate()
+                .for_each(|(p, panel)| {
+                    // SAFETY: a Line is 64 bytes of plain integers, 64-byte aligned: the panel
+                    // is 16·len f32 of any bit pattern, borrowed mutably once here.
+                    let f = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            panel.as_mut_ptr() as *mut f32,
+                            16 * panel.len(),
+                        )
+                    };
+                    let (j0, cols) = (p * PANEL, (n_out - p * PANEL).min(PANEL));
+                    if out_in {
+                        // 32 k at a time, so the block written stays in L1.
+                        for l0 in (0..k).step_by(TK) {
+                            let kl = (k - l0).min(TK);
+                            for c in 0..cols {
+                                let row = &w[(j0 + c) * k + l0..][..kl];
+                                for (dl, &v) in row.iter().enumerate() {
+                                    f[(l0 + dl) * PANEL + c] = v;
+                                }
+                            }
+                        }
+                    } else {
+                        for l in 0..k {
+                            f[l * PANEL..l * PANEL + cols]
+                                .copy_from_slice(&w[l * n_out + j0..][..cols]);
+                        }
+                    }
+                });
+        }
+        Packed {
+            n_out,
+            k,
+            element: Element::F32,
+            steps,
+            panels,
+            data,
+        }
+    }
+
     /// Row j of W ([n_out, k] view) as f32, unpacked: the embedding lookup of a tied embedding
     /// kept only in packed form.
     pub fn row(&self, j: usize, out: &mut [f32]) {
@@ -176,6 +239,23 @@ mod tests {
         for j in 0..n {
             p.row(j, &mut row);
             assert_eq!(row, w[j * k..(j + 1) * k], "row {j}");
+        }
+    }
+
+    /// The f32 block copies lay out exactly what the element-wise packer's definition does,
+    /// from either source layout, on partial panels and a partial last k step (the padding
+    /// included: the whole buffers are compared).
+    #[test]
+    fn f32_panels_match_the_element_wise_packer() {
+        for (n, k) in [(45, 70), (32, 32), (1, 1), (70, 33)] {
+            let w: Vec<f32> = (0..n * k).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+            let spec = Packed::pack(n, k, Element::F32, |j, l| w[j * k + l]);
+            let bits = |p: &Packed| p.data.iter().flat_map(|l| l.0).collect::<Vec<u16>>();
+            let out_in = Packed::out_in(&w, n, k, Element::F32);
+            let in_out = Packed::in_out(&wt, k, n, Element::F32);
+            assert!(bits(&out_in) == bits(&spec), "out_in [{n}, {k}]");
+            assert!(bits(&in_out) == bits(&spec), "in_out [{n}, {k}]");
         }
     }
 
