@@ -341,13 +341,20 @@ pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
     // The register tiles win where several rows share each W load (measured on Zen 4 with W
     // streamed from memory, `benches/skinny.rs`: 1.6-2.6x for GPT-2's Conv1D layers at 4-8
     // rows, 1.2x for the lm head at 8); below that the plain loops stream W at least as fast.
-    let tiles = tiles512_selected() && m >= if rows_contiguous { 8 } else { 4 };
+    let tiles = Tiles::selected().filter(|t| {
+        if rows_contiguous {
+            // AVX2's lm-head products keep the plain loops (no dot tiles for it).
+            *t == Tiles::Avx512 && m >= 8
+        } else {
+            m >= 4
+        }
+    });
     // Conv1D blocks for the tiles: at least two per thread (a [512, 512] W is otherwise one
     // task), at most 512 columns.
     let threads = rayon::current_num_threads().max(1);
     let block = if rows_contiguous {
         256
-    } else if tiles {
+    } else if tiles.is_some() {
         (n.div_ceil(2 * threads).div_ceil(32) * 32).clamp(64, 512)
     } else {
         512
@@ -358,13 +365,18 @@ pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
             let (j0, j1) = (b * block, ((b + 1) * block).min(n));
             let mut out = vec![0f32; m * (j1 - j0)];
             #[cfg(target_arch = "x86_64")]
-            if tiles {
-                // SAFETY: AVX-512F detected; x, W and out checked above / sized here.
+            if let Some(t) = tiles {
+                // SAFETY: the tiles' features were detected (`Tiles::selected`); x, W and out
+                // checked above / sized here.
                 unsafe {
-                    if rows_contiguous {
-                        tiles512::dot_block(x, m, k, w.data, w.rs, j0, j1, &mut out);
-                    } else {
-                        tiles512::axpy_block(x, m, k, w.data, w.cs, j0, j1, &mut out);
+                    match (t, rows_contiguous) {
+                        (Tiles::Avx512, true) => {
+                            tiles512::dot_block(x, m, k, w.data, w.rs, j0, j1, &mut out)
+                        }
+                        (Tiles::Avx512, false) => {
+                            tiles512::axpy_block(x, m, k, w.data, w.cs, j0, j1, &mut out)
+                        }
+                        (_, _) => tiles256::axpy_block(x, m, k, w.data, w.cs, j0, j1, &mut out),
                     }
                 }
                 return out;
@@ -385,14 +397,30 @@ pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
     }
 }
 
-/// Whether this CPU runs [`skinny`]'s AVX-512 register tiles.
-fn tiles512_selected() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        tiles512::selected()
+/// The register tiles [`skinny`] runs on this CPU: AVX-512 (dot and axpy tiles), AVX2 + FMA
+/// (axpy tiles), or none (the plain loops). Tests force a copy with `simd::force`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tiles {
+    Avx512,
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    Avx2,
+}
+
+impl Tiles {
+    fn selected() -> Option<Tiles> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use super::simd::{forced, Level};
+            use std::arch::is_x86_feature_detected as has;
+            match forced() {
+                None | Some(Level::Avx512) if has!("avx512f") => Some(Tiles::Avx512),
+                None | Some(Level::Avx2) if has!("avx2") && has!("fma") => Some(Tiles::Avx2),
+                _ => None,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        None
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// Rows j0..j1 of W (row stride `ld`) dotted with each of the m rows of x; out [m, j1 − j0].
@@ -469,6 +497,168 @@ super::simd::multiversion! {
     fn axpy_block_mv => axpy_block(x: &[f32], m: usize, k: usize, w: &[f32], ld: usize, j0: usize, j1: usize, out: &mut [f32]) -> ()
 }
 
+/// Rows of W per panel of the axpy tiles (which prefetch the next panel).
+#[cfg(target_arch = "x86_64")]
+const AXPY_PANEL: usize = 32;
+
+/// Rows of x in the next tile: the largest power of two up to `max` (a compiled tile shape)
+/// that the `left` rows fill.
+#[cfg(target_arch = "x86_64")]
+fn tile_rows(left: usize, max: usize) -> usize {
+    1 << left.min(max).ilog2()
+}
+
+/// (x at row i, column l0, row stride; W at row l0, column j, row stride; rows of the panel;
+/// out at row i, column j, row stride)
+#[cfg(target_arch = "x86_64")]
+type AxpyArgs = (*const f32, usize, *const f32, usize, usize, *mut f32, usize);
+
+/// [`axpy_block`]'s arguments: (x, m, k, W, ld, j0, j1, out).
+#[cfg(target_arch = "x86_64")]
+type AxpyBlock<'a> = (
+    &'a [f32],
+    usize,
+    usize,
+    &'a [f32],
+    usize,
+    usize,
+    usize,
+    &'a mut [f32],
+);
+
+/// The walk of the axpy register tiles over one column block (both instruction sets): W in
+/// panels of AXPY_PANEL rows × the block's columns (read from memory in long runs, then from
+/// cache by every tile), each panel by tiles of up to 8 rows of x × `nv` vectors of `lanes`
+/// columns, with `budget` accumulators (few rows get wide tiles, so that enough independent
+/// FMA chains hide the latency) and at least `min_nv` vectors; `tile(ti, nv, args)` runs one
+/// (it keeps its sums in `out` between panels: exact). The last columns that fill no tile go
+/// in [`axpy_block`]'s order, so every output is the same FMA chain as there.
+///
+/// # Safety
+/// x holds m·k, out m·(j1 − j0), w rows 0..k with columns j0..j1 at stride ld; `tile` is safe
+/// to call with such arguments.
+#[cfg(target_arch = "x86_64")]
+unsafe fn axpy_tiles(
+    (x, m, k, w, ld, j0, j1, out): AxpyBlock,
+    lanes: usize,
+    budget: usize,
+    min_nv: usize,
+    tile: impl Fn(usize, usize, AxpyArgs),
+) {
+    debug_assert!(x.len() >= m * k && out.len() >= m * (j1 - j0));
+    debug_assert!(k == 0 || j1 == j0 || (k - 1) * ld + j1 <= w.len());
+    let bw = j1 - j0;
+    let (xp, wp, o) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
+    let mut j = j0;
+    for l0 in (0..k).step_by(AXPY_PANEL) {
+        let rows = AXPY_PANEL.min(k - l0);
+        let mut i = 0;
+        while i < m {
+            let ti = tile_rows(m - i, 8);
+            j = j0;
+            while j + min_nv * lanes <= j1 {
+                let nv = 1 << (budget / ti).min((j1 - j) / lanes).ilog2();
+                // SAFETY: rows i..i + ti ≤ m, columns j..j + nv·lanes ≤ j1 and W rows
+                // l0..l0 + rows ≤ k are in bounds (caller).
+                let t = unsafe {
+                    let wj = wp.add(l0 * ld + j);
+                    let (xi, oij) = (xp.add(i * k + l0), o.add(i * bw + j - j0));
+                    (xi, k, wj, ld, rows, oij, bw)
+                };
+                tile(ti, nv, t);
+                j += lanes * nv;
+            }
+            i += ti;
+        }
+    }
+    if j < j1 {
+        // The last columns in [`axpy_block`]'s order.
+        for l in 0..k {
+            let wr = &w[l * ld + j..l * ld + j1];
+            for i in 0..m {
+                let a = x[i * k + l];
+                let row = &mut out[i * bw + j - j0..(i + 1) * bw];
+                for (r, w) in row.iter_mut().zip(wr) {
+                    *r = a.mul_add(*w, *r);
+                }
+            }
+        }
+    }
+}
+
+/// AVX2 + FMA register tiles for [`skinny`]'s Conv1D layout (the lm head keeps the plain
+/// loops on these CPUs): [`tiles512`]'s axpy tiles in vectors of 8 columns with 8
+/// accumulators, so that they, W's vectors and the broadcast x fit in 16 ymm registers. Each
+/// output is summed exactly as [`axpy_block`] sums it (tested).
+#[cfg(target_arch = "x86_64")]
+mod tiles256 {
+    use super::{AxpyArgs, AXPY_PANEL as PANEL};
+    use std::arch::x86_64::*;
+
+    /// [`super::axpy_block`] in tiles of up to 8 rows of x × 1-8 vectors of 8 columns; the last
+    /// n mod 8 columns untiled.
+    ///
+    /// # Safety
+    /// AVX2 + FMA; x holds m·k, out m·(j1 − j0), w rows 0..k with columns j0..j1 at stride ld.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn axpy_block(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &[f32],
+        ld: usize,
+        j0: usize,
+        j1: usize,
+        out: &mut [f32],
+    ) {
+        // SAFETY: AVX2 + FMA (caller) for every tile; the walk's bounds (caller).
+        let tile = |ti, nv, t| unsafe {
+            match (ti, nv) {
+                (8, _) => axpy_tile::<8, 1>(t),
+                (4, 2) => axpy_tile::<4, 2>(t),
+                (4, _) => axpy_tile::<4, 1>(t),
+                (2, 4) => axpy_tile::<2, 4>(t),
+                (2, 2) => axpy_tile::<2, 2>(t),
+                (2, _) => axpy_tile::<2, 1>(t),
+                (_, 8) => axpy_tile::<1, 8>(t),
+                (_, 4) => axpy_tile::<1, 4>(t),
+                (_, 2) => axpy_tile::<1, 2>(t),
+                _ => axpy_tile::<1, 1>(t),
+            }
+        };
+        // SAFETY: forwarded (caller).
+        unsafe { super::axpy_tiles((x, m, k, w, ld, j0, j1, out), 8, 8, 1, tile) }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn axpy_tile<const TI: usize, const NV: usize>((x, k, w, ld, rows, out, bw): AxpyArgs) {
+        let mut acc: [[__m256; NV]; TI] = std::array::from_fn(|b| {
+            std::array::from_fn(|v| _mm256_loadu_ps(out.add(b * bw + 8 * v)))
+        });
+        for l in 0..rows {
+            let p = w.add(l * ld);
+            // One prefetch per 64-byte line of the next panel's row.
+            for v in (0..NV).step_by(2) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PANEL * ld + 8 * v) as *const i8);
+            }
+            let wv: [__m256; NV] = std::array::from_fn(|v| _mm256_loadu_ps(p.add(8 * v)));
+            for (b, acc) in acc.iter_mut().enumerate() {
+                let a = _mm256_set1_ps(*x.add(b * k + l));
+                for v in 0..NV {
+                    acc[v] = _mm256_fmadd_ps(a, wv[v], acc[v]);
+                }
+            }
+        }
+        for (b, acc) in acc.iter().enumerate() {
+            for (v, acc) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.add(b * bw + 8 * v), *acc);
+            }
+        }
+    }
+}
+
 /// AVX-512 register tiles for [`skinny`] (auto-vectorised tiles kept their accumulators on the
 /// stack and ran slower than the untiled loops). Each output is summed exactly as
 /// [`dot_block`] / [`axpy_block`] sum it, so the two paths agree bit for bit (tested).
@@ -476,24 +666,10 @@ super::simd::multiversion! {
 mod tiles512 {
     use std::arch::x86_64::*;
 
+    use super::{tile_rows, AxpyArgs, AXPY_PANEL as PANEL};
+
     /// How far ahead (in elements of W) the dot tiles prefetch.
     const PREFETCH: usize = 1024;
-    /// Rows of W per panel of the axpy tiles (which prefetch the next panel).
-    const PANEL: usize = 32;
-
-    /// Whether [`super::skinny`] runs these tiles: the CPU has AVX-512F and no test forces
-    /// another instruction set.
-    pub(super) fn selected() -> bool {
-        use super::super::simd::{forced, Level};
-        forced().is_none_or(|l| l == Level::Avx512)
-            && std::arch::is_x86_feature_detected!("avx512f")
-    }
-
-    /// Rows of x in the next tile: the largest power of two up to `max` (a compiled tile
-    /// shape) that the `left` rows fill.
-    fn tile_rows(left: usize, max: usize) -> usize {
-        1 << left.min(max).ilog2()
-    }
 
     /// [`super::dot_block`] in tiles of one row of W × up to 4 rows of x: each W chunk loaded
     /// serves 4 rows of x. (Tiles of 2 rows of W measured up to 2x slower on Zen 4.) The
@@ -569,8 +745,8 @@ mod tiles512 {
         }
     }
 
-    /// [`super::axpy_block`] in tiles of rows of x × columns held in registers across the whole
-    /// k loop; the last n mod 32 columns untiled.
+    /// [`super::axpy_block`] in tiles of up to 8 rows of x × 2-16 vectors of 16 columns (16
+    /// accumulators), walked by [`super::axpy_tiles`]; the last n mod 32 columns untiled.
     ///
     /// # Safety
     /// AVX-512F; x holds m·k, out m·(j1 − j0), w rows 0..k with columns j0..j1 at stride ld.
@@ -586,62 +762,24 @@ mod tiles512 {
         j1: usize,
         out: &mut [f32],
     ) {
-        debug_assert!(x.len() >= m * k && out.len() >= m * (j1 - j0));
-        debug_assert!(k == 0 || j1 == j0 || (k - 1) * ld + j1 <= w.len());
-        let bw = j1 - j0;
-        let (xp, wp, o) = (x.as_ptr(), w.as_ptr(), out.as_mut_ptr());
-        // 16 accumulators per tile: TI rows × NV vectors of 16 columns. Few rows get wide
-        // tiles, so that enough independent FMA chains hide the latency. W is walked in panels
-        // of PANEL rows × the block's columns (read from memory in long runs, then from cache
-        // by every tile); the tiles keep their sums in `out` between panels (exact).
-        let mut j = j0;
-        for l0 in (0..k).step_by(PANEL) {
-            let rows = PANEL.min(k - l0);
-            let mut i = 0;
-            while i < m {
-                let ti = tile_rows(m - i, 8);
-                j = j0;
-                while j + 32 <= j1 {
-                    let nv = (16 / ti).min((j1 - j) / 16);
-                    let nv = 1 << nv.ilog2(); // 2, 4, 8 or 16
-                    let wj = wp.add(l0 * ld + j);
-                    let (xi, oij) = (xp.add(i * k + l0), o.add(i * bw + j - j0));
-                    let t = (xi, k, wj, ld, rows, oij, bw);
-                    match (ti, nv) {
-                        (8, _) => axpy_tile::<8, 2>(t),
-                        (4, 4) => axpy_tile::<4, 4>(t),
-                        (4, _) => axpy_tile::<4, 2>(t),
-                        (2, 8) => axpy_tile::<2, 8>(t),
-                        (2, 4) => axpy_tile::<2, 4>(t),
-                        (2, _) => axpy_tile::<2, 2>(t),
-                        (_, 16) => axpy_tile::<1, 16>(t),
-                        (_, 8) => axpy_tile::<1, 8>(t),
-                        (_, 4) => axpy_tile::<1, 4>(t),
-                        _ => axpy_tile::<1, 2>(t),
-                    }
-                    j += 16 * nv;
-                }
-                i += ti;
+        // SAFETY: AVX-512F (caller) for every tile; the walk's bounds (caller).
+        let tile = |ti, nv, t| unsafe {
+            match (ti, nv) {
+                (8, _) => axpy_tile::<8, 2>(t),
+                (4, 4) => axpy_tile::<4, 4>(t),
+                (4, _) => axpy_tile::<4, 2>(t),
+                (2, 8) => axpy_tile::<2, 8>(t),
+                (2, 4) => axpy_tile::<2, 4>(t),
+                (2, _) => axpy_tile::<2, 2>(t),
+                (_, 16) => axpy_tile::<1, 16>(t),
+                (_, 8) => axpy_tile::<1, 8>(t),
+                (_, 4) => axpy_tile::<1, 4>(t),
+                _ => axpy_tile::<1, 2>(t),
             }
-        }
-        if j < j1 {
-            // The last columns in [`super::axpy_block`]'s order.
-            for l in 0..k {
-                let wr = &w[l * ld + j..l * ld + j1];
-                for i in 0..m {
-                    let a = x[i * k + l];
-                    let row = &mut out[i * bw + j - j0..(i + 1) * bw];
-                    for (r, w) in row.iter_mut().zip(wr) {
-                        *r = a.mul_add(*w, *r);
-                    }
-                }
-            }
-        }
+        };
+        // SAFETY: forwarded (caller).
+        unsafe { super::axpy_tiles((x, m, k, w, ld, j0, j1, out), 16, 16, 2, tile) }
     }
-
-    /// (x at row i, column l0, row stride; W at row l0, column j, row stride; rows of the panel;
-    /// out at row i, column j, row stride)
-    type AxpyArgs = (*const f32, usize, *const f32, usize, usize, *mut f32, usize);
 
     #[target_feature(enable = "avx512f")]
     #[inline]
@@ -807,57 +945,70 @@ mod skinny_tests {
         assert!(ran.contains(&Level::Baseline));
     }
 
-    /// The AVX-512 register tiles give the plain loops' outputs bit for bit (the decoding
-    /// results must not depend on the batch size or the CPU's tile path): every row count up to
-    /// 17 (all tile shapes and remainders), k with and without a 32-lane tail, n with and without
-    /// a 32-column tail and over several column blocks, both W layouts.
+    /// The register tiles (AVX-512 dot and axpy, AVX2 axpy) give the plain loops' outputs bit
+    /// for bit (the decoding results must not depend on the batch size or the CPU's tile path):
+    /// every row count up to 17 (all tile shapes and remainders), k with and without a 32-lane
+    /// tail, n with and without a column tail and over several column blocks, both W layouts.
+    /// The tiles this CPU cannot run are named.
     #[test]
     fn register_tiles_equal_the_plain_loops_bit_for_bit() {
         #[cfg(target_arch = "x86_64")]
         {
-            if !tiles512::selected() {
-                say("skinny AVX-512 tiles: NOT RUN, this CPU has no AVX-512F");
-                return;
-            }
-            for (k, n) in [(77, 530), (64, 96), (512, 70), (33, 1)] {
+            use std::arch::is_x86_feature_detected as has;
+            let avx512 = has!("avx512f");
+            let avx2 = has!("avx2") && has!("fma");
+            let same =
+                |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+            for (k, n) in [(77, 530), (64, 96), (512, 70), (33, 1), (40, 13)] {
                 let w: Vec<f32> = (0..n * k)
                     .map(|i| ((i * 11 % 17) as f32 - 8.0) / 9.3)
                     .collect();
+                // The same numbers as W [k, n] (Conv1D): element (l, j) at l·n + j.
+                let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
                 for m in 1..=17 {
                     let x: Vec<f32> = (0..m * k)
                         .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.1)
                         .collect();
                     for (j0, j1) in [(0, n), (n / 3, n)] {
                         let len = m * (j1 - j0);
-                        let (mut want, mut got) = (vec![0f32; len], vec![0f32; len]);
+                        let mut want = vec![0f32; len];
                         dot_block_mv(&x, m, k, &w, k, j0, j1, &mut want);
-                        // SAFETY: AVX-512F checked; W [n, k] rows j0..j1, x [m, k], out sized.
-                        unsafe { tiles512::dot_block(&x, m, k, &w, k, j0, j1, &mut got) };
-                        assert!(
-                            want.iter()
-                                .zip(&got)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "dot k={k} n={n} m={m} columns {j0}..{j1}"
-                        );
-                        // The same numbers as W [k, n] (Conv1D): element (l, j) at l·n + j.
-                        let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
-                        let (mut want, mut got) = (vec![0f32; len], vec![0f32; len]);
+                        if avx512 {
+                            let mut got = vec![0f32; len];
+                            // SAFETY: AVX-512F checked; W [n, k] rows j0..j1, x [m, k], out sized.
+                            unsafe { tiles512::dot_block(&x, m, k, &w, k, j0, j1, &mut got) };
+                            assert!(
+                                same(&want, &got),
+                                "dot k={k} n={n} m={m} columns {j0}..{j1}"
+                            );
+                        }
+                        let mut want = vec![0f32; len];
                         axpy_block_mv(&x, m, k, &wt, n, j0, j1, &mut want);
-                        // SAFETY: as above, W [k, n] columns j0..j1.
-                        unsafe { tiles512::axpy_block(&x, m, k, &wt, n, j0, j1, &mut got) };
-                        assert!(
-                            want.iter()
-                                .zip(&got)
-                                .all(|(a, b)| a.to_bits() == b.to_bits()),
-                            "axpy k={k} n={n} m={m} columns {j0}..{j1}"
-                        );
+                        if avx512 {
+                            let mut got = vec![0f32; len];
+                            // SAFETY: as above, W [k, n] columns j0..j1.
+                            unsafe { tiles512::axpy_block(&x, m, k, &wt, n, j0, j1, &mut got) };
+                            assert!(same(&want, &got), "axpy512 k={k} n={n} m={m} {j0}..{j1}");
+                        }
+                        if avx2 {
+                            let mut got = vec![0f32; len];
+                            // SAFETY: AVX2 + FMA checked; as above.
+                            unsafe { tiles256::axpy_block(&x, m, k, &wt, n, j0, j1, &mut got) };
+                            assert!(same(&want, &got), "axpy256 k={k} n={n} m={m} {j0}..{j1}");
+                        }
                     }
                 }
             }
-            say("skinny AVX-512 tiles: ran, equal to the plain loops bit for bit");
+            for (name, ran) in [("AVX-512", avx512), ("AVX2", avx2)] {
+                say(&if ran {
+                    format!("skinny {name} tiles: ran, equal to the plain loops bit for bit")
+                } else {
+                    format!("skinny {name} tiles: NOT RUN, this CPU cannot run them")
+                });
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        say("skinny AVX-512 tiles: NOT RUN, not an x86-64 CPU");
+        say("skinny register tiles: NOT RUN, not an x86-64 CPU");
     }
 
     /// A line on stderr that the test harness does not capture (it captures `eprint!` only).
