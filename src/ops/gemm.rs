@@ -341,13 +341,14 @@ pub fn skinny(x: &[f32], m: usize, w: View, y: &mut [f32]) {
     // The register tiles win where several rows share each W load (measured on Zen 4 with W
     // streamed from memory, `benches/skinny.rs`: 1.6-2.6x for GPT-2's Conv1D layers at 4-8
     // rows, 1.2x for the lm head at 8); below that the plain loops stream W at least as fast.
-    let tiles = Tiles::selected().filter(|t| {
-        if rows_contiguous {
-            // AVX2's lm-head products keep the plain loops (no dot tiles for it).
-            *t == Tiles::Avx512 && m >= 8
-        } else {
-            m >= 4
-        }
+    // AVX2's tiles (Conv1D only; the lm head keeps the plain loops there) are used from 8
+    // rows: at 4 rows they ran 1.8-2.6x slower than the loops on two of the four shapes
+    // (simulated AVX2-only build, `tools/simulate-avx2.sh`), at 8 rows 1.1-3x faster on all.
+    let tiles = Tiles::selected().filter(|t| match (t, rows_contiguous) {
+        (Tiles::Avx512, true) => m >= 8,
+        (Tiles::Avx512, false) => m >= 4,
+        (Tiles::Avx2, true) => false,
+        (Tiles::Avx2, false) => m >= 8,
     });
     // Conv1D blocks for the tiles: at least two per thread (a [512, 512] W is otherwise one
     // task), at most 512 columns.
