@@ -13,10 +13,22 @@
 # rate as 512-bit ones, so this shows code paths and ratios, not another CPU's speed.
 set -euo pipefail
 rev=${1:-HEAD}
-root=$(git rev-parse --show-toplevel)
+root=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
 sim=${SIM_DIR:-/tmp/pocl-avx2-sim}
+patched="Cargo.toml src/ops/bf16/cpu.rs src/ops/simd.rs"
+git -C "$root" worktree prune
 if [ -e "$sim" ]; then
-    git -C "$root" worktree remove --force "$sim"
+    # Replaced only if it is a simulation this script made: a detached worktree whose only
+    # changes are the patches below. Anything else there is left alone.
+    changed=$( (git -C "$sim" status --porcelain 2>/dev/null || true) | awk '{print $2}' | sort | tr '\n' ' ')
+    if [ "$(git -C "$sim" rev-parse --show-toplevel 2>/dev/null)" != "$sim" ] ||
+        git -C "$sim" symbolic-ref -q HEAD >/dev/null ||
+        [ "$changed" != "$(echo $patched | tr ' ' '\n' | sort | tr '\n' ' ')" ]; then
+        echo "simulate-avx2: $sim exists and is not an unchanged simulation; set SIM_DIR" >&2
+        exit 1
+    fi
+    git -C "$sim" checkout -q -- .
+    git -C "$root" worktree remove "$sim"
 fi
 git -C "$root" worktree add --detach "$sim" "$rev" >/dev/null
 cd "$sim"
@@ -47,5 +59,8 @@ cargo build --release --quiet
 cargo bench --no-run --quiet --bench bf16_matmul --bench skinny
 echo "simulated AVX2-only build of $(git rev-parse --short HEAD):"
 echo "  pocl:  $CARGO_TARGET_DIR/release/pocl"
-ls "$CARGO_TARGET_DIR"/release/deps/bf16_matmul-* "$CARGO_TARGET_DIR"/release/deps/skinny-* |
-    grep -v '\.d$' | sed 's/^/  bench: /'
+for bench in bf16_matmul skinny; do
+    for f in "$CARGO_TARGET_DIR"/release/deps/"$bench"-*; do
+        case "$f" in *.d) ;; *) echo "  bench: $f" ;; esac
+    done
+done

@@ -9,8 +9,8 @@
 //! Every variant computes each output as the same chain, acc = fma(x[l], W[j, l], acc) for
 //! l = 0, 1, … in order, so they agree to the bit (tested), and bf16 and f32 panels of the same
 //! bf16-exact W give the same bits: AVX-512F on 8 rows × 32 columns (16 zmm accumulators),
-//! AVX2 + FMA on 6 rows × 16 columns (12 ymm accumulators), and a portable body on 4 rows × 16
-//! columns (NEON on aarch64; on x86 it runs in tests only).
+//! AVX2 + FMA on 6 rows × 16 columns (12 ymm accumulators; a last 1-2 rows on whole panels),
+//! and a portable body on 4 rows × 16 columns (NEON on aarch64; on x86 it runs in tests only).
 
 use super::matmul::Job;
 use super::pack::{get_f32, Line, PANEL, STEP, TILE, TK};
@@ -24,7 +24,7 @@ pub(super) enum Isa {
     #[cfg(target_arch = "x86_64")]
     Avx2,
     /// The portable body compiled for the target's baseline (aarch64: NEON, which has FMA).
-    /// On x86 only tests run it (without FMA hardware its `mul_add` is a library call), so the
+    /// On x86 only tests run it (compiled without the `fma` target feature its `mul_add` is a library call), so the
     /// body aarch64 runs is checked here too.
     #[cfg_attr(all(target_arch = "x86_64", not(test)), allow(dead_code))]
     Portable,
@@ -244,8 +244,9 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
     let steps = job.w.steps;
     let f32_panels = job.w.element() == Element::F32;
     // Blocks of 3-6 rows take a panel in two 16-column halves; a last 1 or 2 rows (decoding)
-    // take it whole, reading W in order: half by half, every other kilobyte of the panel was
-    // read at a time, and one decoded token ran at a third of the memory bandwidth.
+    // take it whole, reading W in order: half by half, every other kilobyte (bf16) or line
+    // (f32) of the panel was read at a time, and one decoded token ran at a third of the
+    // memory bandwidth.
     let tail = match job.rows % ROWS256 {
         t @ (1 | 2) => t,
         _ => 0,
@@ -263,7 +264,8 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
             for i0 in (0..narrow).step_by(ROWS256) {
                 let r = (narrow - i0).min(ROWS256);
                 // The panel's first pass reads it from memory (half 0 is every other
-                // kilobyte of it): it prefetches both halves; later passes find them cached.
+                // kilobyte or line of it): it prefetches both halves; later passes find them
+                // cached.
                 let first = half == 0 && i0 == 0;
                 let xr = &x[i0 * ld..(i0 + r) * ld];
                 let dst = job.out_at(i0, p * PANEL + c0);
@@ -296,8 +298,11 @@ unsafe fn run_avx2(job: &Job, panels: std::ops::Range<usize>) {
 }
 
 /// R ≤ 2 rows of x (row stride `ld`, zero padded to `steps`·TK) against a whole panel (f32
-/// panels when `F32`, else bf16): [`rows256`]'s sums over 32 columns (8 ymm accumulators per
-/// row pair of vectors), so W is read in order; stores R rows × `cols` columns at `dst`.
+/// panels when `F32`, else bf16): [`rows256`]'s sums over 32 columns (4 ymm accumulators per
+/// row), so W is read in order; stores R rows × `cols` (1..=32) columns at `dst`.
+///
+/// # Safety
+/// AVX2 + FMA; `dst` is valid for writes of R rows (stride `ldo`) × `cols` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -313,6 +318,7 @@ unsafe fn rows256w<const R: usize, const F32: bool>(
     use core::arch::x86_64::*;
     let lines = if F32 { 2 * STEP } else { STEP };
     assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * lines);
+    assert!((1..=32).contains(&cols));
     let xp = x.as_ptr();
     let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm256_setzero_ps(); 4]; R];
@@ -366,18 +372,41 @@ unsafe fn rows256w<const R: usize, const F32: bool>(
         }
     }
     for (i, acc) in acc.iter().enumerate() {
-        let mut t = [0f32; 32];
-        // SAFETY: t holds 32 f32; row i < R and columns < cols ≤ 32 are in bounds (caller).
-        unsafe {
-            for (q, v) in acc.iter().enumerate() {
-                _mm256_storeu_ps(t.as_mut_ptr().add(8 * q), *v);
+        // SAFETY: row i < R and columns < cols ≤ 32 are in bounds (caller; asserted).
+        unsafe { store_cols(acc, dst.add(i * ldo), cols) };
+    }
+}
+
+/// Stores the first `cols` lanes of `v` (8 per vector) at `dst`: whole vectors when they are
+/// all wanted, else through a stack copy.
+///
+/// # Safety
+/// AVX; `cols` ≤ 8·N; `dst` is valid for writes of `cols` f32.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn store_cols<const N: usize>(
+    v: &[core::arch::x86_64::__m256; N],
+    dst: *mut f32,
+    cols: usize,
+) {
+    use core::arch::x86_64::_mm256_storeu_ps;
+    // SAFETY: as the caller promises; t holds 8·N f32.
+    unsafe {
+        if cols == 8 * N {
+            for (q, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(dst.add(8 * q), *v);
             }
-            std::ptr::copy_nonoverlapping(t.as_ptr(), dst.add(i * ldo), cols);
+        } else {
+            let mut t = [[0f32; 8]; N];
+            for (q, v) in v.iter().enumerate() {
+                _mm256_storeu_ps(t[q].as_mut_ptr(), *v);
+            }
+            std::ptr::copy_nonoverlapping(t.as_ptr() as *const f32, dst, cols);
         }
     }
 }
 
-/// [`rows256`] for r ≤ 6 rows.
+/// [`rows256`] for a block of 3 ≤ r ≤ 6 rows (fewer go to [`rows256w`]).
 ///
 /// # Safety
 /// As [`rows256`].
@@ -403,8 +432,7 @@ unsafe fn rows256_any<const F32: bool>(
             5 => rows256::<5, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
             4 => rows256::<4, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
             3 => rows256::<3, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
-            2 => rows256::<2, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
-            _ => rows256::<1, F32>(xr, ld, b, steps, half, cols, prefetch, dst, ldo),
+            _ => unreachable!("run_avx2 gives 1-2 rows to rows256w"),
         }
     }
 }
@@ -413,6 +441,9 @@ unsafe fn rows256_any<const F32: bool>(
 /// (f32 panels when `F32`, else bf16); stores R rows × `cols` (≤ 16) columns at `dst` (row
 /// stride `ldo`). The even k's products go in before the odd k's, as in every variant. With
 /// `prefetch`, W's lines (both halves) are prefetched [`PREFETCH_STEPS`] ahead.
+///
+/// # Safety
+/// AVX2 + FMA; `dst` is valid for writes of R rows (stride `ldo`) × `cols` (1..=16) columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
@@ -430,6 +461,7 @@ unsafe fn rows256<const R: usize, const F32: bool>(
     use core::arch::x86_64::*;
     let lines = if F32 { 2 * STEP } else { STEP };
     assert!(x.len() >= (R - 1) * ld + steps * TK && b.len() >= steps * lines && half < 2);
+    assert!((1..=16).contains(&cols));
     let xp = x.as_ptr();
     let high = _mm256_set1_epi32(0xffff_0000u32 as i32);
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
@@ -490,20 +522,8 @@ unsafe fn rows256<const R: usize, const F32: bool>(
         }
     }
     for (i, acc) in acc.iter().enumerate() {
-        // SAFETY: row i < R and columns < cols are in bounds (caller); a partial half goes
-        // through a stack copy.
-        unsafe {
-            let d = dst.add(i * ldo);
-            if cols == 16 {
-                _mm256_storeu_ps(d, acc[0]);
-                _mm256_storeu_ps(d.add(8), acc[1]);
-            } else {
-                let mut t = [0f32; 16];
-                _mm256_storeu_ps(t.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(t.as_mut_ptr().add(8), acc[1]);
-                std::ptr::copy_nonoverlapping(t.as_ptr(), d, cols);
-            }
-        }
+        // SAFETY: row i < R and columns < cols ≤ 16 are in bounds (caller; asserted).
+        unsafe { store_cols(acc, dst.add(i * ldo), cols) };
     }
 }
 
