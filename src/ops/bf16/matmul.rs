@@ -534,16 +534,7 @@ mod widen_tests {
             return;
         }
         let (isas, pool) = variants();
-        for (m, k, n) in [
-            (1, 1, 1),
-            (2, 70, 47),
-            (3, 31, 15),
-            (8, 100, 63),
-            (9, 70, 47),
-            (13, 33, 40),
-            (17, 770, 100),
-            (40, 64, 33),
-        ] {
+        for (m, k, n) in SHAPES {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
@@ -599,17 +590,7 @@ mod widen_tests {
             return;
         }
         let (isas, pool) = variants();
-        for (m, k, n) in [
-            (1, 1, 1),
-            (1, 70, 47),
-            (2, 70, 47),
-            (3, 31, 15),
-            (8, 100, 63),
-            (9, 70, 47),
-            (13, 33, 40),
-            (17, 770, 100),
-            (40, 64, 33),
-        ] {
+        for (m, k, n) in SHAPES {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
@@ -641,6 +622,20 @@ mod widen_tests {
             });
         }
     }
+
+    /// [m, k, n] of the variant tests: partial panels (n = 15, 33, 40, 47, 63, 100), every
+    /// AVX2 row tail (1-2 rows alone or after blocks of 6) and block size, padded k.
+    const SHAPES: [(usize, usize, usize); 9] = [
+        (1, 1, 1),
+        (1, 70, 47),
+        (2, 70, 47),
+        (3, 31, 15),
+        (8, 100, 63),
+        (9, 70, 47),
+        (13, 33, 40),
+        (17, 770, 100),
+        (40, 64, 33),
+    ];
 
     /// Every f32-widen variant compiled for this architecture (the CPU may lack some), and a
     /// one-thread pool: on it the variant forced on the calling thread (a thread-local) is the
