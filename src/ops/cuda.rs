@@ -465,11 +465,19 @@ pub(crate) fn norm_backward(
 
 /// y = x·Wᵀ + b: the portable product, except that a bf16 weight (a frozen bf16 teacher) is
 /// multiplied in bf16 (cuBLAS bf16 on CUDA, accumulating in f32) with the input rounded to bf16,
-/// as a PyTorch bf16 model computes, instead of widening the whole weight to f32 per product.
-/// The output is f32 (as the portable one).
+/// as a PyTorch bf16 model computes, instead of widening the whole weight to f32 per product;
+/// an f32 weight (f32 or bf16-mixed student) goes through `recompute::linear` (the portable
+/// product, with less kept for the backward). The output is f32 (as the portable one).
 pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let super::Weight::Bf16Tensor { w, out_in } = w else {
-        return super::portable::linear(w, x, b);
+    let (w, out_in) = match w {
+        super::Weight::Bf16Tensor { w, out_in } => (w, out_in),
+        super::Weight::F32 {
+            w,
+            out_in,
+            bf16_mixed,
+            ..
+        } => return super::recompute::linear(w, *out_in, *bf16_mixed, x, b),
+        _ => return super::portable::linear(w, x, b),
     };
     let w = if *out_in { w.t()? } else { w.clone() };
     let dims = x.dims().to_vec();
@@ -590,12 +598,20 @@ impl candle_core::CustomOp2 for AttnSoftmax {
         p: &Tensor,
         dp: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let ds = p.apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBackward { scale: self.scale })?;
+        let ds = attention_softmax_backward(p, dp, self.scale as f64)?;
         Ok((Some(ds), None))
     }
 }
 
+/// The backward of [`attention_softmax`] from its probabilities p and their gradient dp:
 /// ds = scale·p·(dp − Σ p·dp) per row (the bias gets no gradient: it is a mask).
+pub(crate) fn attention_softmax_backward(p: &Tensor, dp: &Tensor, scale: f64) -> Result<Tensor> {
+    let scale = scale as f32;
+    p.contiguous()?
+        .apply_op2_no_bwd(&dp.contiguous()?, &SoftmaxBackward { scale })
+}
+
+/// [`attention_softmax_backward`]'s op.
 struct SoftmaxBackward {
     scale: f32,
 }

@@ -23,6 +23,7 @@ pub mod linear;
 pub mod norm;
 pub mod portable;
 pub mod profile;
+pub mod recompute;
 pub mod simd;
 pub mod softmax;
 
@@ -103,7 +104,7 @@ impl Kernels {
         profile::time("attention", q.device(), || match self {
             Kernels::Fused => fused::attention(q, k, v, bias, scale),
             Kernels::Portable => portable::attention(q, k, v, bias, scale),
-            Kernels::Cuda => cuda::attention(q, k, v, bias, scale),
+            Kernels::Cuda => recompute::attention(q, k, v, bias, scale),
         })
     }
 
@@ -119,10 +120,7 @@ impl Kernels {
         profile::time("attention", qkv.device(), || match self {
             Kernels::Fused => fused::attention_qkv(qkv, heads, bias, scale),
             Kernels::Portable => portable::attention_qkv(qkv, heads, bias, scale),
-            Kernels::Cuda => {
-                let (q, k, v) = portable::split_qkv(qkv, heads)?;
-                cuda::attention(&q, &k, &v, bias, scale)
-            }
+            Kernels::Cuda => recompute::attention_qkv(qkv, heads, bias, scale),
         })
     }
 }

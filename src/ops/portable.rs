@@ -48,12 +48,26 @@ pub fn linear_bf16_mixed(
     x: &Tensor,
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let (x2, w2) = mixed_operands(w, out_in, x, b)?;
+    let y = x2.matmul(&w2)?.to_dtype(DType::F32)?;
+    let mut out = x.dims().to_vec();
+    *out.last_mut().unwrap() = y.dim(1)?;
+    y.reshape(out)
+}
+
+/// The bf16 operands of [`linear_bf16_mixed`]'s one product: x as [m, k] and W as [k, n], with
+/// the bias row and the ones column (and 7 zero rows and columns) when there is a bias.
+pub(crate) fn mixed_operands(
+    w: &Tensor,
+    out_in: bool,
+    x: &Tensor,
+    b: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let w = w.to_dtype(DType::BF16)?;
     let w = if out_in { w.t()? } else { w }; // [k, n]
-    let dims = x.dims().to_vec();
-    let inp = dims[dims.len() - 1];
+    let inp = x.dim(x.rank() - 1)?;
     let x = x.reshape(((), inp))?.to_dtype(DType::BF16)?; // [m, k]
-    let (x, w) = match b {
+    Ok(match b {
         Some(b) => {
             let (m, n, dev) = (x.dim(0)?, w.dim(1)?, x.device());
             let ones = Tensor::ones((m, 1), DType::BF16, dev)?;
@@ -63,11 +77,7 @@ pub fn linear_bf16_mixed(
             (x, w)
         }
         None => (x, w),
-    };
-    let y = x.matmul(&w)?.to_dtype(DType::F32)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = y.dim(1)?;
-    y.reshape(out)
+    })
 }
 
 /// Rows of W as [out, in] for the ids (any shape) → [n, in]; candle's `index_select`, whose
@@ -174,7 +184,7 @@ pub(crate) fn split_qkv(qkv: &Tensor, heads: usize) -> Result<(Tensor, Tensor, T
 }
 
 /// [b, h_kv, t, d] -> [b, h_kv·n, t, d], each kv head repeated n times in place (as transformers).
-fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+pub(crate) fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
     let (b, h_kv, t, d) = x.dims4()?;
     x.unsqueeze(2)?
         .broadcast_as((b, h_kv, n, t, d))?
