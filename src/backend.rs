@@ -181,8 +181,8 @@ impl Backend {
     /// place where a device is opened and a kernel choice checked against it: `fused` on a CUDA
     /// device becomes [`Kernels::Cuda`] (pocl's CUDA kernels, portable ops where none exists).
     ///
-    /// The default on CUDA stays `portable` until a run on a GPU has checked the CUDA kernels
-    /// against the CPU (`pocl doctor --device cuda`): they compile, but have never run.
+    /// The default on CUDA stays `portable`: the CUDA set passed `pocl doctor --device cuda` on
+    /// an H200 once, but its later changes (`ops::recompute`) have not run on a GPU yet.
     pub fn new(device: DeviceChoice, kernels: Option<Kernels>) -> Result<Self> {
         let (device, default) = match device {
             DeviceChoice::Cpu => (Device::Cpu, Kernels::Fused),
@@ -240,11 +240,90 @@ fn open_cuda(n: usize) -> Result<Device> {
     use anyhow::Context;
     // Without a GPU (or with the build-time libcuda stub on the library path) the driver's
     // first call fails here; say what to check rather than only the driver's error code.
-    Device::new_cuda(n).with_context(|| {
+    let device = Device::new_cuda(n).with_context(|| {
         format!(
             "cannot open CUDA device {n} (no NVIDIA GPU or driver >= 580 here? see README, 'GPU')"
         )
-    })
+    })?;
+    if let Device::Cuda(d) = &device {
+        cuda_pool::keep_freed_memory(d).context("setting up CUDA's memory pool")?;
+        // cudarc gives every allocation a read and a write event, used only once a context runs
+        // a second stream; candle and pocl run one (`Device::new_cuda`'s), so the events are
+        // two driver calls to make and two to destroy per tensor, for nothing.
+        // SAFETY: one stream, so no use of a tensor needs ordering against another stream.
+        unsafe { d.disable_event_tracking() };
+    }
+    Ok(device)
+}
+
+/// The most device memory in use by pocl's tensors since the last [`reset_peak_memory`] (CUDA's
+/// pool high-water mark: what torch calls `max_memory_allocated`); None off a GPU.
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => cuda_pool::used_high(d).ok(),
+        _ => None,
+    }
+}
+
+/// Starts [`peak_memory`] again from the memory in use now.
+pub fn reset_peak_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        cuda_pool::reset_used_high(d).ok();
+    }
+    let _ = device;
+}
+
+/// The device's memory pool, from which candle allocates (cuMemAllocAsync on its stream).
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::{sys, DriverError};
+    use candle_core::cuda_backend::CudaDevice;
+    use sys::CUmemPool_attribute as Attr;
+
+    fn pool(d: &CudaDevice) -> Result<sys::CUmemoryPool, DriverError> {
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: an out-pointer to a pool handle, for the context's own device.
+        unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }.result()?;
+        Ok(pool)
+    }
+
+    fn set(d: &CudaDevice, attr: Attr, mut value: u64) -> Result<(), DriverError> {
+        let pool = pool(d)?;
+        // SAFETY: both attributes set here take a cuuint64_t.
+        unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&mut value as *mut u64).cast()) }.result()
+    }
+
+    /// Freed memory stays in the pool for the next allocations. The default release threshold,
+    /// 0, hands it back to the driver at every synchronisation (each phase, each KD head chunk
+    /// that reads a status back), and the next allocations map it again; torch's caching
+    /// allocator keeps it likewise.
+    pub fn keep_freed_memory(d: &CudaDevice) -> Result<(), DriverError> {
+        set(d, Attr::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, u64::MAX)
+    }
+
+    pub fn used_high(d: &CudaDevice) -> Result<u64, DriverError> {
+        let pool = pool(d)?;
+        let mut value = 0u64;
+        // SAFETY: USED_MEM_HIGH is read into a cuuint64_t.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut value as *mut u64).cast(),
+            )
+        }
+        .result()?;
+        Ok(value)
+    }
+
+    /// Resets the high-water mark to the memory in use now (the driver accepts only 0).
+    pub fn reset_used_high(d: &CudaDevice) -> Result<(), DriverError> {
+        set(d, Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

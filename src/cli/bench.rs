@@ -287,6 +287,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
              -> Result<()> {
                 let mut clock = Instant::now();
                 let mut lap = |p: Phase| {
+                    // A GPU runs the phase's kernels asynchronously: the phase ends when they do.
+                    dev.synchronize().ok();
                     phases[p as usize] += clock.elapsed().as_secs_f64();
                     *gpu_mib = gpu_mib.max(gpu_used_mib(dev).unwrap_or(0.0));
                     if a.profile {
@@ -309,6 +311,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             phases = [0.0; 5];
             by_op.iter_mut().for_each(|m| m.clear());
             gpu_mib = 0.0;
+            pocl::backend::reset_peak_memory(dev);
             let t0 = Instant::now();
             for _ in 0..a.reps {
                 timed_step(&mut phases, &mut by_op, &mut gpu_mib)?;
@@ -343,12 +346,15 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 }
                 line["profile"] = profile.into();
             }
-            if !dev.is_cpu() {
-                // Not torch's max_memory_allocated: the driver's count of memory in use on the
-                // whole GPU (this process's context and allocator pool included), sampled after
-                // each phase, so at least what pocl held.
-                line["max_gpu_mib"] = gpu_mib.round().into();
-                line["gpu_mib_source"] = "cuMemGetInfo total - free, after each phase".into();
+            if let Some(peak) = pocl::backend::peak_memory(dev) {
+                // As the peer's torch.cuda.max_memory_allocated over its timed steps: the most
+                // memory pocl's tensors held at once.
+                line["max_gpu_mib"] = (peak as f64 / (1 << 20) as f64).round().into();
+                line["gpu_mib_source"] =
+                    "the CUDA memory pool's high-water mark over the timed steps".into();
+                // The driver's count for the whole GPU (context, cuBLAS workspaces and the
+                // pool's reserve included), sampled after each phase.
+                line["max_gpu_device_mib"] = gpu_mib.round().into();
             }
             println!("{line}");
             std::fs::remove_dir_all(&cache_dir).ok();
