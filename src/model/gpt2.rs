@@ -181,7 +181,8 @@ impl CausalLm for Gpt2 {
             };
             x = (x + conv1d(k, &att, &blk.c_proj)?)?;
             let m = k.layer_norm(&x, &blk.ln_2.0, &blk.ln_2.1, c.norm_eps)?;
-            let m = k.activate(&conv1d(k, &m, &blk.c_fc)?, c.activation)?;
+            let (fc, fc_b) = &blk.c_fc;
+            let m = k.linear_activate(fc, &m, Some(fc_b), c.activation)?;
             x = (x + conv1d(k, &m, &blk.mlp_proj)?)?;
         }
         k.layer_norm(&x, &self.ln_f.0, &self.ln_f.1, c.norm_eps)

@@ -268,7 +268,7 @@ impl CausalLm for Llama {
             let att = kn.attention(&q, &k, &v, &bias, 1.0 / (hd as f64).sqrt())?;
             x = (x + lin(kn, &att, &l.o)?)?;
             let m = kn.rms_norm(&x, &l.post_norm, eps)?;
-            let g = kn.activate(&lin(kn, &m, &l.gate)?, c.activation)?;
+            let g = kn.linear_activate(&l.gate.0, &m, l.gate.1.as_ref(), c.activation)?;
             x = (x + lin(kn, &(g * lin(kn, &m, &l.up)?)?, &l.down)?)?;
         }
         kn.rms_norm(&x, &self.norm, eps)

@@ -227,7 +227,7 @@ impl CausalLm for Opt {
             } else {
                 x.clone()
             };
-            let m = kn.activate(&kn.linear(&l.fc1.0, &m, Some(&l.fc1.1))?, c.activation)?;
+            let m = kn.linear_activate(&l.fc1.0, &m, Some(&l.fc1.1), c.activation)?;
             x = (x + kn.linear(&l.fc2.0, &m, Some(&l.fc2.1))?)?;
             if !pre_ln {
                 x = norm(&x, &l.ffn_norm)?;

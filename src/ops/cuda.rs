@@ -466,7 +466,7 @@ pub(crate) fn norm_backward(
 /// y = x·Wᵀ + b: the portable product, except that a bf16 weight (a frozen bf16 teacher) is
 /// multiplied in bf16 (cuBLAS bf16 on CUDA, accumulating in f32) with the input rounded to bf16,
 /// as a PyTorch bf16 model computes, instead of widening the whole weight to f32 per product;
-/// an f32 weight (f32 or bf16-mixed student) goes through `recompute::linear` (the portable
+/// an f32 weight (f32 or bf16-mixed student) goes through `recompute::Linear` (the portable
 /// product, with less kept for the backward). The output is f32 (as the portable one).
 pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let (w, out_in) = match w {
@@ -476,7 +476,14 @@ pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tenso
             out_in,
             bf16_mixed,
             ..
-        } => return super::recompute::linear(w, *out_in, *bf16_mixed, x, b),
+        } => {
+            let op = super::recompute::Linear {
+                out_in: *out_in,
+                mixed: *bf16_mixed,
+                act: None,
+            };
+            return op.apply(w, x, b);
+        }
         _ => return super::portable::linear(w, x, b),
     };
     let w = if *out_in { w.t()? } else { w.clone() };
@@ -494,6 +501,30 @@ pub fn linear(w: &super::Weight, x: &Tensor, b: Option<&Tensor>) -> Result<Tenso
     let mut out = dims;
     *out.last_mut().unwrap() = y.dim(1)?;
     y.reshape(out)
+}
+
+/// act(x·Wᵀ + b): [`linear`] and its activation, as one `recompute::Linear` for an f32 weight,
+/// which then keeps act's output only, not its input too.
+pub fn linear_activate(
+    w: &super::Weight,
+    x: &Tensor,
+    b: Option<&Tensor>,
+    act: super::Activation,
+) -> Result<Tensor> {
+    match w {
+        super::Weight::F32 {
+            w,
+            out_in,
+            bf16_mixed,
+            ..
+        } => super::recompute::Linear {
+            out_in: *out_in,
+            mixed: *bf16_mixed,
+            act: Some(act),
+        }
+        .apply(w, x, b),
+        _ => super::portable::activate(&linear(w, x, b)?, act),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -83,6 +83,22 @@ impl Kernels {
         })
     }
 
+    /// act(x·Wᵀ + b): an MLP's first half.
+    pub fn linear_activate(
+        self,
+        w: &Weight,
+        x: &Tensor,
+        b: Option<&Tensor>,
+        act: Activation,
+    ) -> Result<Tensor> {
+        match self {
+            Kernels::Fused | Kernels::Portable => self.activate(&self.linear(w, x, b)?, act),
+            Kernels::Cuda => profile::time("linear_activate", x.device(), || {
+                cuda::linear_activate(w, x, b, act)
+            }),
+        }
+    }
+
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
         profile::time("activate", x.device(), || match self {
             Kernels::Fused => fused::activate(x, act),

@@ -15,6 +15,7 @@
 //! candle's autograd runs for the composition, so the gradients are the composition's to the
 //! bit (tests below). An input that needs no gradient (a frozen teacher) skips the op.
 
+use super::Activation;
 use candle_core::{bail, CpuStorage, DType, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Mutex;
 
@@ -55,30 +56,35 @@ pub fn attention_qkv(qkv: &Tensor, heads: usize, bias: &Tensor, scale: f64) -> R
     qkv.apply_op1(AttentionQkv { heads, op })
 }
 
-/// A trainable f32 weight's linear layer y = x·Wᵀ + b as [`super::portable::linear`] computes
-/// it, or [`super::portable::linear_bf16_mixed`] for a bf16-mixed student, keeping only x, W, b
-/// and the output for the backward (not the product before the bias, nor the bf16 operands).
-pub fn linear(
-    w: &Tensor,
-    out_in: bool,
-    mixed: bool,
-    x: &Tensor,
-    b: Option<&Tensor>,
-) -> Result<Tensor> {
-    let op = Linear { out_in, mixed };
-    let bd = b.map(Tensor::detach);
-    let out = op.forward(&w.detach(), &x.detach(), bd.as_ref())?;
-    let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
-    if !tracked {
-        return Ok(out);
-    }
-    let op = Recomputed {
-        op,
-        out: Precomputed::new(out)?,
-    };
-    match b {
-        Some(b) => x.apply_op3(w, b, op),
-        None => x.apply_op2(w, op),
+/// A trainable f32 weight's linear layer y = x·Wᵀ + b, as [`super::portable::linear`] computes
+/// it or, for a bf16-mixed student, [`super::portable::linear_bf16_mixed`], and optionally its
+/// activation act(y) (an MLP's first half).
+#[derive(Clone, Copy, Debug)]
+pub struct Linear {
+    /// W is [out, in] (torch `nn.Linear`), else [in, out] (GPT-2's Conv1D).
+    pub out_in: bool,
+    pub mixed: bool,
+    pub act: Option<Activation>,
+}
+
+impl Linear {
+    /// The layer on x [.., in], keeping only x, W, b and the output for the backward: not the
+    /// product before the bias, nor the bf16 operands, nor the activation's input.
+    pub fn apply(self, w: &Tensor, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let bd = b.map(Tensor::detach);
+        let out = self.forward(&w.detach(), &x.detach(), bd.as_ref())?;
+        let tracked = x.track_op() || w.track_op() || b.is_some_and(|b| b.track_op());
+        if !tracked {
+            return Ok(out);
+        }
+        let op = Recomputed {
+            op: self,
+            out: Precomputed::new(out)?,
+        };
+        match b {
+            Some(b) => x.apply_op3(w, b, op),
+            None => x.apply_op2(w, op),
+        }
     }
 }
 
@@ -260,14 +266,16 @@ impl candle_core::CustomOp1 for AttentionQkv {
 // ---------------------------------------------------------------------------------------------
 // Linear layers.
 
-#[derive(Clone, Copy)]
-struct Linear {
-    out_in: bool,
-    mixed: bool,
-}
-
 impl Linear {
     fn forward(&self, w: &Tensor, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let y = self.product(w, x, b)?;
+        match self.act {
+            Some(act) => super::portable::activate(&y, act),
+            None => Ok(y),
+        }
+    }
+
+    fn product(&self, w: &Tensor, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         if self.mixed {
             super::portable::linear_bf16_mixed(w, self.out_in, x, b)
         } else if self.out_in {
@@ -277,7 +285,8 @@ impl Linear {
         }
     }
 
-    /// candle's autograd of the forward, op for op. f32: the two products and the bias's sum
+    /// candle's autograd of the forward, op for op. The activation's input recomputed, then
+    /// its backward. f32: the two products and the bias's sum
     /// over the rows. bf16-mixed: the upstream gradient rounded to bf16, the two bf16 products
     /// with the forward's (recomputed) operands, the concatenations' pieces cut out, each
     /// widened to f32.
@@ -286,8 +295,14 @@ impl Linear {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
+        out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let dy = match self.act {
+            Some(act) => activation_backward(act, &self.product(w, x, b)?, out, dout)?,
+            None => dout.clone(),
+        };
+        let dout = &dy;
         let k = x.dim(x.rank() - 1)?;
         let (xa, wa) = if self.mixed {
             super::portable::mixed_operands(w, self.out_in, x, b)?
@@ -354,10 +369,10 @@ impl candle_core::CustomOp2 for Recomputed {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.op.grads(&x.detach(), &w.detach(), None, dout)?;
+        let (dx, dw, _) = self.op.grads(&x.detach(), &w.detach(), None, out, dout)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -394,14 +409,40 @@ impl candle_core::CustomOp3 for Recomputed {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        _out: &Tensor,
+        out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let b = b.detach();
         let (dx, dw, db) = self
             .op
-            .grads(&x.detach(), &w.detach(), Some(&b.detach()), dout)?;
+            .grads(&x.detach(), &w.detach(), Some(&b), out, dout)?;
         Ok((Some(dx), Some(dw), db))
     }
+}
+
+/// dL/dy of z = act(y) from y, z and dL/dz: the derivative candle's autograd uses for each
+/// activation (`portable::activate`'s backward), the same tensor ops in the same order.
+fn activation_backward(act: Activation, y: &Tensor, z: &Tensor, dz: &Tensor) -> Result<Tensor> {
+    let d = match act {
+        Activation::GeluTanh => {
+            let cube = y.powf(3.)?;
+            let tanh = ((0.0356774 * &cube)? + (0.797885 * y)?)?.tanh()?;
+            let slope = ((0.0535161 * cube)? + (0.398942 * y)?)?;
+            (((0.5 * &tanh)? + (slope * (1. - tanh.powf(2.)?)?)?)? + 0.5)?
+        }
+        Activation::GeluErf => {
+            let neg_half_square = (y.sqr()?.neg()? / 2.)?;
+            let scaled_exp = ((0.398942 * neg_half_square.exp()?)? * y)?;
+            let erf_half = (0.5 * (y / 2f64.sqrt())?.erf()?)?;
+            ((0.5 + scaled_exp)? + erf_half)?
+        }
+        Activation::Relu => y.ge(&y.zeros_like()?)?.to_dtype(y.dtype())?,
+        Activation::Silu => {
+            let sigmoid = (y.neg()?.exp()? + 1.)?.recip()?;
+            ((&sigmoid * (1. - z)?)? + z)?
+        }
+    };
+    dz * d
 }
 
 #[cfg(test)]
@@ -510,9 +551,52 @@ mod tests {
                         (false, false) => super::super::portable::linear(&Weight::in_out(w), x, b),
                     }
                 })?;
-                let got = run(&vars, &|t| linear(&t[1], out_in, mixed, &t[0], t.get(2)))?;
+                let op = Linear {
+                    out_in,
+                    mixed,
+                    act: None,
+                };
+                let got = run(&vars, &|t| op.apply(&t[1], &t[0], t.get(2)))?;
                 assert_eq!(got, want, "mixed {mixed}, out_in {out_in}, bias {bias}");
             }
+        }
+        Ok(())
+    }
+
+    /// The layer with its activation against `portable::activate` after the composition: every
+    /// activation's derivative as candle's autograd computes it.
+    #[test]
+    fn activation_gradients_are_the_compositions_to_the_bit() -> Result<()> {
+        let acts = [
+            Activation::GeluTanh,
+            Activation::GeluErf,
+            Activation::Relu,
+            Activation::Silu,
+        ];
+        for (act, mixed) in acts.into_iter().flat_map(|a| [(a, false), (a, true)]) {
+            let x = Var::from_tensor(&(randn(8, &[3, 16])? * 6.0)?)?;
+            let w = Var::from_tensor(&randn(9, &[16, 20])?)?;
+            let b = Var::from_tensor(&randn(10, &[20])?)?;
+            let vars = [x, w, b];
+            let want = run(&vars, &|t| {
+                let y = if mixed {
+                    super::super::portable::linear_bf16_mixed(&t[1], false, &t[0], Some(&t[2]))?
+                } else {
+                    super::super::portable::linear(
+                        &Weight::in_out(t[1].clone()),
+                        &t[0],
+                        Some(&t[2]),
+                    )?
+                };
+                super::super::portable::activate(&y, act)
+            })?;
+            let op = Linear {
+                out_in: false,
+                mixed,
+                act: Some(act),
+            };
+            let got = run(&vars, &|t| op.apply(&t[1], &t[0], Some(&t[2])))?;
+            assert_eq!(got, want, "{act:?}, mixed {mixed}");
         }
         Ok(())
     }
