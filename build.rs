@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 4] = ["kd_rows", "optim", "norm", "softmax"];
+const KERNELS: [&str; 5] = ["kd_rows", "optim", "norm", "softmax", "embed"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,7 +1,8 @@
 //! pocl's CUDA kernels (src/ops/cuda/*.cu) run on the host, one thread per block, against the
 //! CPU kernels they are twins of: the KD row kernel for every divergence (with CE, masked rows,
 //! extreme and −∞ logits), AdamW and the sum of squares, LayerNorm / RMSNorm forward and backward,
-//! the attention softmax forward and backward. Without a GPU this is the check of the
+//! the attention softmax forward and backward, the embedding gradient. Without a GPU this is the
+//! check of the
 //! kernels' arithmetic; the block reductions and the thread striding only run on a GPU.
 //!
 //! Needs a C++ compiler (`c++`); without one the test says so and passes.
@@ -346,4 +347,53 @@ fn softmax_kernels_match_the_cpu_softmax() {
             "[{i}]: {a} vs {b}"
         );
     }
+}
+
+/// The embedding gradient sums each id's rows in token order: the CPU side's values to the bit
+/// (repeated ids, unused rows, an id used once).
+#[test]
+fn embedding_gradient_kernel_matches_the_cpu_sum() {
+    if harness().is_none() {
+        return;
+    }
+    use candle_core::{Device, Tensor};
+    let (vocab, d) = (9, 5);
+    let ids = [4u32, 0, 4, 7, 0, 4, 2];
+    let dy = rnd(11, ids.len() * d, 3.0);
+    let t = Tensor::from_vec(dy.clone(), (ids.len(), d), &Device::Cpu).unwrap();
+    let want: Vec<f32> = pocl::ops::cuda::embedding_grad(&t, &ids, vocab)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    // The kernel's input: tokens grouped by id, ids ascending, tokens in order within an id.
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    order.sort_by_key(|&t| ids[t as usize]);
+    let mut rows: Vec<u32> = ids.to_vec();
+    rows.sort();
+    rows.dedup();
+    let mut starts = vec![0u32];
+    for &r in &rows {
+        let n = ids.iter().filter(|&&j| j == r).count() as u32;
+        starts.push(starts.last().unwrap() + n);
+    }
+    let ints = |v: &[u32]| {
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let input = format!(
+        "embed {vocab} {d} {} {}\n{}\n{}\n{}\n{}\n",
+        ids.len(),
+        rows.len(),
+        ints(&rows),
+        ints(&starts),
+        ints(&order),
+        join(&dy)
+    );
+    let got: Vec<f32> = run(&input).iter().map(|v| v.parse().unwrap()).collect();
+    assert_eq!(got, want);
+    assert!(want.iter().any(|&x| x != 0.0));
 }

@@ -157,7 +157,7 @@ impl CausalLm for Gpt2 {
         let k = self.params.backend().kernels;
         let bias = input.attention_bias()?;
         let tok = k.embed(&self.wte, input.ids)?;
-        let pos = self.wpe.index_select(&input.positions.flatten_all()?, 0)?;
+        let pos = k.embed(&Weight::out_in(self.wpe.clone()), input.positions)?;
         let mut x = (tok + pos)?.reshape((b, t, c.hidden_size))?; // [b, t, d]
         for (i, blk) in self.blocks.iter().enumerate() {
             let a = k.layer_norm(&x, &blk.ln_1.0, &blk.ln_1.1, c.norm_eps)?;

@@ -200,7 +200,8 @@ impl CausalLm for Opt {
             x = kn.linear(w, &x, None)?;
         }
         let pos = (input.positions.flatten_all()? + POSITION_OFFSET as f64)?;
-        let mut x = (x + self.embed_positions.index_select(&pos, 0)?)?.reshape((b, t, d))?;
+        let positions = kn.embed(&Weight::out_in(self.embed_positions.clone()), &pos)?;
+        let mut x = (x + positions)?.reshape((b, t, d))?;
         let norm = |x: &Tensor, (w, b): &Norm| kn.layer_norm(x, w, b, c.norm_eps);
         for (i, l) in self.layers.iter().enumerate() {
             let a = if pre_ln {

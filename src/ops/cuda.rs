@@ -24,6 +24,7 @@ pub(crate) mod ptx {
     pub const OPTIM: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
     pub const SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
+    pub const EMBED: &str = include_str!(concat!(env!("OUT_DIR"), "/embed.ptx"));
 }
 
 /// A contiguous f32 CPU storage's data, mutable.
@@ -528,6 +529,188 @@ pub fn linear_activate(
 }
 
 // ---------------------------------------------------------------------------------------------
+// The embedding.
+
+/// Rows of an embedding W [vocab, d] for the ids (any shape) → [n, d]. A trainable one gets
+/// [`embedding_grad`] as its backward instead of candle's index_add, whose CUDA kernel runs one
+/// thread per column over all the tokens; others take the portable gather.
+pub fn embed(w: &super::Weight, ids: &Tensor) -> Result<Tensor> {
+    let super::Weight::F32 {
+        w: table,
+        out_in: true,
+        ..
+    } = w
+    else {
+        return super::portable::embed(w, ids);
+    };
+    if !table.track_op() {
+        return super::portable::embed(w, ids);
+    }
+    let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+    let host: Vec<u32> = ids.to_vec1()?;
+    let vocab = table.dim(0)?;
+    if let Some(&j) = host.iter().find(|&&j| j as usize >= vocab) {
+        bail!("token id {j} is outside the embedding ({vocab} rows)");
+    }
+    let rows = table.detach().index_select(&ids, 0)?;
+    table.apply_op1(EmbedRows {
+        out: super::recompute::Precomputed::new(rows)?,
+        ids: host,
+        vocab,
+    })
+}
+
+/// dW [vocab, d] of an embedding from the gradient dy [n, d] of its rows for `ids` (n of them):
+/// each id's rows summed in token order, as the CPU's index_add does (so to the bit).
+pub fn embedding_grad(dy: &Tensor, ids: &[u32], vocab: usize) -> Result<Tensor> {
+    dy.contiguous()?
+        .apply_op1_no_bwd(&EmbeddingGrad { ids, vocab })
+}
+
+/// The gathered rows, computed before the op is applied (candle's index_select).
+struct EmbedRows {
+    out: super::recompute::Precomputed,
+    ids: Vec<u32>,
+    vocab: usize,
+}
+
+impl CustomOp1 for EmbedRows {
+    fn name(&self) -> &'static str {
+        "pocl-embed"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.out.cpu()
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.out.cuda()
+    }
+    fn bwd(&self, _w: &Tensor, _rows: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(embedding_grad(dy, &self.ids, self.vocab)?))
+    }
+}
+
+struct EmbeddingGrad<'a> {
+    ids: &'a [u32],
+    vocab: usize,
+}
+
+impl CustomOp1 for EmbeddingGrad<'_> {
+    fn name(&self) -> &'static str {
+        "pocl-embedding-grad"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, d) = l.shape().dims2()?;
+        if n != self.ids.len() {
+            bail!("embedding gradient: {n} rows for {} ids", self.ids.len());
+        }
+        let dy = super::contiguous_f32(s, l, "embedding gradient")?;
+        let mut dw = vec![0f32; self.vocab * d];
+        for (row, &j) in dy.chunks(d.max(1)).zip(self.ids) {
+            let out = &mut dw[j as usize * d..(j as usize + 1) * d];
+            out.iter_mut().zip(row).for_each(|(o, x)| *o += x);
+        }
+        Ok((CpuStorage::F32(dw), Shape::from((self.vocab, d))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (n, d) = l.shape().dims2()?;
+        if n != self.ids.len() {
+            bail!("embedding gradient: {n} rows for {} ids", self.ids.len());
+        }
+        let dev = s.device().clone();
+        let (a, b) = contiguous(l, "embedding gradient")?;
+        let groups = TokensById::new(self.ids, self.vocab);
+        let dw = dev.alloc_zeros::<f32>(self.vocab * d)?;
+        if !groups.rows.is_empty() && d > 0 {
+            let order = dev.clone_htod(&groups.order)?;
+            let starts = dev.clone_htod(&groups.starts)?;
+            let rows = dev.clone_htod(&groups.rows)?;
+            let func =
+                dev.get_or_load_custom_func("pocl_embedding_grad", "pocl_embed", ptx::EMBED)?;
+            let dyv = s.as_cuda_slice::<f32>()?.slice(a..b);
+            let d_u = d as u32;
+            let mut builder = func.builder();
+            builder.arg(&dyv);
+            builder.arg(&order);
+            builder.arg(&starts);
+            builder.arg(&rows);
+            builder.arg(&d_u);
+            builder.arg(&dw);
+            let cfg = LaunchConfig {
+                grid_dim: (groups.rows.len() as u32, 1, 1),
+                block_dim: (EMBED_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: arguments in pocl_embedding_grad's order and types; dy holds n·d floats,
+            // order n ids < n, starts rows + 1 offsets <= n, rows ids < vocab, dw vocab·d floats.
+            unsafe { builder.launch(cfg) }.w()?;
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(dw, dev),
+            Shape::from((self.vocab, d)),
+        ))
+    }
+}
+
+/// Threads per block of the embedding gradient (over the d columns of one row).
+#[cfg(feature = "cuda")]
+const EMBED_THREADS: u32 = 256;
+
+/// The tokens grouped by id, for `pocl_embedding_grad`: the used ids ascending (`rows`), and
+/// for the r-th, its tokens `order[starts[r]..starts[r + 1]]` in increasing order.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct TokensById {
+    rows: Vec<u32>,
+    starts: Vec<u32>,
+    order: Vec<u32>,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl TokensById {
+    /// A stable counting sort of the tokens by id (ids < vocab).
+    fn new(ids: &[u32], vocab: usize) -> Self {
+        let mut count = vec![0u32; vocab];
+        for &j in ids {
+            count[j as usize] += 1;
+        }
+        let rows: Vec<u32> = (0..vocab as u32)
+            .filter(|&v| count[v as usize] > 0)
+            .collect();
+        let mut next = vec![0u32; vocab];
+        let mut starts = Vec::with_capacity(rows.len() + 1);
+        let mut at = 0u32;
+        for &v in &rows {
+            starts.push(at);
+            next[v as usize] = at;
+            at += count[v as usize];
+        }
+        starts.push(at);
+        let mut order = vec![0u32; ids.len()];
+        for (t, &j) in ids.iter().enumerate() {
+            order[next[j as usize] as usize] = t as u32;
+            next[j as usize] += 1;
+        }
+        TokensById {
+            rows,
+            starts,
+            order,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // The attention softmax.
 
 /// Scaled dot-product attention (the portable composition, see `ops::portable::attention`) with
@@ -722,6 +905,51 @@ const ROW_BLOCK: u32 = 128;
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The tokens grouped by id: used ids ascending, each id's tokens in increasing order.
+    #[test]
+    fn tokens_group_by_id_in_token_order() {
+        let g = TokensById::new(&[3, 0, 3, 5, 0, 3], 7);
+        assert_eq!(g.rows, vec![0, 3, 5]);
+        assert_eq!(g.starts, vec![0, 2, 5, 6]);
+        assert_eq!(g.order, vec![1, 4, 0, 2, 5, 3]);
+        let empty = TokensById::new(&[], 4);
+        assert_eq!(
+            (empty.rows.len(), empty.starts, empty.order.len()),
+            (0, vec![0], 0)
+        );
+    }
+
+    /// The embedding under the CUDA set: forward rows and dW (repeated ids, unused rows) equal
+    /// to the portable gather and candle's index_add, to the bit.
+    #[test]
+    fn embedding_gradient_is_index_adds_to_the_bit() -> Result<()> {
+        let dev = &Device::Cpu;
+        let table = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 6), dev)?)?;
+        let ids = Tensor::new(&[[4u32, 0, 4], [9, 4, 0]], dev)?;
+        let r = Tensor::randn(0f32, 1.0, (6, 6), dev)?;
+        let run = |cuda: bool| -> Result<(Vec<f32>, Vec<f32>)> {
+            let w = super::super::Weight::out_in(table.as_tensor().clone());
+            let rows = if cuda {
+                embed(&w, &ids)?
+            } else {
+                super::super::portable::embed(&w, &ids)?
+            };
+            let g = (&rows * &r)?.sum_all()?.backward()?;
+            let dw = g.get(table.as_tensor()).expect("a gradient");
+            Ok((rows.flatten_all()?.to_vec1()?, dw.flatten_all()?.to_vec1()?))
+        };
+        assert_eq!(run(true)?, run(false)?);
+        let out_of_range = embed(
+            &super::super::Weight::out_in(table.as_tensor().clone()),
+            &Tensor::new(&[11u32], dev)?,
+        );
+        assert!(out_of_range
+            .unwrap_err()
+            .to_string()
+            .contains("token id 11"));
+        Ok(())
+    }
 
     /// A bf16 weight's product is computed in bf16 (within bf16 rounding of the f32 product);
     /// an f32 weight's is the portable one, exactly.

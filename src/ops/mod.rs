@@ -58,7 +58,8 @@ impl Kernels {
     pub fn embed(self, w: &Weight, ids: &Tensor) -> Result<Tensor> {
         profile::time("embed", ids.device(), || match self {
             Kernels::Fused => fused::embed(w, ids),
-            Kernels::Portable | Kernels::Cuda => portable::embed(w, ids),
+            Kernels::Portable => portable::embed(w, ids),
+            Kernels::Cuda => cuda::embed(w, ids),
         })
     }
 

@@ -90,10 +90,10 @@ impl Linear {
 
 /// A forward result computed before its op is applied, handed to candle once by the op's
 /// forward (a copy of it: candle wants an owned storage; the original is dropped then).
-struct Precomputed(Mutex<Option<Tensor>>);
+pub(crate) struct Precomputed(Mutex<Option<Tensor>>);
 
 impl Precomputed {
-    fn new(t: Tensor) -> Result<Self> {
+    pub(crate) fn new(t: Tensor) -> Result<Self> {
         if t.dtype() != DType::F32 {
             bail!("a recomputed op's output must be f32, not {:?}", t.dtype());
         }
@@ -105,7 +105,7 @@ impl Precomputed {
         taken.ok_or_else(|| candle_core::Error::Msg("a recomputed op ran its forward twice".into()))
     }
 
-    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
+    pub(crate) fn cpu(&self) -> Result<(CpuStorage, Shape)> {
         let t = self.take()?.contiguous()?;
         let (s, l) = t.storage_and_layout();
         let (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) = (&*s, l.contiguous_offsets()) else {
@@ -115,7 +115,7 @@ impl Precomputed {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
+    pub(crate) fn cuda(&self) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let t = self.take()?.contiguous()?;
         let (s, l) = t.storage_and_layout();

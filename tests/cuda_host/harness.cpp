@@ -10,6 +10,8 @@
 //            Prints rows*d y, then (rows + 2)*d backward output (dx; dw; db).
 // softmax job: "softmax b h tq tk scale" then b*h*tq*tk scores, b*tq*tk bias, b*h*tq*tk dp.
 //            Prints the probabilities, then ds.
+// embed job: "embed vocab d n u" then u used rows, u + 1 starts, n token order, n*d dy.
+//            Prints vocab*d dw.
 #include <stdio.h>
 #include <string.h>
 #include <vector>
@@ -17,6 +19,7 @@
 #include "../../src/ops/cuda/optim.cu"
 #include "../../src/ops/cuda/norm.cu"
 #include "../../src/ops/cuda/softmax.cu"
+#include "../../src/ops/cuda/embed.cu"
 
 static double rd() {
     char buf[64];
@@ -100,6 +103,20 @@ int main() {
         }
         for (auto v : p) printf("%.9g\n", v);
         for (auto v : ds) printf("%.9g\n", v);
+    } else if (!strcmp(job, "embed")) {
+        int vocab = (int)rd(), d = (int)rd(), n = (int)rd(), u = (int)rd();
+        std::vector<unsigned int> rows(u), starts(u + 1), order(n);
+        std::vector<float> dy((size_t)n * d), dw((size_t)vocab * d, 0.0f);
+        for (auto& v : rows) v = (unsigned int)rd();
+        for (auto& v : starts) v = (unsigned int)rd();
+        for (auto& v : order) v = (unsigned int)rd();
+        for (auto& v : dy) v = (float)rd();
+        for (int r = 0; r < u; r++) {
+            blockIdx.x = r;
+            pocl_embedding_grad(dy.data(), order.data(), starts.data(), rows.data(), d,
+                                dw.data());
+        }
+        for (auto v : dw) printf("%.9g\n", v);
     } else {
         return 2;
     }
