@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNELS: [&str; 5] = ["kd_rows", "optim", "norm", "softmax", "embed"];
+const KERNELS: [&str; 6] = ["kd_rows", "optim", "norm", "softmax", "embed", "act"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -1,8 +1,8 @@
 //! pocl's CUDA kernels (src/ops/cuda/*.cu) run on the host, one thread per block, against the
 //! CPU kernels they are twins of: the KD row kernel for every divergence (with CE, masked rows,
 //! extreme and −∞ logits), AdamW and the sum of squares, LayerNorm / RMSNorm forward and backward,
-//! the attention softmax forward and backward, the embedding gradient. Without a GPU this is the
-//! check of the
+//! the attention softmax forward and backward, the embedding gradient, GELU-tanh and SiLU
+//! forward and backward. Without a GPU this is the check of the
 //! kernels' arithmetic; the block reductions and the thread striding only run on a GPU.
 //!
 //! Needs a C++ compiler (`c++`); without one the test says so and passes.
@@ -396,4 +396,34 @@ fn embedding_gradient_kernel_matches_the_cpu_sum() {
     let got: Vec<f32> = run(&input).iter().map(|v| v.parse().unwrap()).collect();
     assert_eq!(got, want);
     assert!(want.iter().any(|&x| x != 0.0));
+}
+
+/// GELU-tanh and SiLU, forward and backward, against the CPU kernels (CUDA's expf for the CPU's
+/// exp_f32: within a few ulp), over both tails and the bend.
+#[test]
+fn activation_kernels_match_the_cpu_kernels() {
+    if harness().is_none() {
+        return;
+    }
+    use candle_core::{Device, Tensor, Var};
+    use pocl::ops::activation::{apply, Kind};
+    let x: Vec<f32> = (0..601).map(|i| (i as f32 - 300.0) / 20.0).collect();
+    let dy = rnd(12, x.len(), 2.0);
+    for (code, kind) in [(0, Kind::GeluTanh), (1, Kind::Silu)] {
+        let xv = Var::from_vec(x.clone(), x.len(), &Device::Cpu).unwrap();
+        let y = apply(xv.as_tensor(), kind).unwrap();
+        let dyt = Tensor::from_vec(dy.clone(), x.len(), &Device::Cpu).unwrap();
+        let g = (&y * &dyt).unwrap().sum_all().unwrap().backward().unwrap();
+        let mut want: Vec<f32> = y.to_vec1().unwrap();
+        want.extend(g.get(xv.as_tensor()).unwrap().to_vec1::<f32>().unwrap());
+        let input = format!("act {code} {}\n{}\n{}\n", x.len(), join(&x), join(&dy));
+        let got: Vec<f32> = run(&input).iter().map(|v| v.parse().unwrap()).collect();
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-6 * a.abs().max(1e-3),
+                "{kind:?} [{i}]: {a} vs {b}"
+            );
+        }
+    }
 }

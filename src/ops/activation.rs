@@ -2,10 +2,12 @@
 //! (Llama, Qwen). candle's own versions call libm's `tanhf` / `expf` per element and build the
 //! backward from ~8 elementwise tensors (pow, tanh, mul, add...); here forward and backward are
 //! one pass each, in f32 with the branch-free `exp_f32` of `ops::fastmath` (≤ 2 ulp) so the loops
-//! vectorise 16 lanes wide (compiled per instruction set, see [`super::simd`]).
+//! vectorise 16 lanes wide (compiled per instruction set, see [`super::simd`]). The ops' CUDA
+//! sides run the same formulas (src/ops/cuda/act.cu, CUDA's expf).
 
 use super::fastmath::exp_f32;
 use super::simd::multiversion;
+use super::Activation;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -17,9 +19,51 @@ pub enum Kind {
     Silu,
 }
 
+impl Kind {
+    /// The kind's number in src/ops/cuda/act.cu.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn code(self) -> i32 {
+        match self {
+            Kind::GeluTanh => 0,
+            Kind::Silu => 1,
+        }
+    }
+}
+
 /// Applies the activation (differentiable).
 pub fn apply(x: &Tensor, kind: Kind) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Forward(kind))
+}
+
+/// The model's activation: pocl's op for GELU-tanh and SiLU (CPU kernels; CUDA kernels in
+/// src/ops/cuda/act.cu), candle's own for the rest.
+pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::GeluTanh => apply(x, Kind::GeluTanh),
+        Activation::Silu => apply(x, Kind::Silu),
+        Activation::GeluErf => x.gelu_erf(),
+        Activation::Relu => x.relu(),
+    }
+}
+
+/// dL/dx of y = [`activate`](x) from x and dL/dy: what its autograd computes (pocl's backward
+/// op, or the derivative candle's autograd builds, the same tensor ops in the same order), for
+/// a caller that recomputes x rather than keep the graph (`ops::recompute`).
+pub(crate) fn backward(act: Activation, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let d = match act {
+        Activation::GeluTanh => {
+            return x.apply_op2_no_bwd(&dy.contiguous()?, &Backward(Kind::GeluTanh))
+        }
+        Activation::Silu => return x.apply_op2_no_bwd(&dy.contiguous()?, &Backward(Kind::Silu)),
+        Activation::GeluErf => {
+            let neg_half_square = (x.sqr()?.neg()? / 2.)?;
+            let scaled_exp = ((0.398942 * neg_half_square.exp()?)? * x)?;
+            let erf_half = (0.5 * (x / 2f64.sqrt())?.erf()?)?;
+            ((0.5 + scaled_exp)? + erf_half)?
+        }
+        Activation::Relu => x.ge(&x.zeros_like()?)?.to_dtype(x.dtype())?,
+    };
+    dy * d
 }
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
@@ -104,6 +148,15 @@ impl CustomOp1 for Forward {
         Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::activation(self.0.code(), (s, l), None)
+    }
+
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         super::profile::time("activate.backward", arg.device(), || {
             let x = arg.contiguous()?;
@@ -145,6 +198,17 @@ impl CustomOp2 for Backward {
             .zip(x.par_chunks(CHUNK).zip(dy.par_chunks(CHUNK)))
             .for_each(|(dx, (x, dy))| backward_mv(self.0, x, dy, dx));
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::cuda::activation(self.0.code(), (s1, l1), Some((s2, l2)))
     }
 }
 

@@ -1,5 +1,6 @@
 //! pocl's CUDA kernels (`src/ops/cuda/*.cu`) as candle ops: AdamW, the gradient norm, the
-//! attention softmax, and the launchers of the norms' kernels (the `cuda_fwd`s of `ops::norm`);
+//! attention softmax, the embedding gradient, and the launchers of the norms' and activations'
+//! kernels (the `cuda_fwd`s of `ops::norm` and `ops::activation`);
 //! the KD row kernel's op is `kd::rows`, beside the CPU loss it mirrors. Each op is a candle
 //! custom op whose `cuda_fwd` (feature `cuda`) launches our kernel and whose `cpu_fwd` runs the
 //! CPU arithmetic of the same op, so every caller (`train::optim` and the model ops under
@@ -25,6 +26,7 @@ pub(crate) mod ptx {
     pub const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
     pub const SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
     pub const EMBED: &str = include_str!(concat!(env!("OUT_DIR"), "/embed.ptx"));
+    pub const ACT: &str = include_str!(concat!(env!("OUT_DIR"), "/act.ptx"));
 }
 
 /// A contiguous f32 CPU storage's data, mutable.
@@ -526,6 +528,61 @@ pub fn linear_activate(
         .apply(w, x, b),
         _ => super::portable::activate(&linear(w, x, b)?, act),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations (the `cuda_fwd`s of `ops::activation`'s ops, whose `cpu_fwd` is the CPU kernel).
+
+/// GELU-tanh (`kind` 0) or SiLU (1) of contiguous f32 x: y, or with `dy` the backward dx
+/// (act.cu).
+#[cfg(feature = "cuda")]
+pub(crate) fn activation(
+    kind: i32,
+    (x, lx): (&candle_core::CudaStorage, &Layout),
+    dy: Option<(&candle_core::CudaStorage, &Layout)>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::cuda_backend::WrapErr;
+    let dev = x.device().clone();
+    let (xa, xb) = contiguous(lx, "activation input")?;
+    let n = xb - xa;
+    let dyv = match dy {
+        Some((dy, ld)) => {
+            let (da, db) = contiguous(ld, "activation gradient")?;
+            if db - da != n {
+                bail!("activation backward: {n} inputs, {} gradients", db - da);
+            }
+            Some(dy.as_cuda_slice::<f32>()?.slice(da..db))
+        }
+        None => None,
+    };
+    // SAFETY: the kernel writes all n elements before the storage is used.
+    let out = unsafe { dev.alloc::<f32>(n)? };
+    if n > 0 {
+        let name = match dyv {
+            Some(_) => "pocl_act_backward",
+            None => "pocl_act_forward",
+        };
+        let func = dev.get_or_load_custom_func(name, "pocl_act", ptx::ACT)?;
+        let xv = x.as_cuda_slice::<f32>()?.slice(xa..xb);
+        let n_i = n as i64;
+        let mut builder = func.builder();
+        builder.arg(&xv);
+        if let Some(dyv) = &dyv {
+            builder.arg(dyv);
+        }
+        builder.arg(&out);
+        builder.arg(&n_i);
+        builder.arg(&kind);
+        // SAFETY: arguments in pocl_act_forward's / pocl_act_backward's order and types; x, dy
+        // and out hold n floats.
+        unsafe { builder.launch(flat_config(n)) }.w()?;
+    }
+    Ok((
+        candle_core::CudaStorage::wrap_cuda_slice(out, dev),
+        lx.shape().clone(),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -121,12 +121,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// The activation ([`super::activation`] for GELU-tanh and SiLU; candle's own for the rest).
 pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    match act {
-        Activation::GeluTanh => activation::apply(x, activation::Kind::GeluTanh),
-        Activation::Silu => activation::apply(x, activation::Kind::Silu),
-        Activation::GeluErf => x.gelu_erf(),
-        Activation::Relu => x.relu(),
-    }
+    activation::activate(x, act)
 }
 
 /// Scaled dot-product attention ([`super::attention`]).

@@ -103,7 +103,8 @@ impl Kernels {
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
         profile::time("activate", x.device(), || match self {
             Kernels::Fused => fused::activate(x, act),
-            Kernels::Portable | Kernels::Cuda => portable::activate(x, act),
+            Kernels::Cuda => activation::activate(x, act),
+            Kernels::Portable => portable::activate(x, act),
         })
     }
 

@@ -270,7 +270,7 @@ impl Linear {
     fn forward(&self, w: &Tensor, x: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let y = self.product(w, x, b)?;
         match self.act {
-            Some(act) => super::portable::activate(&y, act),
+            Some(act) => super::activation::activate(&y, act),
             None => Ok(y),
         }
     }
@@ -295,11 +295,10 @@ impl Linear {
         x: &Tensor,
         w: &Tensor,
         b: Option<&Tensor>,
-        out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let dy = match self.act {
-            Some(act) => activation_backward(act, &self.product(w, x, b)?, out, dout)?,
+            Some(act) => super::activation::backward(act, &self.product(w, x, b)?, dout)?,
             None => dout.clone(),
         };
         let dout = &dy;
@@ -369,10 +368,10 @@ impl candle_core::CustomOp2 for Recomputed {
         &self,
         x: &Tensor,
         w: &Tensor,
-        out: &Tensor,
+        _out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.op.grads(&x.detach(), &w.detach(), None, out, dout)?;
+        let (dx, dw, _) = self.op.grads(&x.detach(), &w.detach(), None, dout)?;
         Ok((Some(dx), Some(dw)))
     }
 }
@@ -409,40 +408,13 @@ impl candle_core::CustomOp3 for Recomputed {
         x: &Tensor,
         w: &Tensor,
         b: &Tensor,
-        out: &Tensor,
+        _out: &Tensor,
         dout: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let b = b.detach();
-        let (dx, dw, db) = self
-            .op
-            .grads(&x.detach(), &w.detach(), Some(&b), out, dout)?;
+        let (dx, dw, db) = self.op.grads(&x.detach(), &w.detach(), Some(&b), dout)?;
         Ok((Some(dx), Some(dw), db))
     }
-}
-
-/// dL/dy of z = act(y) from y, z and dL/dz: the derivative candle's autograd uses for each
-/// activation (`portable::activate`'s backward), the same tensor ops in the same order.
-fn activation_backward(act: Activation, y: &Tensor, z: &Tensor, dz: &Tensor) -> Result<Tensor> {
-    let d = match act {
-        Activation::GeluTanh => {
-            let cube = y.powf(3.)?;
-            let tanh = ((0.0356774 * &cube)? + (0.797885 * y)?)?.tanh()?;
-            let slope = ((0.0535161 * cube)? + (0.398942 * y)?)?;
-            (((0.5 * &tanh)? + (slope * (1. - tanh.powf(2.)?)?)?)? + 0.5)?
-        }
-        Activation::GeluErf => {
-            let neg_half_square = (y.sqr()?.neg()? / 2.)?;
-            let scaled_exp = ((0.398942 * neg_half_square.exp()?)? * y)?;
-            let erf_half = (0.5 * (y / 2f64.sqrt())?.erf()?)?;
-            ((0.5 + scaled_exp)? + erf_half)?
-        }
-        Activation::Relu => y.ge(&y.zeros_like()?)?.to_dtype(y.dtype())?,
-        Activation::Silu => {
-            let sigmoid = (y.neg()?.exp()? + 1.)?.recip()?;
-            ((&sigmoid * (1. - z)?)? + z)?
-        }
-    };
-    dz * d
 }
 
 #[cfg(test)]
@@ -563,8 +535,8 @@ mod tests {
         Ok(())
     }
 
-    /// The layer with its activation against `portable::activate` after the composition: every
-    /// activation's derivative as candle's autograd computes it.
+    /// The layer with its activation against `activation::activate` after the composition:
+    /// every activation's derivative as its autograd computes it (pocl's op or candle's).
     #[test]
     fn activation_gradients_are_the_compositions_to_the_bit() -> Result<()> {
         let acts = [
@@ -588,7 +560,7 @@ mod tests {
                         Some(&t[2]),
                     )?
                 };
-                super::super::portable::activate(&y, act)
+                super::super::activation::activate(&y, act)
             })?;
             let op = Linear {
                 out_in: false,

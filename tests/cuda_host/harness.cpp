@@ -12,6 +12,7 @@
 //            Prints the probabilities, then ds.
 // embed job: "embed vocab d n u" then u used rows, u + 1 starts, n token order, n*d dy.
 //            Prints vocab*d dw.
+// act job:   "act kind n" then n x, n dy. Prints n y, then n dx.
 #include <stdio.h>
 #include <string.h>
 #include <vector>
@@ -20,6 +21,7 @@
 #include "../../src/ops/cuda/norm.cu"
 #include "../../src/ops/cuda/softmax.cu"
 #include "../../src/ops/cuda/embed.cu"
+#include "../../src/ops/cuda/act.cu"
 
 static double rd() {
     char buf[64];
@@ -117,6 +119,16 @@ int main() {
                                 dw.data());
         }
         for (auto v : dw) printf("%.9g\n", v);
+    } else if (!strcmp(job, "act")) {
+        int kind = (int)rd();
+        long long n = (long long)rd();
+        std::vector<float> x(n), dy(n), y(n), dx(n);
+        for (auto& v : x) v = (float)rd();
+        for (auto& v : dy) v = (float)rd();
+        pocl_act_forward(x.data(), y.data(), n, kind);
+        pocl_act_backward(x.data(), dy.data(), dx.data(), n, kind);
+        for (auto v : y) printf("%.9g\n", v);
+        for (auto v : dx) printf("%.9g\n", v);
     } else {
         return 2;
     }
