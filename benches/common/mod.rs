@@ -2,6 +2,7 @@
 
 /// n deterministic values in [-0.05, 0.05) from a linear congruential generator (no rand
 /// dependency in the benchmarks).
+#[allow(dead_code)]
 pub fn values(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     (0..n)
