@@ -246,11 +246,17 @@ fn open_cuda(n: usize) -> Result<Device> {
         )
     })?;
     if let Device::Cuda(d) = &device {
-        cuda_pool::keep_freed_memory(d).context("setting up CUDA's memory pool")?;
-        // cudarc gives every allocation a read and a write event, used only once a context runs
-        // a second stream; candle and pocl run one (`Device::new_cuda`'s), so the events are
+        // Without stream-ordered allocation (some virtualised GPUs) candle falls back to
+        // cuMemAlloc, and there is no pool to tune or to read a peak from: run without.
+        if d.cuda_stream().context().has_async_alloc() {
+            cuda_pool::keep_freed_memory(d).context("setting up CUDA's memory pool")?;
+        }
+        // cudarc gives every allocation a read and a write event, recorded and waited on only
+        // once its context has more than one stream. candle runs every kernel on one per-thread
+        // stream, which cudarc does not count, so the events were never waited on: they cost
         // two driver calls to make and two to destroy per tensor, for nothing.
-        // SAFETY: one stream, so no use of a tensor needs ordering against another stream.
+        // SAFETY: pocl issues all its CUDA work, tensor drops included, from one host thread
+        // onto that one stream, so no use of a buffer needs ordering against another stream.
         unsafe { d.disable_event_tracking() };
     }
     Ok(device)
@@ -261,7 +267,9 @@ fn open_cuda(n: usize) -> Result<Device> {
 pub fn peak_memory(device: &Device) -> Option<u64> {
     match device {
         #[cfg(feature = "cuda")]
-        Device::Cuda(d) => cuda_pool::used_high(d).ok(),
+        Device::Cuda(d) if d.cuda_stream().context().has_async_alloc() => {
+            cuda_pool::used_high(d).ok()
+        }
         _ => None,
     }
 }

@@ -782,6 +782,35 @@ fn op_cases() -> Vec<OpCase> {
             },
         ));
     }
+    // An MLP's first half in one op (the CUDA set keeps only its output for the backward):
+    // GPT-2's conv1d layout with GELU in f32, Llama's gate with SiLU under bf16-mixed.
+    for (name, out_in, mixed, act) in [
+        ("linear_activate", false, false, Activation::GeluTanh),
+        ("linear_activate.bf16_mixed", true, true, Activation::Silu),
+    ] {
+        let shape = if out_in { [29, 37] } else { [37, 29] };
+        let tol = if mixed { BF16_TOL } else { F32_TOL };
+        cases.push(case(
+            name,
+            format!(
+                "x[3,5,37] W{shape:?}+b {act:?}{}",
+                if mixed { " bf16-mixed" } else { "" }
+            ),
+            tol,
+            true,
+            move |s| {
+                let x = s.input("x", &[3, 5, 37], 1.0)?;
+                let w = if mixed {
+                    s.mixed_matrix("w", &shape, out_in)?
+                } else {
+                    s.matrix("w", &shape, out_in)?
+                };
+                let b = s.vector("b", 29, 0.0)?;
+                let y = s.kernels().linear_activate(&w, &x, Some(&b), act)?;
+                s.outcome(&y, vec![], true)
+            },
+        ));
+    }
     cases.extend([
         attention_case(
             "attention",

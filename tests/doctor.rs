@@ -25,6 +25,8 @@ fn expected_checks() -> BTreeSet<String> {
         "attention_qkv",
         "linear.bf16_mixed",
         "linear.conv1d.bf16_mixed",
+        "linear_activate",
+        "linear_activate.bf16_mixed",
         "model.gpt2.bf16_mixed",
         "model.qwen3.bf16_mixed",
     ]

@@ -286,9 +286,13 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                                   gpu_mib: &mut f64|
              -> Result<()> {
                 let mut clock = Instant::now();
+                // A failed synchronisation (a kernel fault) is kept and reported after the step.
+                let mut sync_error = None;
                 let mut lap = |p: Phase| {
                     // A GPU runs the phase's kernels asynchronously: the phase ends when they do.
-                    dev.synchronize().ok();
+                    if let Err(e) = dev.synchronize() {
+                        sync_error.get_or_insert(e);
+                    }
                     phases[p as usize] += clock.elapsed().as_secs_f64();
                     *gpu_mib = gpu_mib.max(gpu_used_mib(dev).unwrap_or(0.0));
                     if a.profile {
@@ -301,6 +305,9 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                     clock = Instant::now();
                 };
                 step::optimizer_step(&models, &mut opt, &micro, mix, 1e-4, 1.0, &mut lap)?;
+                if let Some(e) = sync_error {
+                    return Err(e.into());
+                }
                 // A GPU runs the step's last kernels asynchronously: the step ends when they do.
                 dev.synchronize()?;
                 Ok(())
@@ -352,6 +359,8 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                 line["max_gpu_mib"] = (peak as f64 / (1 << 20) as f64).round().into();
                 line["gpu_mib_source"] =
                     "the CUDA memory pool's high-water mark over the timed steps".into();
+            }
+            if !dev.is_cpu() {
                 // The driver's count for the whole GPU (context, cuBLAS workspaces and the
                 // pool's reserve included), sampled after each phase.
                 line["max_gpu_device_mib"] = gpu_mib.round().into();

@@ -7,9 +7,12 @@
 //! [`super::Kernels::Cuda`]) runs and is tested on the CPU too, and a self-test can compare the
 //! two sides op by op through the public functions below.
 //!
-//! Status: the kernels compile in CI (tools/check-cuda-kernels.sh: PTX + ptxas for sm_90a and
-//! sm_80) and passed `pocl doctor --device cuda` on an H200 (README, "GPU"); `Backend::new`
-//! keeps `portable` the default on CUDA (`--kernels fused` opts in) until they are faster.
+//! Status: every kernel compiles to PTX and through ptxas for sm_90a and sm_80
+//! (tools/check-cuda-kernels.sh, which `.ci/run` runs where the toolkit installs). The KD row,
+//! AdamW, norm and softmax kernels passed `pocl doctor --device cuda` on an H200 (README,
+//! "GPU"); the embedding-gradient and activation kernels (act.cu, embed.cu) have not yet run
+//! on a GPU, only their host emulation in the tests. `Backend::new` keeps `portable` the
+//! default on CUDA (`--kernels fused` opts in) until the set is measured faster.
 //!
 //! The PTX is made by build.rs with the toolkit's nvcc for `CUDA_COMPUTE_CAP` and embedded in
 //! the binary; candle loads it once per device (`get_or_load_custom_func`).
@@ -526,7 +529,7 @@ pub fn linear_activate(
             act: Some(act),
         }
         .apply(w, x, b),
-        _ => super::portable::activate(&linear(w, x, b)?, act),
+        _ => super::activation::activate(&linear(w, x, b)?, act),
     }
 }
 
@@ -604,6 +607,8 @@ pub fn embed(w: &super::Weight, ids: &Tensor) -> Result<Tensor> {
         return super::portable::embed(w, ids);
     }
     let ids = ids.flatten_all()?.to_dtype(DType::U32)?;
+    // The backward groups the tokens by id on the host. Reading the ids back waits for the
+    // device, but at the start of a forward (where the embeddings are) little is queued.
     let host: Vec<u32> = ids.to_vec1()?;
     let vocab = table.dim(0)?;
     if let Some(&j) = host.iter().find(|&&j| j as usize >= vocab) {

@@ -297,11 +297,6 @@ impl Linear {
         b: Option<&Tensor>,
         dout: &Tensor,
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
-        let dy = match self.act {
-            Some(act) => super::activation::backward(act, &self.product(w, x, b)?, dout)?,
-            None => dout.clone(),
-        };
-        let dout = &dy;
         let k = x.dim(x.rank() - 1)?;
         let (xa, wa) = if self.mixed {
             super::portable::mixed_operands(w, self.out_in, x, b)?
@@ -310,6 +305,22 @@ impl Linear {
             (x.reshape(((), k))?, wt)
         };
         let (m, n) = (xa.dim(0)?, wa.dim(1)?);
+        let dy = match self.act {
+            // The activation's input: bf16-mixed's product from the operands just built (as
+            // `linear_bf16_mixed` computes it), f32's as the forward did.
+            Some(act) => {
+                let y = if self.mixed {
+                    let mut dims = x.dims().to_vec();
+                    *dims.last_mut().unwrap() = n;
+                    xa.matmul(&wa)?.to_dtype(DType::F32)?.reshape(dims)?
+                } else {
+                    self.product(w, x, b)?
+                };
+                super::activation::backward(act, &y, dout)?
+            }
+            None => dout.clone(),
+        };
+        let dout = &dy;
         let mut g = dout.reshape((m, n))?.contiguous()?;
         if self.mixed {
             g = g.to_dtype(DType::BF16)?;
