@@ -10,48 +10,10 @@
 
 use candle_core::{Device, Tensor, Var};
 use pocl::kd::{self, Divergence};
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Instant;
 
-struct Counting;
-static CURRENT: AtomicUsize = AtomicUsize::new(0);
-static PEAK: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc(l) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Relaxed) + l.size();
-            PEAK.fetch_max(now, Relaxed);
-        }
-        p
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = unsafe { System.alloc_zeroed(l) };
-        if !p.is_null() {
-            let now = CURRENT.fetch_add(l.size(), Relaxed) + l.size();
-            PEAK.fetch_max(now, Relaxed);
-        }
-        p
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        unsafe { System.dealloc(p, l) };
-        CURRENT.fetch_sub(l.size(), Relaxed);
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = unsafe { System.realloc(p, l, new) };
-        if !q.is_null() {
-            if new >= l.size() {
-                let now = CURRENT.fetch_add(new - l.size(), Relaxed) + new - l.size();
-                PEAK.fetch_max(now, Relaxed);
-            } else {
-                CURRENT.fetch_sub(l.size() - new, Relaxed);
-            }
-        }
-        q
-    }
-}
+mod common;
+use common::counting_alloc::{self, Counting};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -79,14 +41,13 @@ fn measure(reps: usize, mut f: impl FnMut() -> f32) -> Measure {
     let (mut peak_extra, mut hwm_extra_kb, mut loss) = (0, None, 0.0);
     f(); // warm-up: thread pool, scratch buffers, first huge-page compaction
     for _ in 0..reps {
-        let base = CURRENT.load(Relaxed);
-        PEAK.store(base, Relaxed);
+        let base = counting_alloc::reset_peak();
         let hwm_ok = reset_hwm();
         let rss0 = status_kb("VmRSS:");
         let t0 = Instant::now();
         loss = f();
         secs.push(t0.elapsed().as_secs_f64());
-        peak_extra = peak_extra.max(PEAK.load(Relaxed) - base);
+        peak_extra = peak_extra.max((counting_alloc::peak() - base) as usize);
         if let (true, Some(r0), Some(h)) = (hwm_ok, rss0, status_kb("VmHWM:")) {
             hwm_extra_kb = Some(hwm_extra_kb.unwrap_or(0).max(h.saturating_sub(r0)));
         }

@@ -12,42 +12,10 @@ use pocl::backend::{Backend, Kernels, StudentPrecision};
 use pocl::model::config::ModelConfig;
 use pocl::model::init::{build_student, config_json, Shape};
 use pocl::model::Input;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 
 mod common;
 use common::arg;
-
-/// Bytes allocated now, and the most since the last reset.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-static PEAK: AtomicIsize = AtomicIsize::new(0);
-
-fn grow(bytes: isize) {
-    let now = LIVE.fetch_add(bytes, Ordering::Relaxed) + bytes;
-    PEAK.fetch_max(now, Ordering::Relaxed);
-}
-
-struct Counting;
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        grow(l.size() as isize);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        grow(l.size() as isize);
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        grow(new as isize - l.size() as isize);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+use common::counting_alloc::{self, Counting};
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -84,8 +52,7 @@ fn main() {
         positions: &positions,
         key_mask: &mask,
     };
-    let base = LIVE.load(Ordering::SeqCst);
-    PEAK.store(base, Ordering::SeqCst);
+    let base = counting_alloc::reset_peak();
     let t0 = std::time::Instant::now();
     let loss = model
         .hidden(&input, None)
@@ -94,10 +61,10 @@ fn main() {
         .unwrap()
         .sum_all()
         .unwrap();
-    let kept = LIVE.load(Ordering::SeqCst) - base;
-    let forward_peak = PEAK.load(Ordering::SeqCst) - base;
+    let kept = counting_alloc::live() - base;
+    let forward_peak = counting_alloc::peak() - base;
     let grads = loss.backward().unwrap();
-    let backward_peak = PEAK.load(Ordering::SeqCst) - base;
+    let backward_peak = counting_alloc::peak() - base;
     drop(grads);
     let gb = |x: isize| (x as f64 / 1e7).round() / 100.0;
     println!(

@@ -10,33 +10,11 @@ use pocl::backend::{Backend, Kernels, StudentPrecision};
 use pocl::model::config::ModelConfig;
 use pocl::model::init::{build_student, config_json, Shape};
 use pocl::model::Input;
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 
-/// Bytes currently allocated by the process.
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-struct Counting;
-
-// SAFETY: every call is forwarded to the system allocator unchanged; only sizes are counted.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc(l) }
-    }
-    unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(l) }
-    }
-    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
-        unsafe { System.dealloc(p, l) }
-    }
-    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
-        unsafe { System.realloc(p, l, new) }
-    }
-}
+#[path = "../benches/common/counting_alloc.rs"]
+#[allow(dead_code)]
+mod counting_alloc;
+use counting_alloc::Counting;
 
 #[global_allocator]
 static ALLOC: Counting = Counting;
@@ -68,7 +46,7 @@ fn kept(layers: usize, kernels: Kernels, precision: StudentPrecision) -> isize {
         positions: &positions,
         key_mask: &mask,
     };
-    let before = LIVE.load(Ordering::SeqCst);
+    let before = counting_alloc::live();
     let loss = model
         .hidden(&input, None)
         .unwrap()
@@ -76,7 +54,7 @@ fn kept(layers: usize, kernels: Kernels, precision: StudentPrecision) -> isize {
         .unwrap()
         .sum_all()
         .unwrap();
-    let kept = LIVE.load(Ordering::SeqCst) - before;
+    let kept = counting_alloc::live() - before;
     // The backward runs from what was kept.
     let grads = model.params().grads(&loss.backward().unwrap()).unwrap();
     assert!(

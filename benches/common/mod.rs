@@ -1,5 +1,8 @@
 //! What the benchmarks share.
 
+#[allow(dead_code)]
+pub mod counting_alloc;
+
 /// n deterministic values in [-0.05, 0.05) from a linear congruential generator (no rand
 /// dependency in the benchmarks).
 #[allow(dead_code)]

@@ -640,17 +640,7 @@ impl CustomOp1 for EmbedRows {
     fn name(&self) -> &'static str {
         "pocl-embed"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    super::recompute::precomputed_forward!(out; _a _la);
     fn bwd(&self, _w: &Tensor, _rows: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(embedding_grad(dy, &self.ids, self.vocab)?))
     }

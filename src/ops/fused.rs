@@ -7,7 +7,7 @@ use super::attention as att;
 use super::gemm;
 use super::linear::{Embed, Linear, PackedMatmul};
 use super::norm;
-use super::{activation, Activation, Weight};
+use super::Weight;
 use candle_core::{bail, DType, Result, Tensor};
 
 /// y = x·Wᵀ + b for x [.., in] ([`super::linear`]): the fused linear op with its backward; a
@@ -117,11 +117,6 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
 /// RMSNorm over the last dimension ([`super::norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     norm::rms_norm(x, weight, eps)
-}
-
-/// The activation ([`super::activation`] for GELU-tanh and SiLU; candle's own for the rest).
-pub fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    activation::activate(x, act)
 }
 
 /// Scaled dot-product attention ([`super::attention`]).

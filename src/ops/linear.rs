@@ -453,21 +453,9 @@ impl CustomOp1 for PackedMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
-    fn rand(seed: u64, shape: &[usize]) -> Tensor {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
+    use crate::ops::test_values as rand;
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f64 {
         let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();

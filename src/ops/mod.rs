@@ -102,8 +102,8 @@ impl Kernels {
 
     pub fn activate(self, x: &Tensor, act: Activation) -> Result<Tensor> {
         profile::time("activate", x.device(), || match self {
-            Kernels::Fused => fused::activate(x, act),
-            Kernels::Cuda => activation::activate(x, act),
+            // pocl's op for GELU-tanh and SiLU (its CPU or CUDA kernel), candle's for the rest.
+            Kernels::Fused | Kernels::Cuda => activation::activate(x, act),
             Kernels::Portable => portable::activate(x, act),
         })
     }
@@ -217,6 +217,22 @@ pub fn positions_from_mask(mask: &[Vec<u32>]) -> Vec<Vec<u32>> {
                 .collect()
         })
         .collect()
+}
+
+/// Deterministic values in [-0.5, 0.5) from a linear congruential generator, for the ops' tests.
+#[cfg(test)]
+pub(crate) fn test_values(seed: u64, shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    let mut s = seed;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        })
+        .collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
 }
 
 #[cfg(test)]

@@ -49,8 +49,13 @@ pub fn linear_bf16_mixed(
     b: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (x2, w2) = mixed_operands(w, out_in, x, b)?;
-    let y = x2.matmul(&w2)?.to_dtype(DType::F32)?;
-    let mut out = x.dims().to_vec();
+    mixed_product(&x2, &w2, x.dims())
+}
+
+/// The bf16 product of [`mixed_operands`], widened to f32 and shaped as x with `x_dims`.
+pub(crate) fn mixed_product(x2: &Tensor, w2: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+    let y = x2.matmul(w2)?.to_dtype(DType::F32)?;
+    let mut out = x_dims.to_vec();
     *out.last_mut().unwrap() = y.dim(1)?;
     y.reshape(out)
 }

@@ -134,6 +134,28 @@ impl Precomputed {
     }
 }
 
+/// The `cpu_fwd` and `cuda_fwd` of an op whose forward was computed before it was applied: both
+/// hand over the [`Precomputed`] at `self.<path>`, whatever the inputs; one storage and layout
+/// name per input.
+macro_rules! precomputed_forward {
+    ($($field:ident).+; $($s:ident $l:ident),+) => {
+        fn cpu_fwd(
+            &self,
+            $($s: &CpuStorage, $l: &Layout),+
+        ) -> Result<(CpuStorage, Shape)> {
+            self.$($field).+.cpu()
+        }
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $($s: &candle_core::CudaStorage, $l: &Layout),+
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            self.$($field).+.cuda()
+        }
+    };
+}
+pub(crate) use precomputed_forward;
+
 // ---------------------------------------------------------------------------------------------
 // Attention.
 
@@ -147,29 +169,7 @@ impl candle_core::CustomOp3 for Attention {
     fn name(&self) -> &'static str {
         "pocl-attention-recomputed"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(out; _a _la, _b _lb, _c _lc);
 
     fn bwd(
         &self,
@@ -242,17 +242,7 @@ impl candle_core::CustomOp1 for AttentionQkv {
     fn name(&self) -> &'static str {
         "pocl-attention-qkv-recomputed"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.op.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.op.out.cuda()
-    }
+    precomputed_forward!(op.out; _a _la);
     fn bwd(&self, qkv: &Tensor, _out: &Tensor, dout: &Tensor) -> Result<Option<Tensor>> {
         let qkv = qkv.detach();
         let (q, k, v) = super::portable::split_qkv(&qkv, self.heads)?;
@@ -310,9 +300,7 @@ impl Linear {
             // `linear_bf16_mixed` computes it), f32's as the forward did.
             Some(act) => {
                 let y = if self.mixed {
-                    let mut dims = x.dims().to_vec();
-                    *dims.last_mut().unwrap() = n;
-                    xa.matmul(&wa)?.to_dtype(DType::F32)?.reshape(dims)?
+                    super::portable::mixed_product(&xa, &wa, x.dims())?
                 } else {
                     self.product(w, x, b)?
                 };
@@ -356,25 +344,7 @@ impl candle_core::CustomOp2 for Recomputed {
     fn name(&self) -> &'static str {
         "pocl-linear-recomputed"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(out; _a _la, _b _lb);
     fn bwd(
         &self,
         x: &Tensor,
@@ -391,29 +361,7 @@ impl candle_core::CustomOp3 for Recomputed {
     fn name(&self) -> &'static str {
         "pocl-linear-recomputed"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.out.cpu()
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-        _: &candle_core::CudaStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        self.out.cuda()
-    }
+    precomputed_forward!(out; _a _la, _b _lb, _c _lc);
     fn bwd(
         &self,
         x: &Tensor,
@@ -435,17 +383,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn randn(seed: u64, shape: &[usize]) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let mut s = seed;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+        Ok(crate::ops::test_values(seed, shape))
     }
 
     /// The values (compared with ==: equal to the bit, but for the sign of zero, which candle's
